@@ -1,0 +1,38 @@
+"""trtwsi: ultralytics YOLO detectors over whole-slide images, as fast as the GPU allows.
+
+Public API (imported lazily so `import trtwsi` stays light and GPU modules load only when used)::
+
+    trtwsi.open_slide(src) -> Slide
+    trtwsi.Model(weights, classes=None, min_conf=0.25, iou=0.45, backend="auto", fallback_to_pt=True)
+    trtwsi.Predictor(slide, models=[...], ...).run(section=None, region=None) -> Results
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "open_slide": "trtwsi.slide",
+    "Slide": "trtwsi.slide",
+    "Level": "trtwsi.slide",
+    "Section": "trtwsi.tissue",
+    "find_sections": "trtwsi.tissue",
+    "TileGrid": "trtwsi.tiling",
+    "Model": "trtwsi.model",
+    "Predictor": "trtwsi.predictor",
+    "Results": "trtwsi.results",
+    "Detections": "trtwsi.results",
+    "TrtwsiError": "trtwsi.errors",
+}
+
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    if name == "synthetic":
+        return importlib.import_module("trtwsi.synthetic")
+    raise AttributeError(f"module 'trtwsi' has no attribute {name!r}")

@@ -1,0 +1,83 @@
+"""Typed errors. Every message says what was wrong, the value seen, and how to fix it."""
+
+from __future__ import annotations
+
+
+class TrtwsiError(Exception):
+    """Base class of every error trtwsi raises on purpose."""
+
+
+# --- slides -------------------------------------------------------------------------------
+class SlideError(TrtwsiError):
+    """A slide could not be opened or read."""
+
+
+class SlideNotFoundError(SlideError, FileNotFoundError):
+    """The slide path does not exist."""
+
+
+class UnsupportedFormatError(SlideError):
+    """No reader can open this file (not an image, or a format that needs an extra)."""
+
+
+class CorruptSlideError(SlideError):
+    """The file is an image of a known kind, but its structure is broken (truncated, absurd header)."""
+
+
+class TileReadError(SlideError):
+    """One file tile (or strip) of a slide could not be decoded.
+
+    Attributes: ``level``, ``tile`` (file-tile index (row, col) or strip index), ``region`` (x, y, w, h
+    in that level's pixels) and ``cause``.
+    """
+
+    def __init__(self, message: str, *, level: int = 0, tile=None, region=None, cause=None):
+        super().__init__(message)
+        self.level = level
+        self.tile = tile
+        self.region = region
+        self.cause = cause
+
+
+class RegionError(SlideError, ValueError):
+    """A read_region request is invalid (negative size, level out of range, absurd size)."""
+
+
+# --- tiling / sections --------------------------------------------------------------------
+class TilingError(TrtwsiError, ValueError):
+    """Tile size, overlap or target resolution cannot be satisfied."""
+
+
+# --- models / engines ---------------------------------------------------------------------
+class ModelError(TrtwsiError):
+    """A model file is missing, corrupt, or not a YOLO detector."""
+
+
+class BackendError(TrtwsiError):
+    """No usable inference backend (and fallback was disabled or impossible)."""
+
+
+class EngineMismatchError(BackendError):
+    """A TensorRT engine was built for another GPU, TensorRT version, batch or image size."""
+
+
+class MissingDependencyError(TrtwsiError, ImportError):
+    """An optional dependency is not installed; the message names the extra to install."""
+
+
+# --- results ------------------------------------------------------------------------------
+class OutputExistsError(TrtwsiError, FileExistsError):
+    """Refusing to overwrite an existing output file (pass overwrite=True / --overwrite)."""
+
+
+def require(module: str, extra: str, purpose: str):
+    """Import an optional module or raise MissingDependencyError naming the pip extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise MissingDependencyError(
+            f"{purpose} needs the Python module {module!r}, which is not importable ({e}). "
+            f"Install it with: pip install 'trtwsi[{extra}]'"
+        ) from e

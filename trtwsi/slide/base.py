@@ -1,0 +1,238 @@
+"""The Slide contract every reader implements.
+
+Coordinates follow OpenSlide: ``read_region(x, y, w, h, level)`` takes the top-left corner
+``(x, y)`` in **level-0** pixels and the size ``(w, h)`` in **that level's** pixels. Pixels are
+always RGB ``uint8`` arrays of shape ``(h, w, 3)`` (see :func:`trtwsi.slide.color.to_rgb_uint8`).
+
+Regions may cross the slide border: the part outside the level is filled with ``Slide.fill``
+(255 = white, the colour of empty glass under a brightfield scanner).
+
+File tiles that fail to decode are not fatal by default (``on_error="record"``): the pixels of
+the bad tile are left at ``fill``, a :class:`~trtwsi.errors.TileReadError` is appended to
+``Slide.read_errors`` and a warning is issued once per tile. ``on_error="raise"`` raises instead.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from trtwsi.errors import RegionError, TileReadError
+
+if TYPE_CHECKING:
+    from trtwsi.tissue import Section
+
+OnError = Literal["record", "raise"]
+
+#: Refuse single reads above this many pixels (3 bytes each): a guard against absurd requests.
+MAX_REGION_PIXELS = 1 << 31
+
+
+@dataclass(frozen=True)
+class Level:
+    """One pyramid level. ``downsample`` = level-0 width / this level's width (OpenSlide's way)."""
+
+    width: int
+    height: int
+    downsample: float
+    tile_width: int | None = None  # file tile size, None for strips / in-memory
+    tile_height: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.height, self.width)
+
+
+@dataclass
+class SlideInfo:
+    """Plain description of a slide, for `trtwsi info` and results metadata."""
+
+    path: str | None
+    format: str
+    width: int
+    height: int
+    mpp: float | None
+    levels: list[dict] = field(default_factory=list)
+    properties: dict = field(default_factory=dict)
+
+
+class Slide(ABC):
+    """A whole-slide image readable region by region (never loaded whole).
+
+    Subclasses set ``format``, ``path``, ``levels`` (level 0 first, strictly the full-resolution
+    image), ``mpp`` (microns per level-0 pixel, None when the file does not say) and implement
+    :meth:`_read_level`.
+    """
+
+    format: str = "unknown"
+    path: Path | None = None
+    levels: list[Level]
+    mpp: float | None = None
+    fill: int = 255
+
+    def __init__(self, on_error: OnError = "record"):
+        if on_error not in ("record", "raise"):
+            raise ValueError(f"on_error must be 'record' or 'raise', got {on_error!r}")
+        self.on_error: OnError = on_error
+        self.read_errors: list[TileReadError] = []
+        self.properties: dict = {}
+        self._errors_lock = threading.Lock()
+        self._sections_cache: dict = {}
+
+    # --- geometry --------------------------------------------------------------------------
+    @property
+    def width(self) -> int:
+        return self.levels[0].width
+
+    @property
+    def height(self) -> int:
+        return self.levels[0].height
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return (self.width, self.height)
+
+    @property
+    def level_count(self) -> int:
+        return len(self.levels)
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """Index of the deepest level whose downsample is <= ``downsample`` (OpenSlide's rule)."""
+        best = 0
+        for i, lv in enumerate(self.levels):
+            if lv.downsample <= downsample * (1 + 1e-6):
+                best = i
+        return best
+
+    # --- pixels ----------------------------------------------------------------------------
+    def read_region(
+        self, x: int, y: int, w: int, h: int, level: int = 0, out: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Read a region as RGB uint8 ``(h, w, 3)``.
+
+        ``x, y``: top-left in level-0 pixels (may be negative or beyond the slide); ``w, h``: size in
+        level ``level`` pixels. ``out``: optional caller-provided C-contiguous-rows uint8 array of
+        shape ``(h, w, 3)`` (e.g. a view into pinned memory) that is filled and returned.
+        """
+        x, y, w, h, level = int(x), int(y), int(w), int(h), int(level)
+        if not 0 <= level < len(self.levels):
+            raise RegionError(
+                f"level {level} does not exist: this slide has levels 0..{len(self.levels) - 1}"
+            )
+        if w <= 0 or h <= 0:
+            raise RegionError(f"region size must be positive, got w={w}, h={h}")
+        if w * h > MAX_REGION_PIXELS:
+            raise RegionError(
+                f"region {w}x{h} = {w * h} px exceeds the {MAX_REGION_PIXELS} px limit of one read; "
+                "read it in tiles (see trtwsi.tiling.TileGrid)"
+            )
+        if out is None:
+            out = np.empty((h, w, 3), dtype=np.uint8)
+        elif out.shape != (h, w, 3) or out.dtype != np.uint8:
+            raise RegionError(
+                f"out buffer must be uint8 of shape {(h, w, 3)}, got {out.dtype} {out.shape}"
+            )
+        lv = self.levels[level]
+        # top-left in level coordinates (OpenSlide truncates toward -inf)
+        lx = int(np.floor(x / lv.downsample))
+        ly = int(np.floor(y / lv.downsample))
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + w, lv.width), min(ly + h, lv.height)
+        if x0 >= x1 or y0 >= y1:
+            out[...] = self.fill
+            return out
+        if (x0, y0, x1, y1) != (lx, ly, lx + w, ly + h):
+            out[...] = self.fill
+        view = out[y0 - ly : y1 - ly, x0 - lx : x1 - lx]
+        self._read_level(level, x0, y0, x1 - x0, y1 - y0, view)
+        return out
+
+    @abstractmethod
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:
+        """Fill ``out`` (uint8, ``(h, w, 3)``, possibly a strided view) with level pixels.
+
+        The region ``x, y, w, h`` is in level coordinates and lies fully inside the level.
+        Implementations report undecodable file tiles through :meth:`_tile_failed`.
+        """
+
+    def _tile_failed(self, err: TileReadError) -> None:
+        """Record (or raise, with on_error='raise') a tile that failed to decode."""
+        if self.on_error == "raise":
+            raise err
+        with self._errors_lock:
+            key = (err.level, err.tile)
+            if any((e.level, e.tile) == key for e in self.read_errors):
+                return
+            self.read_errors.append(err)
+        warnings.warn(str(err), RuntimeWarning, stacklevel=3)
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """RGB uint8 image of the whole slide whose longer side is at most ``max_size``.
+
+        Reads the smallest level that is still at least as large as the thumbnail, then resizes
+        with area averaging.
+        """
+        import cv2
+
+        if max_size <= 0:
+            raise RegionError(f"max_size must be positive, got {max_size}")
+        scale = min(1.0, max_size / max(self.width, self.height))
+        tw = max(1, round(self.width * scale))
+        th = max(1, round(self.height * scale))
+        level = 0
+        for i, lv in enumerate(self.levels):
+            if lv.width >= tw and lv.height >= th:
+                level = i
+        lv = self.levels[level]
+        img = self.read_region(0, 0, lv.width, lv.height, level=level)
+        if (lv.width, lv.height) == (tw, th):
+            return img
+        return cv2.resize(img, (tw, th), interpolation=cv2.INTER_AREA)
+
+    # --- tissue ----------------------------------------------------------------------------
+    def sections(self, **kwargs) -> list[Section]:
+        """Tissue sections, ordered top-to-bottom then left-to-right (see trtwsi.tissue)."""
+        from trtwsi.tissue import find_sections
+
+        key = tuple(sorted(kwargs.items()))
+        if key not in self._sections_cache:
+            self._sections_cache[key] = find_sections(self, **kwargs)
+        return self._sections_cache[key]
+
+    # --- description / lifetime ------------------------------------------------------------
+    def info(self) -> SlideInfo:
+        return SlideInfo(
+            path=str(self.path) if self.path else None,
+            format=self.format,
+            width=self.width,
+            height=self.height,
+            mpp=self.mpp,
+            levels=[
+                {"width": lv.width, "height": lv.height, "downsample": lv.downsample}
+                for lv in self.levels
+            ],
+            properties=dict(self.properties),
+        )
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles and threads."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        mpp = f"{self.mpp:.4g}" if self.mpp else "None"
+        name = self.path.name if self.path else "<array>"
+        return (
+            f"<{type(self).__name__} {name} {self.format} {self.width}x{self.height} "
+            f"levels={len(self.levels)} mpp={mpp}>"
+        )
