@@ -1,0 +1,289 @@
+"""The ``trtwsi`` command: info, predict, eval, demo.
+
+Exit codes: 0 success, 1 a TrtwsiError (message printed, no traceback), 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from trtwsi.errors import TrtwsiError
+
+
+def _models_from_args(a) -> list:
+    from trtwsi.model import Model, load_models_config
+
+    models = []
+    if getattr(a, "models", None):
+        models += load_models_config(a.models)
+    for w in a.model or []:
+        models.append(Model(w, min_conf=a.conf, iou=a.iou, backend=a.backend))
+    if not models:
+        default = _default_models_config()
+        if default is None:
+            raise TrtwsiError("no model given: pass --model PATH.pt or --models models.toml")
+        models = load_models_config(default)
+    return models
+
+
+def _default_models_config() -> Path | None:
+    from trtwsi.demo import bundled_models_dir
+
+    p = bundled_models_dir() / "models.toml"
+    return p if p.exists() else None
+
+
+def _parse_region(s: str | None):
+    if s is None:
+        return None
+    try:
+        x, y, w, h = (int(v) for v in s.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--region must be x,y,w,h in level-0 pixels, got {s!r}"
+        ) from None
+    return (x, y, w, h)
+
+
+def cmd_info(a) -> int:
+    from trtwsi.slide import open_slide
+    from trtwsi.tiling import TileGrid
+
+    with open_slide(a.slide, mpp=a.slide_mpp) as slide:
+        info = slide.info()
+        sections = slide.sections()
+        tile = a.tile
+        grids = [TileGrid(slide, s, tile_size=tile, overlap=a.overlap, mpp=a.mpp) for s in sections]
+        if a.json:
+            out = {
+                **info.__dict__,
+                "sections": [
+                    {
+                        "index": s.index,
+                        "bbox": list(s.bbox),
+                        "area_px": int(s.area),
+                        "tiles": len(g),
+                    }
+                    for s, g in zip(sections, grids, strict=True)
+                ],
+                "tile": tile,
+                "overlap": a.overlap,
+            }
+            print(json.dumps(out, indent=2, default=str))
+            return 0
+        mpp = f"{info.mpp:.4f} µm/px" if info.mpp else "unknown (pass --slide-mpp)"
+        print(f"slide    {info.path}")
+        print(f"format   {info.format}")
+        print(
+            f"size     {info.width} x {info.height} px ({info.width * info.height / 1e9:.3f} Gpx)"
+        )
+        print(f"mpp      {mpp}")
+        print(
+            "levels   "
+            + "  ".join(
+                f"[{i}] {lv['width']}x{lv['height']} ÷{lv['downsample']:.3g}"
+                for i, lv in enumerate(info.levels)
+            )
+        )
+        print(
+            f"sections {len(sections)} (tile {tile}, overlap {a.overlap}"
+            + (f", model mpp {a.mpp}" if a.mpp else "")
+            + ")"
+        )
+        for s, g in zip(sections, grids, strict=True):
+            x, y, w, h = s.bbox
+            print(
+                f"  [{s.index}] x={x} y={y} w={w} h={h}  tissue {s.area / 1e6:.1f} Mpx  tiles {len(g)}"
+            )
+        print(f"tiles    {sum(len(g) for g in grids)} total")
+    return 0
+
+
+def _out_path_for(slide_path: str, out: str | None, fmt: str) -> Path:
+    if out:
+        return Path(out)
+    return Path(slide_path).with_suffix("").with_name(Path(slide_path).stem + f".detections{fmt}")
+
+
+def cmd_predict(a) -> int:
+    from trtwsi.predictor import Predictor
+
+    models = _models_from_args(a)
+    region = _parse_region(a.region)
+    t0 = time.perf_counter()
+    pred = Predictor(
+        a.slide,
+        models,
+        overlap=a.overlap,
+        mpp=a.mpp,
+        batch=a.batch,
+        workers=a.workers,
+        device=a.device,
+        progress=not a.no_progress,
+        slide_mpp=a.slide_mpp,
+    )
+    res = pred.run(section=a.section, region=region)
+    out = _out_path_for(a.slide, a.out, ".geojson")
+    written = [res.save(out, overwrite=a.overwrite, slide=pred.slide)]
+    for extra in a.also or []:
+        written.append(
+            res.save(
+                out.with_suffix(extra if extra.startswith(".") else "." + extra),
+                overwrite=a.overwrite,
+                slide=pred.slide,
+            )
+        )
+    print(res.summary())
+    for p in written:
+        print(f"wrote {p}")
+    print(f"total {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from trtwsi.evaluate import format_scores, precision_recall
+    from trtwsi.predictor import Predictor
+    from trtwsi.synthetic import GroundTruth
+
+    gt_path = Path(a.gt) if a.gt else Path(a.slide).with_suffix(".gt.json")
+    gt = GroundTruth.load(gt_path)
+    models = _models_from_args(a)
+    res = Predictor(
+        a.slide,
+        models,
+        overlap=a.overlap,
+        batch=a.batch,
+        device=a.device,
+        progress=not a.no_progress,
+    ).run(section=a.section)
+    det = res.detections
+    worst = 1.0
+    for mi, m in enumerate(models):
+        sel = det.model == mi
+        names = gt.class_names
+        scores = precision_recall(
+            det.boxes[sel], det.score[sel], det.class_id[sel], gt.boxes, names, iou=a.iou_match
+        )
+        print(f"model {m.name}: {int(sel.sum())} detections vs {len(gt.boxes)} ground truth")
+        print(format_scores(scores, iou=a.iou_match))
+        worst = min([worst] + [min(s.precision, s.recall) for s in scores])
+    print(f"time {res.timings.get('total', float('nan')):.1f} s")
+    return 0 if worst >= a.min_score else 3
+
+
+def cmd_demo(a) -> int:
+    from trtwsi.demo import run_demo
+
+    return run_demo(
+        Path(a.out_dir), overwrite=a.overwrite, progress=not a.no_progress, device=a.device
+    )
+
+
+def _add_predict_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", help=".pt weights (repeatable)")
+    p.add_argument(
+        "--models", help="models config TOML naming several models (see models/models.toml)"
+    )
+    p.add_argument(
+        "--conf", type=float, default=0.25, help="min confidence for --model (default 0.25)"
+    )
+    p.add_argument(
+        "--iou", type=float, default=0.45, help="per-tile NMS IoU for --model (default 0.45)"
+    )
+    p.add_argument("--backend", default="auto", choices=["auto", "torch", "tensorrt"])
+    p.add_argument(
+        "--section",
+        type=int,
+        default=None,
+        help="only this tissue section (0 = first in reading order)",
+    )
+    p.add_argument(
+        "--overlap",
+        type=float,
+        default=0.2,
+        help="tile overlap: ratio in [0,1) or pixels (default 0.2)",
+    )
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="model input resolution in µm/px (default: slide level 0)",
+    )
+    p.add_argument("--slide-mpp", type=float, default=None, help="override the slide's µm/px")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--workers", type=int, default=None, help="reader threads (default: CPU count)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from trtwsi import __version__
+
+    ap = argparse.ArgumentParser(prog="trtwsi", description="YOLO detection on whole-slide images.")
+    ap.add_argument("--version", action="version", version=f"trtwsi {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser(
+        "info", help="levels, MPP, format, tissue sections and tile counts of a slide"
+    )
+    p.add_argument("slide")
+    p.add_argument("--tile", type=int, default=640, help="model input size (default 640)")
+    p.add_argument("--overlap", type=float, default=0.2)
+    p.add_argument("--mpp", type=float, default=None, help="model input µm/px")
+    p.add_argument("--slide-mpp", type=float, default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "predict", help="detect objects on a slide and write GeoJSON/CSV/JSON/overlay"
+    )
+    p.add_argument("slide")
+    _add_predict_opts(p)
+    p.add_argument("--region", help="x,y,w,h in level-0 px instead of sections")
+    p.add_argument("--out", help="output path; format by extension (.geojson .csv .json .png)")
+    p.add_argument(
+        "--also", action="append", help="extra formats next to --out, e.g. --also csv --also png"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="precision/recall per class against a ground-truth sidecar")
+    p.add_argument("slide")
+    p.add_argument("--gt", help="ground truth JSON (default: <slide>.gt.json)")
+    _add_predict_opts(p)
+    p.add_argument("--iou-match", type=float, default=0.5)
+    p.add_argument(
+        "--min-score", type=float, default=0.0, help="exit 3 if any P or R is below this"
+    )
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "demo", help="make a synthetic slide, run the bundled demo model, write results"
+    )
+    p.add_argument("--out-dir", default="trtwsi-demo")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    try:
+        return a.func(a)
+    except TrtwsiError as e:
+        print(f"trtwsi {a.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
