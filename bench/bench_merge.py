@@ -1,0 +1,270 @@
+"""Cross-tile merge: speed, and the measurement behind the merge defaults.
+
+Not part of the default test run (``testpaths = ["tests"]``). Two ways to run it::
+
+    python -m pytest bench/bench_merge.py          # pytest-benchmark timings (+ writes JSON)
+    python bench/bench_merge.py [--quick]          # prints the timings and the defaults table
+
+Both write ``bench/results/merge-<machine>.json``: the machine (CPU, cores, numpy), merge times
+for 10⁵ and 10⁶ boxes (random boxes with ~1.5 % near-duplicates, and a simulated tiled run where
+~40 % of the objects are reported by several tiles), and the precision/recall table of every
+method × metric × threshold on simulated tiled layouts (see trtwsi.merge.simulate_tiled_detections).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from trtwsi.merge import (
+    DEFAULT_METHOD,
+    DEFAULT_METRIC,
+    DEFAULT_THRESHOLD,
+    evaluate_detections,
+    make_layout,
+    merge_detections,
+    simulate_tiled_detections,
+)
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TILE, OVERLAP = 640, 0.2
+THRESHOLDS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+
+#: Layouts of the defaults measurement: (label, layout kind, slide side px, min_visible, jitter)
+LAYOUTS = (
+    ("seams", "seams", 6400, 0.5, 1.0),
+    ("nuclei", "nuclei", 6400, 0.5, 1.0),
+    ("metaphases", "metaphases", 12800, 0.5, 1.0),
+    ("large", "large", 12800, 0.5, 1.0),
+    ("nuclei mv=0.25", "nuclei", 6400, 0.25, 1.0),
+    ("seams mv=0.25 j=3", "seams", 6400, 0.25, 3.0),
+)
+
+
+# ------------------------------------------------------------------------------------------
+# inputs
+# ------------------------------------------------------------------------------------------
+def random_boxes(n: int, rng: np.random.Generator, dup: float = 0.015):
+    """``n`` boxes of 20–40 px spread at ~1 per 60×60 px, ``dup`` of them jittered copies."""
+    side = float(np.sqrt(n) * 60)
+    xy = rng.uniform(0, side, (n, 2))
+    wh = rng.uniform(20, 40, (n, 2))
+    b = np.concatenate([xy, xy + wh], 1)
+    k = int(n * dup)
+    d = b[rng.choice(n - k, k, replace=False)] + rng.normal(0, 1.0, (k, 4))
+    d[:, 2:] = np.maximum(d[:, 2:], d[:, :2] + 1)
+    b[n - k :] = d
+    return b, rng.uniform(0.2, 1, n).astype(np.float32), rng.integers(0, 2, n)
+
+
+def tiled_boxes(n: int, rng: np.random.Generator):
+    """About ``n`` detections of a simulated tiled run over a nuclei layout."""
+    side = int(np.sqrt(n / 1.6) * 32)  # nuclei pitch 32 px, ~1.6 reports per object
+    gt = make_layout("nuclei", side, side, rng, tile=TILE, overlap=OVERLAP, n_classes=2)
+    sim = simulate_tiled_detections(gt, TILE, OVERLAP, side, side, rng)
+    return sim.boxes, sim.scores, sim.classes
+
+
+# ------------------------------------------------------------------------------------------
+# the defaults measurement
+# ------------------------------------------------------------------------------------------
+def measure_defaults(seed: int = 0, thresholds=THRESHOLDS, layouts=LAYOUTS) -> list[dict]:
+    """Precision/recall/F1 at IoU 0.5 of every (method, metric, threshold) on each layout."""
+    rows = []
+    for label, kind, side, min_visible, jitter in layouts:
+        rng = np.random.default_rng(seed)
+        gt = make_layout(kind, side, side, rng, tile=TILE, overlap=OVERLAP, n_classes=2)
+        sim = simulate_tiled_detections(
+            gt, TILE, OVERLAP, side, side, rng, jitter_px=jitter, min_visible=min_visible
+        )
+        base = {"layout": label, "n_gt": int(gt.shape[0]), "n_reports": int(sim.scores.size)}
+        ev = evaluate_detections(sim.boxes, sim.scores, sim.classes, gt)
+        rows.append({**base, "method": "none", "metric": "-", "threshold": None, **ev})
+        for method in ("nms", "greedy"):
+            for metric in ("iou", "ios"):
+                for thr in thresholds:
+                    r = merge_detections(
+                        sim.boxes,
+                        sim.scores,
+                        sim.classes,
+                        method=method,
+                        metric=metric,
+                        threshold=thr,
+                    )
+                    ev = evaluate_detections(r.boxes, r.scores, r.classes, gt)
+                    rows.append(
+                        {**base, "method": method, "metric": metric, "threshold": thr, **ev}
+                    )
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """F1 and mean IoU per (method, metric, threshold) × layout, and details of the defaults."""
+    layouts = list(dict.fromkeys(r["layout"] for r in rows))
+    by = {(r["layout"], r["method"], r["metric"], r["threshold"]): r for r in rows}
+    configs = list(dict.fromkeys((r["method"], r["metric"], r["threshold"]) for r in rows))
+    default = (DEFAULT_METHOD, DEFAULT_METRIC, DEFAULT_THRESHOLD)
+    w = max(10, *(len(x) for x in layouts))
+    head = f"{'method':7} {'metric':6} {'thr':>4}  " + "  ".join(f"{x:>{w}}" for x in layouts)
+    lines = []
+    for field, title in (("f1", "F1 at IoU 0.5"), ("mean_iou", "mean IoU of true positives")):
+        lines += [title, head]
+        for m, me, t in configs:
+            ts = "-" if t is None else f"{t:.1f}"
+            cells = "  ".join(f"{by[(x, m, me, t)][field]:>{w}.4f}" for x in layouts)
+            mark = "  <- default" if (m, me, t) == default else ""
+            lines.append(f"{m:7} {me:6} {ts:>4}  {cells}{mark}")
+        lines.append("")
+    lines.append(
+        f"defaults: method={DEFAULT_METHOD} metric={DEFAULT_METRIC} threshold={DEFAULT_THRESHOLD}"
+    )
+    for x in layouts:
+        r = by[(x, *default)]
+        lines.append(
+            f"  {x:>{w}}: objects {r['n_gt']}, reports {r['n_reports']}, "
+            f"P {r['precision']:.4f} R {r['recall']:.4f} F1 {r['f1']:.4f} "
+            f"fp {r['fp']} fn {r['fn']} mean IoU {r['mean_iou']:.3f}"
+        )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# machine + JSON
+# ------------------------------------------------------------------------------------------
+def machine_info() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu,
+        "cores": cores,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "device": f"CPU: {cpu}, {cores} cores (merge runs on the host)",
+    }
+
+
+def machine_name(info: dict) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")[:40] or "cpu"
+    return f"{slug}-{info['cores']}c"
+
+
+def write_results(update: dict) -> Path:
+    """Merge ``update`` into bench/results/merge-<machine>.json (keeps other sections)."""
+    info = machine_info()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"merge-{machine_name(info)}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(update)
+    data["machine"] = info
+    data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def time_merge(maker, n: int, repeat: int = 3, **kw) -> dict:
+    rng = np.random.default_rng(0)
+    b, s, c = maker(n, rng)
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        r = merge_detections(b, s, c, **kw)
+        best = min(best, time.perf_counter() - t0)
+    return {"n_boxes": int(s.size), "n_kept": len(r), "seconds": best, **kw}
+
+
+# ------------------------------------------------------------------------------------------
+# pytest-benchmark entry points
+# ------------------------------------------------------------------------------------------
+_SPEED: dict = {}
+
+
+def _bench(benchmark, maker, n, method):
+    import pytest  # noqa: F401  (only under pytest)
+
+    b, s, c = maker(n, np.random.default_rng(0))
+    r = benchmark.pedantic(
+        merge_detections, args=(b, s, c), kwargs={"method": method}, rounds=3, iterations=1
+    )
+    key = f"{maker.__name__}-{n}-{method}"
+    _SPEED[key] = {"n_boxes": int(s.size), "n_kept": len(r), "seconds": benchmark.stats["min"]}
+    write_results({"speed_pytest_benchmark": _SPEED})
+
+
+def test_merge_random_1e5(benchmark):
+    _bench(benchmark, random_boxes, 100_000, DEFAULT_METHOD)
+
+
+def test_merge_random_1e6(benchmark):
+    _bench(benchmark, random_boxes, 1_000_000, DEFAULT_METHOD)
+
+
+def test_merge_tiled_1e6(benchmark):
+    _bench(benchmark, tiled_boxes, 1_000_000, DEFAULT_METHOD)
+
+
+def test_merge_tiled_1e6_greedy(benchmark):
+    _bench(benchmark, tiled_boxes, 1_000_000, "greedy")
+
+
+def test_defaults_table():
+    rows = measure_defaults()
+    print("\n" + format_table(rows))
+    write_results({"defaults_table": rows, "defaults": _defaults()})
+
+
+def _defaults() -> dict:
+    return {"method": DEFAULT_METHOD, "metric": DEFAULT_METRIC, "threshold": DEFAULT_THRESHOLD}
+
+
+# ------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="10^5 boxes only; skip 10^6")
+    ap.add_argument("--table-only", action="store_true", help="only the defaults table")
+    args = ap.parse_args(argv)
+    info = machine_info()
+    print(f"machine: {info['device']}; numpy {info['numpy']}")
+    out: dict = {"defaults": _defaults()}
+    if not args.table_only:
+        speed = []
+        sizes = (100_000,) if args.quick else (100_000, 1_000_000)
+        for n in sizes:
+            for maker in (random_boxes, tiled_boxes):
+                for method in ("nms", "greedy"):
+                    r = time_merge(maker, n, method=method)
+                    r["input"] = maker.__name__
+                    speed.append(r)
+                    print(
+                        f"{maker.__name__:13} n={r['n_boxes']:>8} {method:6} "
+                        f"kept={r['n_kept']:>8}  {r['seconds']:.3f} s"
+                    )
+        out["speed"] = speed
+    rows = measure_defaults()
+    print(format_table(rows))
+    out["defaults_table"] = rows
+    print(f"wrote {write_results(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
