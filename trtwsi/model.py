@@ -1,0 +1,534 @@
+"""Model spec: an ultralytics YOLO detector's weights, classes and thresholds, and backend choice.
+
+A :class:`Model` is what users hand to the predictor, one per detector::
+
+    Model("best.pt", classes=["nucleus", "metaphase"], min_conf=0.25, iou=0.45)
+
+It loads the local ``.pt`` checkpoint offline (never downloads, never installs), checks that it
+is a *detection* model, and exposes what the pipeline needs: class names, stride, input size,
+head kind, and the prepared ``torch.nn.Module``. Models can also come from a TOML file
+(:func:`load_models_config`).
+
+Head kinds (``Model.head``):
+
+* ``"nms"`` — YOLOv8/YOLO11-style one-to-many head. Eval forward returns ``(B, 4 + nc, N)``
+  float: box centre x, y, width, height in input px, then the ``nc`` class scores after the
+  sigmoid; ``N`` anchors (8400 at 640). Needs NMS.
+* ``"end2end"`` — YOLOv10/YOLO26 one-to-one head. Eval forward returns ``(B, K, 6)`` float:
+  ``(x1, y1, x2, y2, score, class_id)`` in input px, the head's top ``K = max_det`` by score.
+  Needs no NMS. These checkpoints also carry a one-to-many branch; ``head="nms"`` selects it
+  instead (that is what ``ultralytics`` 8.4 ``predict`` uses by default, ``nms=False`` selects
+  the end-to-end one).
+
+Backends: ``resolve_backend`` decides between TensorRT and PyTorch and says why. TensorRT
+engines are not supported yet, so it always resolves to ``"torch"`` (or raises when that is not
+allowed); ``_tensorrt_engine`` is the seam the TensorRT work extends.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import numbers
+import os
+import threading
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from trtwsi.errors import BackendError, MissingDependencyError, ModelError, require
+
+if TYPE_CHECKING:
+    import torch
+
+    from trtwsi.engines.base import Engine
+
+__all__ = ["BACKENDS", "HEAD_KINDS", "Model", "ModelNotFoundError", "load_models_config"]
+
+BACKENDS = ("auto", "torch", "tensorrt")
+HEAD_KINDS = ("nms", "end2end")
+DEFAULT_IMGSZ = 640
+DEFAULT_MAX_DET = 300
+
+#: Keys a ``[[model]]`` table of a models TOML file may have (the Model constructor's arguments).
+CONFIG_KEYS = (
+    "name",
+    "weights",
+    "classes",
+    "min_conf",
+    "iou",
+    "backend",
+    "fallback_to_pt",
+    "imgsz",
+    "head",
+    "max_det",
+)
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """The weights file does not exist."""
+
+
+# Old module paths in checkpoints written by older ultralytics versions (the same renames
+# ultralytics' own ``torch_safe_load`` applies).
+_LEGACY_MODULES = {
+    "ultralytics.yolo.utils": "ultralytics.utils",
+    "ultralytics.yolo.v8": "ultralytics.models.yolo",
+    "ultralytics.yolo.data": "ultralytics.data",
+}
+_LEGACY_ATTRIBUTES = {
+    "ultralytics.nn.modules.block.Silence": "torch.nn.Identity",
+    "ultralytics.nn.tasks.YOLOv10DetectionModel": "ultralytics.nn.tasks.DetectionModel",
+    "ultralytics.utils.loss.v10DetectLoss": "ultralytics.utils.loss.E2EDetectLoss",
+}
+
+
+def _describe(obj: Any) -> str:
+    """Short description of an unpickled object for error messages."""
+    if isinstance(obj, Mapping):
+        keys = list(obj)[:8]
+        more = f" … ({len(obj)} keys)" if len(obj) > 8 else ""
+        return f"a dict with keys {keys}{more}"
+    return f"an object of type {type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _load_checkpoint(path: Path) -> tuple[Any, dict]:
+    """Unpickle an ultralytics ``.pt`` offline; return ``(float32 module, checkpoint dict)``.
+
+    Unlike ``ultralytics.nn.tasks.load_checkpoint`` this never downloads a missing file and never
+    pip-installs a module the pickle names; every failure is a :class:`ModelError`.
+    """
+    torch = require("torch", "torch", "Loading a YOLO .pt model")
+    require("ultralytics", "torch", "Loading a YOLO .pt model")
+    from ultralytics.nn.tasks import temporary_modules
+
+    try:
+        with temporary_modules(modules=_LEGACY_MODULES, attributes=_LEGACY_ATTRIBUTES):
+            obj = torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as e:
+        raise ModelError(
+            f"cannot load {str(path)!r}: the checkpoint needs the Python module {e.name!r}, which is "
+            "not importable. A YOLOv5-era file (module 'models') is not an ultralytics 8.x model; "
+            "re-export or retrain it with the installed ultralytics."
+        ) from e
+    except Exception as e:
+        raise ModelError(
+            f"cannot load {str(path)!r}: not a readable PyTorch checkpoint (it may be truncated or "
+            f"corrupt, or not a .pt file at all): {type(e).__name__}: {e}. Re-download or re-export it."
+        ) from e
+
+    if isinstance(obj, torch.jit.ScriptModule):
+        raise ModelError(
+            f"{str(path)!r} is a TorchScript archive, not an ultralytics .pt checkpoint; "
+            "give the original .pt weights"
+        )
+    ckpt = obj if isinstance(obj, dict) else {"model": obj}
+    candidate = ckpt.get("ema") or ckpt.get("model")
+    from ultralytics.engine.model import Model as UltralyticsModel
+
+    if isinstance(candidate, UltralyticsModel):  # a YOLO(...) wrapper saved with torch.save
+        candidate = candidate.model
+    if not isinstance(candidate, torch.nn.Module) or not isinstance(
+        getattr(candidate, "model", None), torch.nn.Sequential
+    ):
+        raise ModelError(
+            f"{str(path)!r} is a torch file but not an ultralytics YOLO checkpoint: found "
+            f"{_describe(obj)} (expected a dict whose 'model' or 'ema' entry is an ultralytics model, "
+            "as written by ultralytics training or YOLO.save)"
+        )
+    if ckpt.get("modelopt"):  # QAT checkpoint: re-apply its fake quantization, as ultralytics does
+        from ultralytics.utils.torch_utils import restore_qat
+
+        restore_qat(candidate, ckpt["modelopt"])
+    return candidate.float(), ckpt
+
+
+def _head_task(head: Any, fallback: str | None) -> str:
+    """Name the task of a non-detect head for the error message."""
+    from ultralytics.nn.modules import head as H
+
+    kinds = [
+        ("Segment", "segment"),
+        ("Pose", "pose"),
+        ("OBB", "obb"),
+        ("Classify", "classify"),
+        ("SemanticSegment", "semantic"),
+        ("Depth", "depth"),
+        ("RTDETRDecoder", "detect (RT-DETR)"),
+        ("WorldDetect", "detect (open-vocabulary YOLO-World)"),
+        ("YOLOEDetect", "detect (open-vocabulary YOLOE)"),
+    ]
+    for cls_name, task in kinds:
+        cls = getattr(H, cls_name, None)
+        if cls is not None and isinstance(head, cls):
+            return task
+    return fallback or "unknown"
+
+
+def _as_imgsz(value: Any) -> int:
+    """Checkpoint ``imgsz`` (an int or an ``[h, w]`` list) → one int side (the larger one)."""
+    if isinstance(value, (list, tuple)) and value:
+        return int(max(value))
+    return int(value)
+
+
+class Model:
+    """An ultralytics YOLO detection model, loaded from a local ``.pt``, and how to run it.
+
+    Args:
+        weights: path to the ultralytics ``.pt`` checkpoint (a training ``best.pt``, or
+            ``YOLO.save``). Loaded on the CPU in float32, offline.
+        classes: class names by id — a list of ``nc`` names or a dict ``{id: name}`` with ids
+            ``0..nc-1`` (TOML string keys ``"0"`` are accepted). None: the checkpoint's names.
+        min_conf: score threshold; detections with score ``> min_conf`` are kept.
+        iou: NMS IoU threshold; a box is suppressed by a higher-scored box of its class with
+            IoU ``> iou`` (``"nms"`` heads only).
+        backend: ``"auto"`` (TensorRT when a matching engine exists, else the .pt with PyTorch),
+            ``"torch"``, or ``"tensorrt"`` (not supported yet: raises :class:`BackendError`).
+        fallback_to_pt: with ``backend="auto"``, allow running the .pt with PyTorch when no
+            TensorRT engine can be used; False makes that a :class:`BackendError`.
+        imgsz: model input side in px (square). None: the checkpoint's training ``imgsz``, else
+            640. Must be a multiple of the model's stride.
+        name: a label for results and logs; default the weights file's stem.
+        head: ``None`` (the checkpoint's native head: ``"end2end"`` when it has a one-to-one
+            branch, as YOLOv10/YOLO26, else ``"nms"``), or force ``"nms"`` / ``"end2end"``.
+        max_det: most detections kept per tile (after NMS; ``K`` of end-to-end heads).
+
+    Attributes:
+        weights (Path), name (str), names (list[str], by class id), nc (int), stride (int, the
+        largest), imgsz (int), head (``"nms"`` | ``"end2end"``), min_conf, iou, max_det,
+        backend, fallback_to_pt, sha256 (hex digest of the weights file, computed on first
+        use), module (the prepared ``torch.nn.Module``, built on first use).
+
+    Raises:
+        ModelNotFoundError: (a ModelError and FileNotFoundError) the weights file is missing.
+        ModelError: the file is not a loadable ultralytics checkpoint, not a detection model,
+            the classes do not match ``nc``, or ``imgsz`` is not a multiple of the stride.
+    """
+
+    def __init__(
+        self,
+        weights: str | os.PathLike,
+        classes: Sequence[str] | Mapping[int | str, str] | None = None,
+        min_conf: float = 0.25,
+        iou: float = 0.45,
+        backend: str = "auto",
+        fallback_to_pt: bool = True,
+        imgsz: int | None = None,
+        name: str | None = None,
+        *,
+        head: str | None = None,
+        max_det: int = DEFAULT_MAX_DET,
+    ):
+        self.weights = Path(weights).expanduser()
+        self.name = name or self.weights.stem
+        if backend not in BACKENDS:
+            raise ModelError(f"backend={backend!r} is not one of {BACKENDS}")
+        if head is not None and head not in HEAD_KINDS:
+            raise ModelError(
+                f"head={head!r} is not one of {HEAD_KINDS} (or None for the model's own)"
+            )
+        for label, v in (("min_conf", min_conf), ("iou", iou)):
+            if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+                raise ModelError(f"{label} must be a number in [0, 1], got {v!r}")
+        if not (isinstance(max_det, int) and max_det > 0):
+            raise ModelError(f"max_det must be a positive int, got {max_det!r}")
+        self.min_conf, self.iou, self.max_det = float(min_conf), float(iou), max_det
+        self.backend, self.fallback_to_pt = backend, bool(fallback_to_pt)
+
+        if not self.weights.exists():
+            raise ModelNotFoundError(
+                f"model weights not found: {str(self.weights)!r} (check the path)"
+            )
+        if not self.weights.is_file():
+            raise ModelError(f"model weights {str(self.weights)!r} is not a file")
+
+        net, ckpt = _load_checkpoint(self.weights)
+        detect = net.model[-1]
+        train_args = ckpt.get("train_args") or {}
+        model_args = getattr(net, "args", None)
+        model_args = model_args if isinstance(model_args, dict) else {}
+        ckpt_task = train_args.get("task") or getattr(net, "task", None) or model_args.get("task")
+
+        from ultralytics.nn.modules.head import Detect, v10Detect
+
+        if type(detect) not in (Detect, v10Detect) or ckpt_task not in (None, "detect"):
+            task = _head_task(detect, ckpt_task)
+            raise ModelError(
+                f"{str(self.weights)!r} is a {task!r} model (head {type(detect).__name__}, checkpoint "
+                f"task {ckpt_task!r}); trtwsi needs a detect model (an ultralytics Detect head, e.g. "
+                "trained from yolo11n.pt or yolo26n.pt)"
+            )
+
+        self.nc = int(detect.nc)
+        self.names = self._resolve_names(classes, getattr(net, "names", None))
+        self.stride = int(net.stride.max())
+
+        has_o2o = getattr(detect, "one2one_cv2", None) is not None
+        has_o2m = getattr(detect, "cv2", None) is not None
+        self.head = head or ("end2end" if has_o2o else "nms")
+        if self.head == "end2end" and not has_o2o:
+            raise ModelError(
+                f"{str(self.weights)!r} has no end-to-end (one-to-one) head; use head='nms' or None"
+            )
+        if self.head == "nms" and not has_o2m:
+            raise ModelError(
+                f"{str(self.weights)!r} keeps only its end-to-end head (it was fused); use "
+                "head='end2end' or None"
+            )
+
+        if imgsz is None:
+            raw = train_args.get("imgsz", model_args.get("imgsz", DEFAULT_IMGSZ))
+            try:
+                imgsz = _as_imgsz(raw)
+            except (TypeError, ValueError):
+                imgsz = DEFAULT_IMGSZ
+            where = "the checkpoint's imgsz"
+        else:
+            where = "imgsz"
+        if isinstance(imgsz, bool) or not isinstance(imgsz, numbers.Integral) or imgsz <= 0:
+            raise ModelError(f"{where}={imgsz!r} is not a positive int (model input side in px)")
+        if imgsz % self.stride:
+            near = max(self.stride, round(imgsz / self.stride) * self.stride)
+            raise ModelError(
+                f"{where}={imgsz} is not a multiple of the model stride {self.stride}; "
+                f"pass imgsz= a multiple of {self.stride}, e.g. {near}"
+            )
+        imgsz = int(imgsz)
+        self.imgsz = imgsz
+
+        self._raw_module = net
+        self._module = None
+        self._lock = threading.Lock()
+
+    # --- construction helpers -----------------------------------------------------------
+    def _resolve_names(self, classes: Any, ckpt_names: Any) -> list[str]:
+        """Class names by id: the override, else the checkpoint's, else ``class0..``."""
+        source = "classes" if classes is not None else "the checkpoint's names"
+        names = classes if classes is not None else ckpt_names
+        if names is None:
+            return [f"class{i}" for i in range(self.nc)]
+        if isinstance(names, Mapping):
+            try:
+                by_id = {int(k): str(v) for k, v in names.items()}
+            except (TypeError, ValueError) as e:
+                raise ModelError(
+                    f"{source} keys must be class ids 0..{self.nc - 1}, got {list(names)}"
+                ) from e
+            if sorted(by_id) != list(range(len(by_id))) or len(by_id) != self.nc:
+                raise ModelError(
+                    f"{source} has {len(by_id)} classes (ids {sorted(by_id)[:10]}) but the model "
+                    f"predicts {self.nc} classes (ids 0..{self.nc - 1}); give exactly one name per class"
+                )
+            return [by_id[i] for i in range(self.nc)]
+        if isinstance(names, str) or not isinstance(names, Sequence):
+            raise ModelError(
+                f"{source} must be a list of names or a dict {{id: name}}, got {names!r}"
+            )
+        if len(names) != self.nc:
+            raise ModelError(
+                f"{source} has {len(names)} classes but the model predicts {self.nc} classes; "
+                "give exactly one name per class"
+            )
+        return [str(n) for n in names]
+
+    @classmethod
+    def from_config(
+        cls, config: Mapping[str, Any], base_dir: str | os.PathLike | None = None
+    ) -> Model:
+        """Build a Model from a mapping of constructor arguments (a ``[[model]]`` TOML table).
+
+        ``weights`` is required; a relative path is taken relative to ``base_dir`` (the TOML
+        file's folder) when given. Unknown keys raise :class:`ModelError` (catches typos).
+        """
+        if not isinstance(config, Mapping):
+            raise ModelError(f"a model config must be a table/dict, got {config!r}")
+        unknown = sorted(set(config) - set(CONFIG_KEYS))
+        if unknown:
+            raise ModelError(
+                f"unknown model config key(s) {unknown}; known keys: {list(CONFIG_KEYS)}"
+            )
+        if "weights" not in config:
+            raise ModelError(f"model config {dict(config)!r} has no 'weights' (path to the .pt)")
+        kwargs = dict(config)
+        weights = Path(str(kwargs.pop("weights"))).expanduser()
+        if base_dir is not None and not weights.is_absolute():
+            weights = Path(base_dir) / weights
+        return cls(weights, **kwargs)
+
+    # --- lazily built state -------------------------------------------------------------
+    @functools.cached_property
+    def sha256(self) -> str:
+        """Hex SHA-256 of the weights file (ties TensorRT engines to their source weights)."""
+        h = hashlib.sha256()
+        with open(self.weights, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """The prepared ``torch.nn.Module`` (CPU, float32, eval, fused, no grads).
+
+        Its eval forward on ``(B, 3, imgsz, imgsz)`` returns ``(y, extras)`` where ``y`` is the
+        raw head output described in the module docstring (``(B, 4 + nc, N)`` for ``"nms"``,
+        ``(B, max_det, 6)`` for ``"end2end"``); engines take ``y``. Built on first access,
+        thread-safe; shared, so engines that change device or dtype work on a copy.
+        """
+        if self._module is None:
+            with self._lock:
+                if self._module is None:
+                    self._module = self._prepare(self._raw_module)
+                    self._raw_module = None
+        return self._module
+
+    def _prepare(self, net: torch.nn.Module) -> torch.nn.Module:
+        import torch
+
+        detect = net.model[-1]
+        if getattr(detect, "one2one_cv2", None) is not None:
+            # Select the branch before fusing: fuse() drops the branch not selected.
+            net.end2end = self.head == "end2end"
+        detect.max_det = self.max_det  # K of the end-to-end top-k; unused by "nms" heads
+        detect.agnostic_nms = False  # class-aware top-k, as ultralytics predict by default
+        net = net.fuse(verbose=False).eval()
+        for m in net.modules():  # same module fix-ups as ultralytics' load_checkpoint
+            if hasattr(m, "inplace"):
+                m.inplace = True
+            elif isinstance(m, torch.nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
+                m.recompute_scale_factor = None
+        for p in net.parameters():
+            p.requires_grad_(False)
+        return net
+
+    # --- backends -----------------------------------------------------------------------
+    def _tensorrt_engine(self, device: torch.device) -> tuple[Path | None, str]:
+        """Seam for TensorRT: ``(engine path, "")`` when a matching engine can run on ``device``,
+        else ``(None, reason)``. No engine support yet, so always ``(None, reason)``."""
+        if device.type != "cuda":
+            return None, (
+                f"device {str(device)!r} is not a CUDA GPU and TensorRT engines run only on NVIDIA "
+                "GPUs"
+            )
+        return None, "this version of trtwsi cannot run TensorRT engines yet"
+
+    def resolve_backend(self, device: str | torch.device = "cpu") -> tuple[str, str]:
+        """Decide how this model runs on ``device``: ``(kind, reason)``.
+
+        ``kind`` is ``"torch"`` (``"tensorrt"`` once engines are supported); ``reason`` is a
+        sentence for logs/warnings saying why.
+
+        Raises:
+            BackendError: ``backend="tensorrt"`` (not supported yet), or ``backend="auto"`` with
+                ``fallback_to_pt=False`` and no usable TensorRT engine.
+        """
+        import torch
+
+        device = torch.device(device)
+        if self.backend == "torch":
+            return (
+                "torch",
+                f"backend='torch' was requested: running {self.weights.name} with PyTorch",
+            )
+        if self.backend == "tensorrt":
+            raise BackendError(
+                f"model {self.name!r}: backend='tensorrt' is not supported by this version of trtwsi "
+                "(TensorRT engine support is not implemented yet); use backend='auto' or 'torch' to "
+                f"run {self.weights.name} with PyTorch"
+            )
+        engine, why = self._tensorrt_engine(device)
+        if engine is not None:  # pragma: no cover - no engine support yet
+            return "tensorrt", f"matching TensorRT engine {engine}"
+        if not self.fallback_to_pt:
+            raise BackendError(
+                f"model {self.name!r}: no usable TensorRT engine ({why}) and fallback_to_pt=False "
+                f"forbids running {self.weights.name} with PyTorch; pass fallback_to_pt=True or "
+                "backend='torch'"
+            )
+        return "torch", f"{why}; running {self.weights.name} with PyTorch"
+
+    def load_engine(
+        self,
+        device: str | torch.device = "cpu",
+        *,
+        half: bool | None = None,
+        batch_size: int | None = None,
+    ) -> Engine:
+        """Resolve the backend and build its :class:`~trtwsi.engines.base.Engine`.
+
+        ``half``: fp16 inference (default: True on CUDA, False on the CPU). ``batch_size``: fixed
+        batch size (None: any). With ``backend="auto"`` on a CUDA device, falling back to
+        PyTorch issues a warning that names the reason.
+        """
+        import torch
+
+        device = torch.device(device)
+        _, reason = self.resolve_backend(device)  # raises when no backend is allowed
+        if self.backend == "auto" and device.type == "cuda":
+            warnings.warn(f"model {self.name!r}: {reason}", stacklevel=2)
+        from trtwsi.engines.torch import TorchEngine
+
+        half = device.type == "cuda" if half is None else half
+        return TorchEngine(self, device=device, half=half, batch_size=batch_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"Model(name={self.name!r}, weights={str(self.weights)!r}, head={self.head!r}, "
+            f"nc={self.nc}, imgsz={self.imgsz}, min_conf={self.min_conf}, iou={self.iou})"
+        )
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib
+        except ImportError as e:
+            raise MissingDependencyError(
+                "reading a models TOML file on Python 3.10 needs the module 'tomli' "
+                "(pip install tomli)"
+            ) from e
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ModelError(f"models config {str(path)!r} is not valid TOML: {e}") from e
+
+
+def load_models_config(path: str | os.PathLike) -> list[Model]:
+    """Read a TOML file of ``[[model]]`` tables into Models.
+
+    Each table holds :class:`Model` arguments (``weights`` required, relative to the TOML file's
+    folder)::
+
+        [[model]]
+        name = "demo"
+        weights = "demo-yolo11n.pt"
+        min_conf = 0.25
+        iou = 0.45
+        classes = ["nucleus", "metaphase"]   # optional
+
+    Raises:
+        ModelNotFoundError: the TOML file (or a weights file) does not exist.
+        ModelError: invalid TOML, no ``[[model]]`` tables, or an invalid model entry (the message
+            names the entry).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ModelNotFoundError(f"models config not found: {str(path)!r}")
+    data = _read_toml(path)
+    entries = data.get("model")
+    if isinstance(entries, Mapping):
+        entries = [entries]
+    if not entries or not isinstance(entries, list):
+        raise ModelError(f"models config {str(path)!r} has no [[model]] tables")
+    models = []
+    for i, entry in enumerate(entries):
+        try:
+            models.append(Model.from_config(entry, base_dir=path.parent))
+        except ModelError as e:
+            label = entry.get("name", f"#{i + 1}") if isinstance(entry, Mapping) else f"#{i + 1}"
+            raise type(e)(f"models config {str(path)!r}, model {label}: {e}") from e
+    return models
