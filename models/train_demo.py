@@ -100,7 +100,7 @@ def build_dataset(
         )
         for i in range(n_scenes)
     ]
-    with ProcessPoolExecutor(workers) as ex:
+    with ProcessPoolExecutor(max(1, workers)) as ex:
         counts = [n for res in ex.map(_scene_tiles, jobs) for _, n in res]
     names = Scene(64, 64, seed=0).class_names
     data = out_dir / "data.yaml"
@@ -110,6 +110,15 @@ def build_dataset(
     )
     print(f"dataset: {len(counts)} tiles, {sum(counts)} objects -> {data}")
     return data
+
+
+def _read_results_csv(self) -> dict:
+    """results.csv as {column: [values]} with the csv module (ultralytics uses polars here)."""
+    import csv
+
+    with open(self.csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return {k.strip(): [float(r[k]) for r in rows] for k in (rows[0] if rows else {})}
 
 
 def main(argv=None) -> int:
@@ -143,6 +152,7 @@ def main(argv=None) -> int:
 
     trainer_mod.check_amp = lambda model: True  # would download yolo26n.pt
     data_utils.check_font = lambda *args, **kw: None  # would download Arial.ttf
+    trainer_mod.BaseTrainer.read_results_csv = _read_results_csv  # avoids needing polars
 
     t0 = time.time()
     ds = a.work / "dataset"
