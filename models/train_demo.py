@@ -26,8 +26,8 @@ from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
-import cv2  # noqa: E402
-import numpy as np  # noqa: E402
+import cv2
+import numpy as np
 
 TRAIN_SEED0 = 1000
 SCENE_W, SCENE_H = 6000, 4500

@@ -45,7 +45,7 @@ def open_slide(
 
     ``mpp`` overrides (or supplies) microns per level-0 pixel. ``on_error``: what a file tile that
     fails to decode does ("record": fill + warning + ``slide.read_errors``; "raise"). ``threads``:
-    decode threads of the TIFF reader (default: CPU count).
+    decode threads of the TIFF reader (default: min(CPU count, 8)).
     """
     if isinstance(src, Slide):
         return src

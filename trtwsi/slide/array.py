@@ -59,9 +59,14 @@ class ArraySlide(Slide):
                 f"{path}: OpenCV could not decode this file as an image (corrupt or not an image)"
             )
         if img.ndim == 3 and img.shape[2] >= 3:
-            img = img[:, :, [2, 1, 0] + list(range(3, img.shape[2]))]  # BGR(A) -> RGB(A)
-        return cls(img, mpp=mpp, path=path, format=path.suffix.lower().lstrip(".") or "image",
-                   on_error=on_error)
+            img = img[:, :, [2, 1, 0, *range(3, img.shape[2])]]  # BGR(A) -> RGB(A)
+        return cls(
+            img,
+            mpp=mpp,
+            path=path,
+            format=path.suffix.lower().lstrip(".") or "image",
+            on_error=on_error,
+        )
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:
         out[...] = self._images[level][y : y + h, x : x + w]

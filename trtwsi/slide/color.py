@@ -16,6 +16,8 @@ import numpy as np
 def to_rgb_uint8(a: np.ndarray) -> np.ndarray:
     """Convert ``(H, W)`` or ``(H, W, C)`` samples of any dtype to RGB uint8 ``(H, W, 3)``."""
     a = np.asarray(a)
+    if not a.dtype.isnative:
+        a = a.astype(a.dtype.newbyteorder("="))
     if a.dtype == np.uint8:
         pass
     elif a.dtype == np.uint16:
@@ -24,7 +26,11 @@ def to_rgb_uint8(a: np.ndarray) -> np.ndarray:
         a = a.astype(np.uint8) * 255
     elif np.issubdtype(a.dtype, np.integer):
         info = np.iinfo(a.dtype)
-        a = (np.clip(a.astype(np.float64), 0, info.max) * (255.0 / info.max)).round().astype(np.uint8)
+        a = (
+            (np.clip(a.astype(np.float64), 0, info.max) * (255.0 / info.max))
+            .round()
+            .astype(np.uint8)
+        )
     elif np.issubdtype(a.dtype, np.floating):
         a = (np.clip(a, 0.0, 1.0) * 255.0).round().astype(np.uint8)
     else:
