@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import re
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from _machine import host_info, machine_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -142,28 +141,9 @@ def format_table(rows: list[dict]) -> str:
 # machine + JSON
 # ------------------------------------------------------------------------------------------
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {
-        "cpu": cpu,
-        "cores": cores,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "platform": platform.platform(),
-        "device": f"CPU: {cpu}, {cores} cores (merge runs on the host)",
-    }
-
-
-def machine_name(info: dict) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")[:40] or "cpu"
-    return f"{slug}-{info['cores']}c"
+    info = host_info("merge")
+    info["numpy"] = np.__version__
+    return info
 
 
 def write_results(update: dict) -> Path:

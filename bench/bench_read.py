@@ -35,9 +35,6 @@ import argparse
 import json
 import math
 import os
-import platform
-import re
-import socket
 import sys
 import threading
 import time
@@ -45,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _machine import host_info, machine_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -297,32 +295,9 @@ def hardware_baseline(path: Path, threads: list[int], seconds: float = 3.0) -> l
 # machine + JSON
 # ------------------------------------------------------------------------------------------
 def machine_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    mem = None
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal"):
-                mem = round(int(line.split()[1]) / 2**20, 1)
-    except OSError:
-        pass
-    return {
-        "hostname": socket.gethostname(),
-        "cpu": cpu,
-        "cores": cores,
-        "memory_gib": mem,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": library_versions(),
-        "device": f"CPU: {cpu}, {cores} cores (slide reading runs on the host)",
-    }
+    info = host_info("slide reading")
+    info["versions"] = library_versions()
+    return info
 
 
 def library_versions() -> dict:
@@ -359,11 +334,6 @@ def load_average() -> list[float] | None:
         return [round(v, 2) for v in os.getloadavg()]
     except (OSError, AttributeError):
         return None
-
-
-def machine_name(info: dict) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")[:40] or "cpu"
-    return f"{slug}-{info['cores']}c"
 
 
 def slide_info(path: Path, regions, size) -> dict:

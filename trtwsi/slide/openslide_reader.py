@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 import os
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from trtwsi.errors import (
     UnsupportedFormatError,
 )
 from trtwsi.slide.base import Level, OnError, Slide
+from trtwsi.slide.tiff import PLAUSIBLE_MPP, _positive
 
 
 @functools.lru_cache(maxsize=1)
@@ -161,18 +161,8 @@ class OpenSlideSlide(Slide):
             self.close()
 
 
-def _positive(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if f > 0 and math.isfinite(f) else None
-
-
 def _plausible_mpp(v) -> float | None:
     """µm/px, or None outside :data:`trtwsi.slide.tiff.PLAUSIBLE_MPP` (e.g. a generic TIFF's
     72 dpi default, which OpenSlide reports as 352.8 µm/px)."""
-    from trtwsi.slide.tiff import PLAUSIBLE_MPP
-
     f = _positive(v)
     return f if f is not None and PLAUSIBLE_MPP[0] <= f <= PLAUSIBLE_MPP[1] else None

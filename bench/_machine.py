@@ -1,0 +1,44 @@
+"""The machine a benchmark ran on, for its results JSON (shared by the bench/ modules)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import socket
+from pathlib import Path
+
+
+def host_info(runs_on: str) -> dict:
+    """Host CPU model, usable cores, memory, Python and OS; ``runs_on`` names what was timed."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal"):
+                mem = round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return {
+        "hostname": socket.gethostname(),
+        "cpu": cpu,
+        "cores": cores,
+        "memory_gib": mem,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "device": f"CPU: {cpu}, {cores} cores ({runs_on} runs on the host)",
+    }
+
+
+def machine_name(info: dict) -> str:
+    """A file-name slug for the machine, e.g. ``amd-epyc-2c``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")[:40] or "cpu"
+    return f"{slug}-{info['cores']}c"
