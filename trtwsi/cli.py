@@ -109,13 +109,11 @@ def _out_path_for(slide_path: str, out: str | None, fmt: str) -> Path:
     return Path(slide_path).with_suffix("").with_name(Path(slide_path).stem + f".detections{fmt}")
 
 
-def cmd_predict(a) -> int:
+def _predictor(a, models):
+    """The Predictor for the options `predict` and `eval` share (see _add_predict_opts)."""
     from trtwsi.predictor import Predictor
 
-    models = _models_from_args(a)
-    region = _parse_region(a.region)
-    t0 = time.perf_counter()
-    pred = Predictor(
+    return Predictor(
         a.slide,
         models,
         overlap=a.overlap,
@@ -126,6 +124,13 @@ def cmd_predict(a) -> int:
         progress=not a.no_progress,
         slide_mpp=a.slide_mpp,
     )
+
+
+def cmd_predict(a) -> int:
+    models = _models_from_args(a)
+    region = _parse_region(a.region)
+    t0 = time.perf_counter()
+    pred = _predictor(a, models)
     res = pred.run(section=a.section, region=region)
     out = _out_path_for(a.slide, a.out, ".geojson")
     written = [res.save(out, overwrite=a.overwrite, slide=pred.slide)]
@@ -146,20 +151,12 @@ def cmd_predict(a) -> int:
 
 def cmd_eval(a) -> int:
     from trtwsi.evaluate import format_scores, precision_recall
-    from trtwsi.predictor import Predictor
     from trtwsi.synthetic import GroundTruth
 
     gt_path = Path(a.gt) if a.gt else Path(a.slide).with_suffix(".gt.json")
     gt = GroundTruth.load(gt_path)
     models = _models_from_args(a)
-    res = Predictor(
-        a.slide,
-        models,
-        overlap=a.overlap,
-        batch=a.batch,
-        device=a.device,
-        progress=not a.no_progress,
-    ).run(section=a.section)
+    res = _predictor(a, models).run(section=a.section)
     det = res.detections
     worst = 1.0
     for mi, m in enumerate(models):
