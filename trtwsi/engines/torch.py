@@ -26,10 +26,20 @@ class TorchEngine:
         half: compute in float16 (meant for CUDA; works but is slow on the CPU).
         batch_size: fixed batch size, or None for any.
 
+        cuda_graph: on CUDA with a fixed ``batch_size``, capture one forward as a CUDA graph on
+            the first :meth:`infer` and replay it afterwards (falls back to eager forwards, with
+            a warning naming the error, if the capture fails).
+
     On the CPU in float32 the model's shared module is used as is; on another device or dtype the
     engine keeps its own copy. ``infer`` runs under ``torch.inference_mode`` and always returns
-    float32. CUDA graphs (capture one forward for the fixed ``batch_size``, then replay) are a
-    later addition; they belong in :meth:`_forward`.
+    float32.
+
+    With a CUDA graph the engine owns a static input ``self.input`` ``(batch_size, 3, imgsz,
+    imgsz)`` of ``self.dtype``: a caller that writes its batch there (the GPU pipeline's
+    preprocess kernel does) saves a copy; any other tensor is copied into it. The graph is
+    replayed on the caller's current stream (``torch.cuda.current_stream()``), nothing is
+    synchronized, and the returned float32 output is a static buffer overwritten by the next
+    ``infer`` (consume it on the same stream first).
     """
 
     def __init__(
@@ -38,6 +48,7 @@ class TorchEngine:
         device: str | torch.device = "cpu",
         half: bool = False,
         batch_size: int | None = None,
+        cuda_graph: bool = True,
     ):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -54,15 +65,60 @@ class TorchEngine:
         if device.type != "cpu" or half:
             module = copy.deepcopy(module).to(device=device, dtype=self.dtype)
         self.module = module
+        self.input = None
+        self._graph = None
+        self._output = None
+        self.use_graph = bool(cuda_graph and device.type == "cuda" and batch_size is not None)
+        if self.use_graph:
+            self.input = torch.zeros(
+                (batch_size, 3, self.imgsz, self.imgsz), dtype=self.dtype, device=device
+            )
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """One eval forward; ultralytics heads return ``(y, extras)``, take ``y``."""
         y = self.module(x)
         return y[0] if isinstance(y, (tuple, list)) else y
 
+    def _capture(self) -> None:
+        """Warm up on a side stream, then capture ``self.input`` → float32 output as a graph.
+
+        One-time setup: ``torch.cuda.graph`` synchronizes the device on entry (not in the steady
+        state). Warm-up forwards let lazy work (ultralytics' anchor grids, cuDNN algorithm
+        choice) happen outside the capture.
+        """
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode():
+            for _ in range(3):
+                self._forward(self.input)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.inference_mode(), torch.cuda.graph(graph):
+            self._output = self._forward(self.input).float()
+        self._graph = graph
+
     def infer(self, batch: torch.Tensor) -> torch.Tensor:
         """See :meth:`trtwsi.engines.base.Engine.infer`."""
         check_batch(self, batch)
+        if self.use_graph:
+            if self._graph is None:
+                try:
+                    self._capture()
+                except Exception as e:  # capture can fail on ops that sync with the host
+                    import warnings
+
+                    warnings.warn(
+                        f"{self.model.name}: CUDA graph capture failed ({type(e).__name__}: {e}); "
+                        "running eager forwards instead",
+                        stacklevel=2,
+                    )
+                    self.use_graph = False
+                    self._graph = self._output = None
+            if self._graph is not None:
+                if batch.data_ptr() != self.input.data_ptr():
+                    self.input.copy_(batch)
+                self._graph.replay()
+                return self._output
         with torch.inference_mode():
             y = self._forward(batch.to(self.dtype))
         if y.ndim != 3:  # pragma: no cover - guarded by Model's head checks
@@ -72,5 +128,5 @@ class TorchEngine:
     def __repr__(self) -> str:
         return (
             f"TorchEngine(model={self.model.name!r}, device={str(self.device)!r}, dtype={self.dtype}, "
-            f"batch_size={self.batch_size}, head={self.head!r})"
+            f"batch_size={self.batch_size}, head={self.head!r}, cuda_graph={self.use_graph})"
         )
