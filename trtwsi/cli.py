@@ -211,7 +211,12 @@ def _add_predict_opts(p: argparse.ArgumentParser) -> None:
         help="model input resolution in µm/px (default: slide level 0)",
     )
     p.add_argument("--slide-mpp", type=float, default=None, help="override the slide's µm/px")
-    p.add_argument("--batch", type=int, default=8)
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=None,
+        help="tiles per batch (default: 32 on the GPU pipeline, 8 on the CPU)",
+    )
     p.add_argument("--workers", type=int, default=None, help="reader threads (default: CPU count)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--no-progress", action="store_true")

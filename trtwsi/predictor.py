@@ -1,7 +1,9 @@
 """Predictor: slide → sections → tile grid → read chunks → preprocess → model(s) → merge → Results.
 
-This module holds the CPU path (torch + reference ops), which runs everywhere; the GPU pipeline
-(issue "GPU pipeline") replaces the per-batch inner loop, not the orchestration.
+Two inner loops share the orchestration (sections, grids, merge, Results): the reference path
+(torch forward + reference ops; the CPU path, runs everywhere) and, on a CUDA device with CuPy,
+the GPU pipeline (:class:`trtwsi.pipeline.GpuPipeline`: pinned ring buffers, own streams, CuPy
+preprocess/decode/NMS kernels, CUDA-graph forward).
 
 Coordinate frames: tiles and detections leave :meth:`Predictor._run_grid` in level-0 slide px.
 """
@@ -67,7 +69,8 @@ class Predictor:
             preprocessing; each model keeps its own ``min_conf`` / ``iou`` / classes.
         overlap: tile overlap, ratio in [0, 1) or pixels (model px).
         mpp: microns per pixel of the models' input (None: level-0 pixels as they are).
-        batch: tiles per forward pass.
+        batch: tiles per forward pass (None: 32 on the GPU pipeline, 8 otherwise). The GPU
+            pipeline pads the last batch to this size (fixed shapes for CUDA graphs/engines).
         workers: reader threads (default: CPU count).
         device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N".
         timing: collect per-stage seconds into ``Results.timings``.
@@ -76,6 +79,11 @@ class Predictor:
             class_aware) — defaults chosen by measurement, see trtwsi/merge.py.
         min_tissue: drop tiles whose tissue fraction (from the section mask) is below this.
         slide_mpp: override the slide's own µm/px.
+        max_det: per-tile cap on detections.
+        gpu_pipeline: use the GPU pipeline (True), the reference path (False), or the pipeline
+            whenever the device is CUDA and CuPy is installed (None).
+        readers: how the GPU pipeline reads: ``"auto"``, ``"threads"`` or ``"processes"``
+            (see :class:`trtwsi.pipeline.GpuPipeline`).
     """
 
     def __init__(
@@ -85,7 +93,7 @@ class Predictor:
         *,
         overlap: float = 0.2,
         mpp: float | None = None,
-        batch: int = 8,
+        batch: int | None = None,
         workers: int | None = None,
         device: str = "auto",
         timing: bool = True,
@@ -94,6 +102,8 @@ class Predictor:
         min_tissue: float = 0.0,
         slide_mpp: float | None = None,
         max_det: int = 300,
+        gpu_pipeline: bool | None = None,
+        readers: str = "auto",
     ):
         from trtwsi.model import Model
 
@@ -101,19 +111,22 @@ class Predictor:
         if not models:
             raise TrtwsiError("Predictor needs at least one model (a trtwsi.Model or a .pt path)")
         self.models = [m if isinstance(m, Model) else Model(m) for m in models]
-        if batch < 1:
+        if batch is not None and batch < 1:
             raise TrtwsiError(f"batch must be >= 1, got {batch}")
         self.overlap = overlap
         self.mpp = mpp
-        self.batch = int(batch)
         self.workers = workers or os.cpu_count() or 1
         self.device = self._pick_device(device)
+        self.gpu_pipeline = self._pick_pipeline(gpu_pipeline)
+        self.batch = int(batch) if batch is not None else (32 if self.gpu_pipeline else 8)
         self.timing = timing
         self.progress = progress
         self.merge_opts = dict(merge or {})
         self.min_tissue = min_tissue
         self.max_det = max_det
         self._engines = None
+        self._pipelines: dict[int, object] = {}
+        self.readers = readers
 
     # --- setup -------------------------------------------------------------------------------
     @staticmethod
@@ -128,11 +141,55 @@ class Predictor:
             )
         return device
 
+    def _pick_pipeline(self, want: bool | None) -> bool:
+        if not self.device.startswith("cuda"):
+            if want:
+                raise TrtwsiError(
+                    f"gpu_pipeline=True needs a CUDA device, but device={self.device!r}"
+                )
+            return False
+        from trtwsi.gpu import gpu_unavailable_reason
+
+        why = gpu_unavailable_reason()
+        if want and why is not None:
+            raise TrtwsiError(f"gpu_pipeline=True but the GPU pipeline cannot run: {why}")
+        return why is None if want is None else bool(want)
+
     def _get_engines(self):
         if self._engines is None:
             half = self.device.startswith("cuda")
-            self._engines = [m.load_engine(self.device, half=half) for m in self.models]
+            bs = self.batch if self.gpu_pipeline else None
+            self._engines = [
+                m.load_engine(self.device, half=half, batch_size=bs) for m in self.models
+            ]
         return self._engines
+
+    def _pipeline(self, model_ids: list[int]):
+        """The GPU pipeline of one input-size group (created once, buffers reused)."""
+        key = self.models[model_ids[0]].imgsz
+        if key not in self._pipelines:
+            from trtwsi.pipeline import GpuPipeline
+
+            engines = self._get_engines()
+            self._pipelines[key] = GpuPipeline(
+                self.slide,
+                [self.models[i] for i in model_ids],
+                [engines[i] for i in model_ids],
+                self.device,
+                batch=self.batch,
+                workers=self.workers,
+                max_det=self.max_det,
+                timer=None,
+                timing=self.timing,
+                readers=self.readers,
+            )
+        return self._pipelines[key]
+
+    def close(self) -> None:
+        """Release GPU pipeline resources (reader processes, shared buffers)."""
+        for p in self._pipelines.values():
+            p.close()
+        self._pipelines.clear()
 
     # --- running -----------------------------------------------------------------------------
     def run(self, section: int | None = None, region: tuple[int, int, int, int] | None = None):
@@ -211,6 +268,7 @@ class Predictor:
                 "mpp": self.mpp,
                 "batch": self.batch,
                 "device": self.device,
+                "pipeline": "gpu" if self.gpu_pipeline else "reference",
                 "section": section,
                 "region": list(region) if region is not None else None,
                 "merge": self.merge_opts,
@@ -263,6 +321,15 @@ class Predictor:
         out: dict[int, list[np.ndarray]] = {mi: [] for mi in model_ids}
         if len(grid) == 0:
             return 0, {mi: np.zeros((0, 6)) for mi in model_ids}
+        bar = self._bar
+        if bar is not None:
+            bar.total += len(grid)
+            bar.refresh()
+        if self.gpu_pipeline:
+            pipe = self._pipeline(model_ids)
+            pipe.timer = timer
+            dets = pipe.run_grid(grid, bar=bar)
+            return len(grid), {mi: dets[k] for k, mi in enumerate(model_ids)}
         engines = self._get_engines()
         chunks = grid.chunks()
         level = grid.read_level
@@ -277,11 +344,6 @@ class Predictor:
             img = self.slide.read_region(cx, cy, cw, ch, level=level)
             timer.add("read", time.perf_counter() - t0)
             return chunk, img
-
-        bar = self._bar
-        if bar is not None:
-            bar.total += len(grid)
-            bar.refresh()
 
         pend_x: list = []  # preprocessed tiles waiting for a full batch
         pend_origin: list = []

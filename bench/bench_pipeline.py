@@ -1,0 +1,269 @@
+"""GPU pipeline throughput: model-only ceiling vs trtwsi end to end vs ultralytics, and slides.
+
+GPU only (every test skips with the reason elsewhere). Run on the GPU machine::
+
+    python -m pytest bench/bench_pipeline.py --benchmark-json=pipeline-pytest.json
+
+It writes a summary to ``bench/results/pipeline-<device>.json`` (``$TRTWSI_BENCH_OUT`` overrides
+the path) holding the device, every number below, and the goals from the issue:
+
+- ``ceiling``: the model alone — the demo YOLO11n forward, fp16, batch ``BATCH``, replayed as a
+  CUDA graph on a static input (what :class:`trtwsi.engines.torch.TorchEngine` runs), timed with
+  CUDA events: tiles/s.
+- ``e2e_memory``: ``Predictor(...).run(region=whole image)`` on an in-memory synthetic image
+  (``ArraySlide``, no decode cost) of ``MEM_SIDE``² px, same model and batch: tiles/s and its
+  ratio to the ceiling (goal >= 0.85).
+- ``ultralytics``: ``YOLO.predict(list_of_tiles, batch=BATCH, half=True)`` on ``N_ULTRA`` tiles
+  of the same image: tiles/s, and trtwsi's speedup over it (goal >= 8x).
+- ``slides``: synthetic JPEG pyramidal TIFFs of 0.25, 1 and 4 gigapixels (``$TRTWSI_BENCH_SIZES``
+  to change), each run in a fresh subprocess: seconds, tissue gigapixels/s (goal >= 0.5 on the
+  16-core host), slide gigapixels/s, per-stage seconds, peak host RSS and peak device memory
+  (should stay flat as the slide grows).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import host_info  # noqa: E402
+
+from trtwsi.gpu import gpu_unavailable_reason  # noqa: E402
+
+MODEL = ROOT / "models" / "demo-yolo11n.pt"
+BATCH = 32
+MEM_SIDE = int(os.environ.get("TRTWSI_BENCH_MEM_SIDE", 16384))
+N_ULTRA = 256
+SIZES = [float(v) for v in os.environ.get("TRTWSI_BENCH_SIZES", "0.25,1,4").split(",")]
+WHY = gpu_unavailable_reason()
+pytestmark = pytest.mark.skipif(WHY is not None, reason=f"GPU bench: {WHY}")
+RESULTS: dict = {}
+
+
+def _device() -> dict:
+    import torch
+
+    from trtwsi.gpu import device_info
+
+    d = device_info(0).as_dict()
+    d["torch"] = torch.__version__
+    return d
+
+
+@pytest.fixture(scope="module", autouse=True)
+def summary():
+    yield
+    if not RESULTS:
+        return
+    import torch
+
+    slug = re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(0).lower()).strip("-")
+    out = Path(
+        os.environ.get("TRTWSI_BENCH_OUT", ROOT / "bench" / "results" / f"pipeline-{slug}.json")
+    )
+    doc = {
+        "bench": "bench/bench_pipeline.py",
+        "date": time.strftime("%Y-%m-%d"),
+        "gpu": _device(),
+        "host": host_info("reads and merging"),
+        "model": MODEL.name,
+        "batch": BATCH,
+        "goals": {
+            "e2e_over_ceiling": 0.85,
+            "e2e_over_ultralytics": 8.0,
+            "tissue_gpx_per_s_1gpx": 0.5,
+        },
+        **RESULTS,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+@pytest.fixture(scope="module")
+def image():
+    from trtwsi.synthetic import make_array
+
+    img, _ = make_array(MEM_SIDE, MEM_SIDE, seed=5)
+    return img
+
+
+def test_ceiling(benchmark):
+    import torch
+
+    import trtwsi
+
+    m = trtwsi.Model(MODEL)
+    eng = m.load_engine("cuda", half=True, batch_size=BATCH)
+    x = torch.rand(eng.input.shape, device="cuda", dtype=eng.dtype)
+    eng.input.copy_(x)
+    eng.infer(eng.input)
+    iters = 100
+
+    def run():
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(iters):
+            eng.infer(eng.input)
+        e1.record()
+        e1.synchronize()
+        return e0.elapsed_time(e1) / 1000
+
+    secs = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+    best = min(benchmark.stats.stats.data) if benchmark.stats else secs
+    RESULTS["ceiling"] = {
+        "tiles_per_s": round(iters * BATCH / best, 1),
+        "what": f"CUDA-graph replay of the fp16 forward, batch {BATCH}, static input",
+    }
+
+
+def test_e2e_memory(benchmark, image):
+    import torch
+
+    import trtwsi
+
+    m = trtwsi.Model(MODEL)
+    p = trtwsi.Predictor(image, [m], device="cuda", batch=BATCH, overlap=0.2)
+    p.run(region=(0, 0, 2048, 2048))  # warm-up: engine capture, kernel compile, buffers
+    H, W = image.shape[:2]
+    last = {}
+
+    def run():
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        res = p.run(region=(0, 0, W, H))
+        last["res"], last["s"] = res, time.perf_counter() - t
+        return res
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=0)
+    res = last["res"]
+    best = min(benchmark.stats.stats.data)
+    tps = res.n_tiles / best
+    RESULTS["e2e_memory"] = {
+        "image_px": [W, H],
+        "tiles": res.n_tiles,
+        "seconds": round(best, 4),
+        "tiles_per_s": round(tps, 1),
+        "gpx_per_s": round(W * H / best / 1e9, 3),
+        "detections": len(res.detections),
+        "timings_last_run": res.timings,
+    }
+    if "ceiling" in RESULTS:
+        RESULTS["e2e_memory"]["over_ceiling"] = round(tps / RESULTS["ceiling"]["tiles_per_s"], 3)
+
+
+def test_ultralytics(benchmark, image):
+    import torch
+    from ultralytics import YOLO
+
+    yolo = YOLO(str(MODEL))
+    side, stride = 640, 512
+    tiles = []
+    for y in range(0, MEM_SIDE - side + 1, stride):
+        for x in range(0, MEM_SIDE - side + 1, stride):
+            tiles.append(np.ascontiguousarray(image[y : y + side, x : x + side, ::-1]))  # BGR
+            if len(tiles) == N_ULTRA:
+                break
+        if len(tiles) == N_ULTRA:
+            break
+    kw = dict(batch=BATCH, half=True, device=0, imgsz=640, conf=0.25, verbose=False)
+    yolo.predict(tiles[:BATCH], **kw)  # warm-up
+
+    def run():
+        out = yolo.predict(tiles, **kw)
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=0)
+    best = min(benchmark.stats.stats.data)
+    RESULTS["ultralytics"] = {
+        "tiles": len(tiles),
+        "tiles_per_s": round(len(tiles) / best, 1),
+        "what": "YOLO.predict(list of 640x640 BGR tiles, batch=32, half=True)",
+    }
+    if "e2e_memory" in RESULTS:
+        RESULTS["e2e_over_ultralytics"] = round(
+            RESULTS["e2e_memory"]["tiles_per_s"] / RESULTS["ultralytics"]["tiles_per_s"], 2
+        )
+
+
+# --- slides of growing size, one fresh process each -------------------------------------------
+def _one_slide(path: str) -> dict:
+    """Child process: run the whole slide once (after a small warm-up region) and report."""
+    import torch
+
+    import trtwsi
+
+    m = trtwsi.Model(MODEL)
+    p = trtwsi.Predictor(path, [m], device="cuda", batch=BATCH, workers=None)
+    p.run(region=(0, 0, 1024, 1024))
+    torch.cuda.reset_peak_memory_stats()
+    t = time.perf_counter()
+    res = p.run()
+    secs = time.perf_counter() - t
+    tissue = sum(s["area"] for s in res.sections)
+    w, h = p.slide.dimensions
+    return {
+        "slide_px": [w, h],
+        "tissue_px": int(tissue),
+        "tiles": res.n_tiles,
+        "seconds": round(secs, 3),
+        "tissue_gpx_per_s": round(tissue / secs / 1e9, 3),
+        "slide_gpx_per_s": round(w * h / secs / 1e9, 3),
+        "tiles_per_s": round(res.n_tiles / secs, 1),
+        "detections": len(res.detections),
+        "timings": res.timings,
+        "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "peak_device_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+        "errors": len(res.errors),
+    }
+
+
+@pytest.mark.parametrize("gpx", SIZES)
+def test_slide(benchmark, gpx, tmp_path_factory):
+    from trtwsi.synthetic import make_slide
+
+    side = int(round((gpx * 1e9) ** 0.5 / 256) * 256)
+    cache = Path(os.environ.get("TRTWSI_BENCH_CACHE", tmp_path_factory.getbasetemp()))
+    path = cache / f"bench-{side}.tif"
+    if not path.exists():
+        t = time.perf_counter()
+        make_slide(path, side, side, seed=3, n_sections=3)
+        print(f"generated {path} ({side}x{side}) in {time.perf_counter() - t:.0f} s")
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    )
+
+    def run():
+        r = subprocess.run(
+            [sys.executable, __file__, "--one", str(path)],
+            capture_output=True,
+            text=True,
+            env=env,
+            check=False,
+        )
+        if r.returncode:
+            raise RuntimeError(r.stderr[-4000:])
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
+    rec = benchmark.pedantic(run, rounds=1, warmup_rounds=0)
+    RESULTS.setdefault("slides", {})[f"{gpx:g}gpx"] = rec
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--one":
+        print(json.dumps(_one_slide(sys.argv[2])))
+    else:
+        sys.exit(pytest.main([__file__, *sys.argv[1:]]))
