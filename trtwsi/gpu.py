@@ -117,6 +117,9 @@ def device_info(index: int = 0) -> DeviceInfo:
 class GpuStreams:
     """A copy stream and a compute stream of our own on one device.
 
+    Get them with :meth:`for_device`: one pair per device per process, never destroyed (like
+    torch's own stream pool), so no tensor, event or cached allocation can outlive its stream.
+
     ``copy`` carries host → device uploads of slide chunks; ``compute`` carries preprocess,
     inference, decode/NMS and the small device → host result copies. Both are
     ``torch.cuda.ExternalStream`` over CuPy non-blocking streams (``copy_cupy``/``compute_cupy``
@@ -138,11 +141,25 @@ class GpuStreams:
         self.copy = torch.cuda.ExternalStream(self.copy_cupy.ptr, device=self.device)
         self.compute = torch.cuda.ExternalStream(self.compute_cupy.ptr, device=self.device)
 
+    @classmethod
+    def for_device(cls, device: int | str = 0) -> GpuStreams:
+        """The process-wide stream pair of ``device``."""
+        import torch
+
+        dev = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        if index not in _STREAMS:
+            _STREAMS[index] = cls(index)
+        return _STREAMS[index]
+
     def event(self, timing: bool = False):
         """A new ``torch.cuda.Event`` (``timing=True`` to measure elapsed time with it)."""
         import torch
 
         return torch.cuda.Event(enable_timing=timing)
+
+
+_STREAMS: dict[int, GpuStreams] = {}
 
 
 class PinnedBuffer:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from trtwsi.gpu import GpuStreams, PinnedBuffer
+from trtwsi.readers import ReaderStartError
 
 __all__ = ["GpuPipeline"]
 
@@ -101,6 +102,7 @@ class GpuPipeline:
         self.timing = timing
         from trtwsi.readers import process_readable
 
+        self._auto_readers = readers == "auto"
         if readers not in ("auto", "threads", "processes"):
             raise ValueError(f"readers must be 'auto', 'threads' or 'processes', got {readers!r}")
         if readers == "auto":
@@ -113,7 +115,7 @@ class GpuPipeline:
         )
         self.device_slots = max(2, int(device_slots))
         self.depth = max(2, int(depth))
-        self.streams = GpuStreams(self.device)
+        self.streams = GpuStreams.for_device(self.device)
         dtypes = {e.dtype for e in self.engines}
         if len(dtypes) != 1:
             raise ValueError(f"engines of one group must share a dtype, got {dtypes}")
@@ -175,7 +177,18 @@ class GpuPipeline:
 
             if self._reader is not None:
                 self._reader.close()
-            self._reader = ProcessReader(self.slide, self.workers, self.host_slots, slot_bytes)
+                self._reader = None
+            try:
+                self._reader = ProcessReader(self.slide, self.workers, self.host_slots, slot_bytes)
+            except ReaderStartError as e:
+                if not self._auto_readers:
+                    raise
+                import warnings
+
+                warnings.warn(f"{e}; reading with threads instead", RuntimeWarning, stacklevel=4)
+                self.readers = "threads"
+                self.host_slots = min(self.workers, 8) + 2
+        if self._reader is not None:
             self._host = self._reader.buffers
         else:
             self._host = [PinnedBuffer(slot_bytes) for _ in range(self.host_slots)]
@@ -183,17 +196,41 @@ class GpuPipeline:
             self.device_slots * slot_bytes, dtype=torch.uint8, device=self.device
         )
 
-    def _warm_up(self) -> None:
-        """Run each engine once on the compute stream before any reader thread exists: CUDA-graph
-        capture (global mode) forbids other threads' unsafe CUDA calls while it runs, and the
-        kernels compile (cached) here rather than in the first timed batch."""
+    def _warm_up(self, lb, rs: int, l0_per_px: float) -> None:
+        """Run the engines and kernels once on the compute stream before any reader thread
+        exists: CUDA-graph capture (global mode) forbids other threads' unsafe CUDA calls while
+        it runs, and the kernels compile (then cached) here rather than inside the first timed
+        batch. Needs the chunk arena (``_ensure_buffers``)."""
         import torch
+
+        from trtwsi.ops import cuda as kops
 
         if getattr(self, "_warm", False):
             return
+        B = self.batch
         with torch.cuda.stream(self.streams.compute):
-            for eng in self.engines:
-                eng.infer(self.input)
+            self._meta_i_d.zero_()
+            self._meta_i_d[1].fill_(rs * 3)
+            self._meta_f_d.zero_()
+            kops.preprocess(
+                self._arena, self._meta_i_d[0], self._meta_i_d[1], (rs, rs), self.imgsz, self.input
+            )
+            for k, (m, eng) in enumerate(zip(self.models, self.engines, strict=True)):
+                raw = eng.infer(self.input)
+                kops.postprocess(
+                    raw,
+                    m.head,
+                    m.min_conf,
+                    m.iou,
+                    self.max_det,
+                    self._meta_f_d,
+                    lb,
+                    (rs, rs),
+                    l0_per_px,
+                    n_valid=B,
+                    out=self._dets_d[k],
+                    counts=self._counts_d[k],
+                )
         self.streams.compute.synchronize()  # one-time setup, not the steady state
         self._warm = True
 
@@ -341,7 +378,7 @@ class GpuPipeline:
             pend_slots.clear()
             timer.add("launch", time.perf_counter() - t0)
 
-        self._warm_up()
+        self._warm_up(lb, rs, l0_per_px)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="trtwsi-read") as pool:
             futures = deque(pool.submit(read, i) for i in range(min(self.host_slots, len(chunks))))
             for i, c in enumerate(chunks):

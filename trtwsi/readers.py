@@ -24,7 +24,12 @@ import numpy as np
 
 from trtwsi.errors import TileReadError, TrtwsiError
 
-__all__ = ["ProcessReader", "SharedBuffer", "process_readable"]
+__all__ = ["ProcessReader", "ReaderStartError", "SharedBuffer", "process_readable"]
+
+
+class ReaderStartError(TrtwsiError):
+    """The reader processes could not start (typically: a script using spawned processes
+    without an ``if __name__ == "__main__":`` guard, or the slide fails to open in them)."""
 
 
 def process_readable(slide) -> bool:
@@ -88,6 +93,10 @@ def _worker_init(kind: str, path: str, mpp, on_error: str, shm_path: str, size: 
     finally:
         os.close(fd)
     _W["array"] = np.frombuffer(_W["map"], dtype=np.uint8)
+
+
+def _worker_ping() -> int:
+    return os.getpid()
 
 
 def _worker_read(offset: int, x: int, y: int, w: int, h: int, level: int) -> list[dict]:
@@ -154,6 +163,24 @@ class ProcessReader:
             initializer=_worker_init,
             initargs=(kind, str(slide.path), slide.mpp, slide.on_error, self._shm_path, size),
         )
+        self._start(max(1, int(processes)))
+
+    def _start(self, n: int) -> None:
+        """Start every worker now, from the calling thread (not lazily from reader threads), and
+        fail early with a clear error if they cannot start."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            pings = [self._pool.submit(_worker_ping) for _ in range(n)]
+            for f in pings:
+                f.result(timeout=120)
+        except (BrokenProcessPool, OSError, TimeoutError) as e:
+            self.close()
+            raise ReaderStartError(
+                f"slide reader processes could not start ({type(e).__name__}: {e}). If this "
+                "runs from a script, put its code under `if __name__ == '__main__':` (worker "
+                "processes are spawned and re-import the main module), or use readers='threads'"
+            ) from e
 
     def _pin(self, size: int) -> None:
         try:
