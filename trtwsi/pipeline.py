@@ -36,7 +36,10 @@ import numpy as np
 from trtwsi.gpu import GpuStreams, PinnedBuffer
 from trtwsi.readers import ReaderStartError
 
-__all__ = ["GpuPipeline"]
+__all__ = ["CHUNK_PIXELS", "GpuPipeline"]
+
+#: Largest read (read-level px) of one chunk: 4096² px = 48 MiB of RGB per ring slot.
+CHUNK_PIXELS = 4096 * 4096
 
 
 @dataclass
@@ -245,13 +248,15 @@ class GpuPipeline:
         from trtwsi.ops.reference import letterbox_params
 
         out: dict[int, list[np.ndarray]] = {i: [] for i in range(len(self.models))}
-        chunks = grid.chunks()
+        chunks = grid.chunks(max_pixels=CHUNK_PIXELS)
         if not chunks:
             return {i: np.zeros((0, 6)) for i in out}
         level, rs = grid.read_level, grid.read_size
         lb = letterbox_params(rs, rs, self.imgsz)
         l0_per_px = grid.tile_l0 / rs
-        slot_bytes = max(c.read_size[0] * c.read_size[1] * 3 for c in chunks)
+        # Slots are sized for the largest chunk TileGrid.chunks() can make, not this grid's, so
+        # one set of buffers (and reader processes) serves every grid and run of this pipeline.
+        slot_bytes = max(CHUNK_PIXELS * 3, max(c.read_size[0] * c.read_size[1] * 3 for c in chunks))
         self._ensure_buffers(slot_bytes)
         S = self.streams
         timer, B = self.timer, self.batch
