@@ -131,8 +131,11 @@ class _Progress:
             key = " > ".join(outer)
             if force or (key and key != self.last):
                 self.last = key
-                print(text if force else f"[{time.perf_counter() - self.t0:6.1f} s] {key or '…'}",
-                      file=self.stream, flush=True)
+                print(
+                    text if force else f"[{time.perf_counter() - self.t0:6.1f} s] {key or '…'}",
+                    file=self.stream,
+                    flush=True,
+                )
 
     def _depth(self, name: str) -> int:
         d, parent = 0, self.phases.get(name, [None])[0]
@@ -262,8 +265,10 @@ def build_engine(
     _ok(config.add_optimization_profile(profile) >= 0, "add_optimization_profile")
     cache = None
     if timing_cache is not None and mod.flavour == "tensorrt_rtx":
-        _log("--timing-cache: TensorRT-RTX has no build-time timing cache (it compiles kernels "
-             "at run time); ignored")
+        _log(
+            "--timing-cache: TensorRT-RTX has no build-time timing cache (it compiles kernels "
+            "at run time); ignored"
+        )
     elif timing_cache is not None:
         blob = timing_cache.read_bytes() if timing_cache.is_file() else b""
         cache = _ok(config.create_timing_cache(blob), "create_timing_cache")
@@ -349,10 +354,10 @@ def build_model(weights: str | Path, opts: BuildOptions) -> tuple[Path, Any]:
     plan_path = out_dir / engine_filename(weights, meta)
     if plan_path.is_file() and not opts.force:
         for p, old in find_engines(out_dir / weights.name):
-            if p == plan_path and not isinstance(old, Exception):
-                if old.weights_sha256 == model.sha256:
-                    _log(f"{plan_path} is up to date (pass --force to rebuild)")
-                    return plan_path, old
+            fresh = not isinstance(old, Exception) and old.weights_sha256 == model.sha256
+            if p == plan_path and fresh:
+                _log(f"{plan_path} is up to date (pass --force to rebuild)")
+                return plan_path, old
 
     _log(
         f"{weights.name}: {model.head} head, imgsz {model.imgsz}, {precision}, batch "
@@ -370,7 +375,7 @@ def build_model(weights: str | Path, opts: BuildOptions) -> tuple[Path, Any]:
             onnx_path = convert_fp16(onnx32, work / f"{stem}.onnx", detect_prefix(model))
             tiles = sample_tiles(model.imgsz, opts.check_tiles)
             check = check_numerics(onnx_path, model, tiles)
-            meta.fp16_check = {"tiles": int(len(tiles)), **check.to_dict()}
+            meta.fp16_check = {"tiles": len(tiles), **check.to_dict()}
             _log(f"FP16 ONNX vs .pt (onnxruntime, CPU, {len(tiles)} tiles): {check.summary()}")
             if not check.passed:
                 raise TrtwsiError(
@@ -441,35 +446,67 @@ def parse_args(argv=None) -> BuildOptions:
     src.add_argument("--model", action="append", help=".pt weights (repeatable)")
     src.add_argument("--models-dir", help="build every .pt in this folder (default: models/)")
     prec = ap.add_mutually_exclusive_group()
-    prec.add_argument("--fp16", dest="fp16", action="store_true", default=True,
-                      help="FP16 engine (default)")
-    prec.add_argument("--fp32", "--no-half", dest="fp16", action="store_false",
-                      help="FP32 engine")
-    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH,
-                    help=f"largest batch of the profile (default {DEFAULT_BATCH})")
+    prec.add_argument(
+        "--fp16", dest="fp16", action="store_true", default=True, help="FP16 engine (default)"
+    )
+    prec.add_argument("--fp32", "--no-half", dest="fp16", action="store_false", help="FP32 engine")
+    ap.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH,
+        help=f"largest batch of the profile (default {DEFAULT_BATCH})",
+    )
     ap.add_argument("--min-batch", type=int, default=1, help="smallest batch (default 1)")
-    ap.add_argument("--opt-batch", type=int, default=None,
-                    help="batch TensorRT tunes for (default: --batch-size)")
+    ap.add_argument(
+        "--opt-batch",
+        type=int,
+        default=None,
+        help="batch TensorRT tunes for (default: --batch-size)",
+    )
     ap.add_argument("--imgsz", type=int, default=None, help="input side (default: the model's)")
-    ap.add_argument("--head", choices=["nms", "end2end"], default=None,
-                    help="head of YOLO26/YOLOv10 models (default: the model's own)")
+    ap.add_argument(
+        "--head",
+        choices=["nms", "end2end"],
+        default=None,
+        help="head of YOLO26/YOLOv10 models (default: the model's own)",
+    )
     ap.add_argument("--max-det", type=int, default=300, help="end-to-end head top-K (300)")
     ap.add_argument("--workspace", type=float, default=None, help="builder workspace limit, GiB")
-    ap.add_argument("--timing-cache", default=None,
-                    help="timing cache file, read if present and written back")
-    ap.add_argument("--flavour", choices=["tensorrt", "tensorrt_rtx"], default=None,
-                    help="TensorRT flavour (default: full TensorRT if importable, else RTX)")
-    ap.add_argument("--compute-capability", action="append", default=None, metavar="X.Y",
-                    help="TensorRT-RTX target GPU(s), repeatable (default: this GPU)")
-    ap.add_argument("--builder-fp16", action="store_true",
-                    help="TensorRT 10: weakly typed fp32 ONNX + BuilderFlag.FP16")
+    ap.add_argument(
+        "--timing-cache", default=None, help="timing cache file, read if present and written back"
+    )
+    ap.add_argument(
+        "--flavour",
+        choices=["tensorrt", "tensorrt_rtx"],
+        default=None,
+        help="TensorRT flavour (default: full TensorRT if importable, else RTX)",
+    )
+    ap.add_argument(
+        "--compute-capability",
+        action="append",
+        default=None,
+        metavar="X.Y",
+        help="TensorRT-RTX target GPU(s), repeatable (default: this GPU)",
+    )
+    ap.add_argument(
+        "--builder-fp16",
+        action="store_true",
+        help="TensorRT 10: weakly typed fp32 ONNX + BuilderFlag.FP16",
+    )
     ap.add_argument("--opt-level", type=int, default=None, help="builder optimization level 0-5")
     ap.add_argument("--out-dir", default=None, help="write engines here (default: next to the .pt)")
     ap.add_argument("--keep-onnx", action="store_true", help="keep the ONNX files next to it")
-    ap.add_argument("--check-tiles", type=int, default=8,
-                    help="sample tiles for the FP16 check and --validate (default 8)")
-    ap.add_argument("--validate", action="store_true",
-                    help="run the engine here and compare its boxes with the .pt's")
+    ap.add_argument(
+        "--check-tiles",
+        type=int,
+        default=8,
+        help="sample tiles for the FP16 check and --validate (default 8)",
+    )
+    ap.add_argument(
+        "--validate",
+        action="store_true",
+        help="run the engine here and compare its boxes with the .pt's",
+    )
     ap.add_argument("--force", action="store_true", help="rebuild even if up to date")
     ap.add_argument("--no-progress", dest="progress", action="store_false")
     return ap.parse_args(argv, namespace=BuildOptions())

@@ -62,7 +62,9 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, prefix: str) ->
     proto = onnx.load(str(src))
     tail = decode_tail_nodes(proto, prefix)
     if not tail:
-        raise ValueError(f"no Detect-head nodes under {prefix!r} in {src}; not an export_onnx graph")
+        raise ValueError(
+            f"no Detect-head nodes under {prefix!r} in {src}; not an export_onnx graph"
+        )
     # keep_io_types=True trips onnxconverter-common 1.16 ("The downstream node of the second cast
     # node should be graph output") when a blocked node feeds the output, so convert with float16
     # I/O and restore float32 I/O here.
@@ -76,7 +78,9 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, prefix: str) ->
     # the graph): drop it all, it is optional and re-inferred by every consumer
     del g.value_info[:]
     if len(g.input) != 1 or len(g.output) != 1:
-        raise ValueError(f"expected one input and one output, got {len(g.input)} and {len(g.output)}")
+        raise ValueError(
+            f"expected one input and one output, got {len(g.input)} and {len(g.output)}"
+        )
     # input: float32 graph input → Cast → the float16 tensor the first conv reads
     inp = g.input[0]
     cast_out = inp.name + "_fp16"
@@ -85,8 +89,12 @@ def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, prefix: str) ->
             if name == inp.name:
                 node.input[i] = cast_out
     inp.type.tensor_type.elem_type = TensorProto.FLOAT
-    g.node.insert(0, helper.make_node("Cast", [inp.name], [cast_out], to=TensorProto.FLOAT16,
-                                      name="images_to_fp16"))
+    g.node.insert(
+        0,
+        helper.make_node(
+            "Cast", [inp.name], [cast_out], to=TensorProto.FLOAT16, name="images_to_fp16"
+        ),
+    )
     # output: the tail is float32 and the converter appended Cast(to float16): drop that Cast
     out = g.output[0]
     producer = next(n for n in g.node if out.name in n.output)

@@ -186,7 +186,7 @@ def test_resolve_backend(v11):
 
 
 def test_resolve_backend_errors(v11):
-    with pytest.raises(BackendError, match="backend='tensorrt' but .* not a CUDA GPU"):
+    with pytest.raises(BackendError, match=r"backend='tensorrt' but .* not a CUDA GPU"):
         Model(v11, backend="tensorrt").resolve_backend("cpu")
     with pytest.raises(BackendError, match="fallback_to_pt=False"):
         Model(v11, fallback_to_pt=False).resolve_backend("cpu")

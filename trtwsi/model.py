@@ -362,8 +362,13 @@ class Model:
     @functools.cached_property
     def sha256(self) -> str:
         """Hex SHA-256 of the weights file (ties TensorRT engines to their source weights)."""
+        return self.file_sha256(self.weights)
+
+    @staticmethod
+    def file_sha256(path: str | os.PathLike) -> str:
+        """Hex SHA-256 of a file, read in 1 MiB blocks."""
         h = hashlib.sha256()
-        with open(self.weights, "rb") as f:
+        with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         return h.hexdigest()

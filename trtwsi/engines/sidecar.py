@@ -97,7 +97,9 @@ class EngineMeta:
     def from_dict(cls, data: dict[str, Any], source: str = "sidecar") -> EngineMeta:
         """Parse a sidecar dict; unknown keys are ignored (newer writers), missing ones raise."""
         if not isinstance(data, dict):
-            raise EngineMismatchError(f"{source}: expected a JSON object, got {type(data).__name__}")
+            raise EngineMismatchError(
+                f"{source}: expected a JSON object, got {type(data).__name__}"
+            )
         version = data.get("sidecar_version")
         if version != SIDECAR_VERSION:
             raise EngineMismatchError(
@@ -255,8 +257,7 @@ def check_fit(
         return f"engine was built with {want}, but only {have} is importable here"
     if runtime.trt_version != meta.trt_version:
         return (
-            f"engine was built with {want} {meta.trt_version}, this is {want} "
-            f"{runtime.trt_version}"
+            f"engine was built with {want} {meta.trt_version}, this is {want} {runtime.trt_version}"
         )
     cc = runtime.compute_capability
     if cc is None:

@@ -122,7 +122,9 @@ def load_module(flavour: str | None = None) -> TrtModule:
     wanted = [flavour] if flavour else list(FLAVOURS)
     reasons = "; ".join(f"{FLAVOURS[f]}: {_import(f)}" for f in wanted)
     hints = " or ".join(INSTALL_HINT[f] for f in wanted)
-    raise MissingDependencyError(f"no TensorRT Python module is importable ({reasons}). Install: {hints}")
+    raise MissingDependencyError(
+        f"no TensorRT Python module is importable ({reasons}). Install: {hints}"
+    )
 
 
 def cuda_device_info(device: torch.device | str | None = None) -> tuple[str | None, str | None]:
