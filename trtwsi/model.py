@@ -268,7 +268,8 @@ class Model:
 
         has_o2o = getattr(detect, "one2one_cv2", None) is not None
         has_o2m = getattr(detect, "cv2", None) is not None
-        self.head = head or ("end2end" if has_o2o else "nms")
+        self._default_head = "end2end" if has_o2o else "nms"
+        self.head = head or self._default_head
         if self.head == "end2end" and not has_o2o:
             raise ModelError(
                 f"{str(self.weights)!r} has no end-to-end (one-to-one) head; use head='nms' or None"
@@ -428,7 +429,8 @@ class Model:
         from trtwsi.engines.sidecar import build_command, check_fit, find_engines
         from trtwsi.engines.tensorrt import INSTALL_HINT, runtime_info
 
-        fix = build_command(self.weights, batch=batch_size, imgsz=self.imgsz, head=self.head)
+        head = self.head if self.head != self._default_head else None
+        fix = build_command(self.weights, batch=batch_size, imgsz=self.imgsz, head=head)
         if self.head == "end2end" and self.max_det != DEFAULT_MAX_DET:
             fix += f" --max-det {self.max_det}"
         if device.type != "cuda":
