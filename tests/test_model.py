@@ -181,11 +181,12 @@ def test_resolve_backend(v11):
     kind, reason = Model(v11, backend="torch").resolve_backend("cpu")
     assert kind == "torch" and "backend='torch'" in reason
     kind, reason = Model(v11).resolve_backend("cuda")  # resolution only; nothing runs on the GPU
-    assert kind == "torch" and "cannot run TensorRT engines yet" in reason
+    assert kind == "torch" and "no TensorRT engine next to" in reason
+    assert "python -m export.build --fp16 --model" in reason
 
 
 def test_resolve_backend_errors(v11):
-    with pytest.raises(BackendError, match="backend='tensorrt' is not supported"):
+    with pytest.raises(BackendError, match=r"backend='tensorrt' but .* not a CUDA GPU"):
         Model(v11, backend="tensorrt").resolve_backend("cpu")
     with pytest.raises(BackendError, match="fallback_to_pt=False"):
         Model(v11, fallback_to_pt=False).resolve_backend("cpu")

@@ -1,4 +1,4 @@
-"""The ``trtwsi`` command: info, predict, eval, demo.
+"""The ``trtwsi`` command: info, predict, eval, demo, doctor, compare.
 
 Exit codes: 0 success, 1 a TrtwsiError (message printed, no traceback), 2 bad arguments.
 """
@@ -180,6 +180,29 @@ def cmd_demo(a) -> int:
     )
 
 
+def cmd_doctor(a) -> int:
+    from trtwsi.doctor import collect, format_report
+
+    print(format_report(collect(a.models_dir)))
+    return 0
+
+
+def cmd_compare(a) -> int:
+    """Engine vs .pt box agreement on sample tiles (exit 3 on FAIL)."""
+    from trtwsi.compare import compare_engines
+    from trtwsi.engines.sidecar import read_sidecar
+    from trtwsi.engines.tensorrt import TensorRTEngine
+    from trtwsi.model import Model
+
+    meta = read_sidecar(a.engine)
+    weights = a.model or str(Path(a.engine).parent / meta.weights)
+    model = Model(weights, imgsz=meta.imgsz, head=meta.head, max_det=meta.max_det)
+    engine = TensorRTEngine(a.engine, a.device, batch_size=None, expect=model.engine_needs())
+    result = compare_engines(model, engine, n=a.tiles)
+    print(result.summary())
+    return 0 if result.passed else 3
+
+
 def _add_predict_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", help=".pt weights (repeatable)")
     p.add_argument(
@@ -271,6 +294,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "doctor", help="GPU, driver, CUDA, torch, CuPy, TensorRT; which engines run here; fixes"
+    )
+    p.add_argument("--models-dir", default=None, help="engines folder (default: bundled models/)")
+    p.set_defaults(func=cmd_doctor)
+
+    p = sub.add_parser("compare", help="TensorRT engine vs its .pt: box agreement on sample tiles")
+    p.add_argument("engine", help="the .engine file (its .engine.json sidecar next to it)")
+    p.add_argument("--model", help=".pt weights (default: the sidecar's, next to the engine)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--tiles", type=int, default=8, help="sample tiles (default 8)")
+    p.set_defaults(func=cmd_compare)
     return ap
 
 

@@ -20,9 +20,10 @@ Head kinds (``Model.head``):
   instead (that is what ``ultralytics`` 8.4 ``predict`` uses by default, ``nms=False`` selects
   the end-to-end one).
 
-Backends: ``resolve_backend`` decides between TensorRT and PyTorch and says why. TensorRT
-engines are not supported yet, so it always resolves to ``"torch"`` (or raises when that is not
-allowed); ``_tensorrt_engine`` is the seam the TensorRT work extends.
+Backends: ``resolve_backend`` decides between TensorRT and PyTorch and says why: an engine built
+by ``python -m export.build`` next to the ``.pt`` whose sidecar fits this GPU, TensorRT version,
+weights, imgsz, head and batch → ``"tensorrt"``; else ``"torch"`` with the reason and the command
+that builds a fitting engine (an error with ``fallback_to_pt=False`` or ``backend="tensorrt"``).
 """
 
 from __future__ import annotations
@@ -267,7 +268,8 @@ class Model:
 
         has_o2o = getattr(detect, "one2one_cv2", None) is not None
         has_o2m = getattr(detect, "cv2", None) is not None
-        self.head = head or ("end2end" if has_o2o else "nms")
+        self._default_head = "end2end" if has_o2o else "nms"
+        self.head = head or self._default_head
         if self.head == "end2end" and not has_o2o:
             raise ModelError(
                 f"{str(self.weights)!r} has no end-to-end (one-to-one) head; use head='nms' or None"
@@ -361,8 +363,13 @@ class Model:
     @functools.cached_property
     def sha256(self) -> str:
         """Hex SHA-256 of the weights file (ties TensorRT engines to their source weights)."""
+        return self.file_sha256(self.weights)
+
+    @staticmethod
+    def file_sha256(path: str | os.PathLike) -> str:
+        """Hex SHA-256 of a file, read in 1 MiB blocks."""
         h = hashlib.sha256()
-        with open(self.weights, "rb") as f:
+        with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
         return h.hexdigest()
@@ -403,25 +410,70 @@ class Model:
         return net
 
     # --- backends -----------------------------------------------------------------------
-    def _tensorrt_engine(self, device: torch.device) -> tuple[Path | None, str]:
-        """Seam for TensorRT: ``(engine path, "")`` when a matching engine can run on ``device``,
-        else ``(None, reason)``. No engine support yet, so always ``(None, reason)``."""
+    def engine_needs(self) -> dict:
+        """What an engine must match to stand in for this model (:func:`check_fit` keywords)."""
+        return {
+            "weights_sha256": self.sha256,
+            "imgsz": self.imgsz,
+            "head": self.head,
+            "max_det": self.max_det,
+        }
+
+    def _tensorrt_engine(
+        self, device: torch.device, batch_size: int | None = None
+    ) -> tuple[Path | None, str]:
+        """``(engine path, "")`` when an engine next to the ``.pt`` fits ``device`` (GPU compute
+        capability, TensorRT flavour and version, weights, imgsz, head, ``batch_size``), else
+        ``(None, reason)``; the reason names the closest engine's mismatch and the command
+        that builds a fitting one."""
+        from trtwsi.engines.sidecar import build_command, check_fit, find_engines
+        from trtwsi.engines.tensorrt import INSTALL_HINT, runtime_info
+
+        head = self.head if self.head != self._default_head else None
+        fix = build_command(self.weights, batch=batch_size, imgsz=self.imgsz, head=head)
+        if self.head == "end2end" and self.max_det != DEFAULT_MAX_DET:
+            fix += f" --max-det {self.max_det}"
         if device.type != "cuda":
             return None, (
                 f"device {str(device)!r} is not a CUDA GPU and TensorRT engines run only on NVIDIA "
                 "GPUs"
             )
-        return None, "this version of trtwsi cannot run TensorRT engines yet"
+        engines = find_engines(self.weights)
+        if not engines:
+            return None, f"no TensorRT engine next to {self.weights.name} (build one: {fix})"
+        rt = runtime_info(device)
+        if rt.flavour is None:
+            hints = " or ".join(INSTALL_HINT.values())
+            return None, (
+                f"no TensorRT Python module is importable, so the {len(engines)} engine(s) next to "
+                f"{self.weights.name} cannot run (install: {hints})"
+            )
+        reasons = []
+        for path, meta in engines:
+            if isinstance(meta, Exception):
+                reasons.append(f"{path.name}: {meta}")
+                continue
+            why = check_fit(
+                meta, runtime_info(device, meta.flavour), batch=batch_size, **self.engine_needs()
+            )
+            if why is None:
+                return path, ""
+            reasons.append(f"{path.name}: {why}")
+        more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        return None, f"no engine fits here: {reasons[0]}{more}; build one with: {fix}"
 
-    def resolve_backend(self, device: str | torch.device = "cpu") -> tuple[str, str]:
+    def resolve_backend(
+        self, device: str | torch.device = "cpu", batch_size: int | None = None
+    ) -> tuple[str, str]:
         """Decide how this model runs on ``device``: ``(kind, reason)``.
 
-        ``kind`` is ``"torch"`` (``"tensorrt"`` once engines are supported); ``reason`` is a
-        sentence for logs/warnings saying why.
+        ``kind`` is ``"tensorrt"`` when a matching engine sits next to the ``.pt`` (see
+        :meth:`_tensorrt_engine`), else ``"torch"``; ``reason`` is a sentence for logs/warnings
+        saying why (for a fallback: the mismatch and the command that fixes it).
 
         Raises:
-            BackendError: ``backend="tensorrt"`` (not supported yet), or ``backend="auto"`` with
-                ``fallback_to_pt=False`` and no usable TensorRT engine.
+            BackendError: ``backend="tensorrt"`` and no engine fits, or ``backend="auto"`` with
+                ``fallback_to_pt=False`` and no engine fits.
         """
         import torch
 
@@ -431,15 +483,14 @@ class Model:
                 "torch",
                 f"backend='torch' was requested: running {self.weights.name} with PyTorch",
             )
+        engine, why = self._tensorrt_engine(device, batch_size)
+        if engine is not None:
+            return "tensorrt", f"matching TensorRT engine {engine.name}"
         if self.backend == "tensorrt":
             raise BackendError(
-                f"model {self.name!r}: backend='tensorrt' is not supported by this version of trtwsi "
-                "(TensorRT engine support is not implemented yet); use backend='auto' or 'torch' to "
-                f"run {self.weights.name} with PyTorch"
+                f"model {self.name!r}: backend='tensorrt' but {why}; or use backend='auto' to "
+                f"fall back to PyTorch"
             )
-        engine, why = self._tensorrt_engine(device)
-        if engine is not None:  # pragma: no cover - no engine support yet
-            return "tensorrt", f"matching TensorRT engine {engine}"
         if not self.fallback_to_pt:
             raise BackendError(
                 f"model {self.name!r}: no usable TensorRT engine ({why}) and fallback_to_pt=False "
@@ -454,17 +505,28 @@ class Model:
         *,
         half: bool | None = None,
         batch_size: int | None = None,
+        cuda_graph: bool = False,
     ) -> Engine:
         """Resolve the backend and build its :class:`~trtwsi.engines.base.Engine`.
 
-        ``half``: fp16 inference (default: True on CUDA, False on the CPU). ``batch_size``: fixed
-        batch size (None: any). With ``backend="auto"`` on a CUDA device, falling back to
-        PyTorch issues a warning that names the reason.
+        ``half``: fp16 inference for the torch backend (default: True on CUDA, False on the CPU;
+        a TensorRT engine has the precision it was built with). ``batch_size``: fixed batch size
+        (None: any; for TensorRT any batch in the engine's profile). With ``backend="auto"`` on a
+        CUDA device, falling back to PyTorch issues one warning that names the reason and the
+        command that fixes it. ``cuda_graph``: TensorRT only, capture the enqueue (needs
+        ``batch_size``).
         """
         import torch
 
         device = torch.device(device)
-        _, reason = self.resolve_backend(device)  # raises when no backend is allowed
+        kind, reason = self.resolve_backend(device, batch_size)  # raises when none is allowed
+        if kind == "tensorrt":
+            from trtwsi.engines.tensorrt import TensorRTEngine
+
+            path, _ = self._tensorrt_engine(device, batch_size)
+            return TensorRTEngine(
+                path, device, batch_size, cuda_graph=cuda_graph, expect=self.engine_needs()
+            )
         if self.backend == "auto" and device.type == "cuda":
             warnings.warn(f"model {self.name!r}: {reason}", stacklevel=2)
         from trtwsi.engines.torch import TorchEngine
