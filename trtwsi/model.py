@@ -505,7 +505,7 @@ class Model:
         *,
         half: bool | None = None,
         batch_size: int | None = None,
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = None,
     ) -> Engine:
         """Resolve the backend and build its :class:`~trtwsi.engines.base.Engine`.
 
@@ -513,8 +513,9 @@ class Model:
         a TensorRT engine has the precision it was built with). ``batch_size``: fixed batch size
         (None: any; for TensorRT any batch in the engine's profile). With ``backend="auto"`` on a
         CUDA device, falling back to PyTorch issues one warning that names the reason and the
-        command that fixes it. ``cuda_graph``: TensorRT only, capture the enqueue (needs
-        ``batch_size``).
+        command that fixes it. ``cuda_graph``: capture one forward/enqueue as a CUDA graph and
+        replay it (needs a fixed ``batch_size`` on CUDA). None: on for the torch backend
+        (verified on an H100), off for TensorRT (its capture has not run on a GPU yet).
         """
         import torch
 
@@ -525,14 +526,20 @@ class Model:
 
             path, _ = self._tensorrt_engine(device, batch_size)
             return TensorRTEngine(
-                path, device, batch_size, cuda_graph=cuda_graph, expect=self.engine_needs()
+                path, device, batch_size, cuda_graph=bool(cuda_graph), expect=self.engine_needs()
             )
         if self.backend == "auto" and device.type == "cuda":
             warnings.warn(f"model {self.name!r}: {reason}", stacklevel=2)
         from trtwsi.engines.torch import TorchEngine
 
         half = device.type == "cuda" if half is None else half
-        return TorchEngine(self, device=device, half=half, batch_size=batch_size)
+        return TorchEngine(
+            self,
+            device=device,
+            half=half,
+            batch_size=batch_size,
+            cuda_graph=True if cuda_graph is None else cuda_graph,
+        )
 
     def __repr__(self) -> str:
         return (
