@@ -31,6 +31,24 @@ def test_process_reads_equal_direct_reads(svs_file):
             r.close()
 
 
+def test_tall_regions_are_read_in_strips_by_several_workers(tmp_path):
+    from trtwsi.synthetic import make_slide
+
+    path = tmp_path / "tall.tif"
+    make_slide(path, 1500, 2600, seed=4, n_sections=1)
+    with TiffSlide(path) as s:
+        cases = [(0, 0, 1500, 2600, 0), (-7, 13, 900, 2300, 0)]
+        if len(s.levels) > 1:  # integer downsample: strips; level origin from level-0 coords
+            cases.append((10, 30, 700, 1300, 1))
+        r = ProcessReader(s, processes=3, slots=1, slot_bytes=1500 * 2600 * 3, pin=False)
+        try:
+            for x, y, w, h, lv in cases:
+                want = s.read_region(x, y, w, h, level=lv)
+                np.testing.assert_array_equal(r.read(0, x, y, w, h, lv), want)
+        finally:
+            r.close()
+
+
 def test_tile_errors_in_workers_are_recorded_on_the_parent(tmp_path, svs_file):
     bad = tmp_path / "bad.svs"
     _corrupt(svs_file, bad, "junk", index=7)  # level 0, tile (row 1, col 1)
