@@ -364,6 +364,27 @@ def test_worker_crash_is_retried(reference, slides, model, tmp_path, monkeypatch
     assert {r["slot"] for r in recs if r["status"] == "done"} <= {0, 1}
 
 
+def test_no_worker_can_start(slides, tmp_path):
+    """Weights that change under a running batch: the worker refuses them, the run stops with
+    WorkerError naming the cause, and the manifest is closed (run aborted, no slide handed out)."""
+    import shutil
+
+    from trtwsi.errors import WorkerError
+
+    weights = tmp_path / "m.pt"
+    shutil.copy(MODEL, weights)
+    m = Model(weights)
+    assert m.sha256  # the coordinator's key uses the weights as they were here
+    with open(weights, "ab") as f:
+        f.write(b"changed")
+    out = tmp_path / "out"
+    with pytest.raises(WorkerError, match="changed since the batch started"):
+        run_batch([slides / "s0.tif"], out, [m], _params(), devices="cpu")
+    recs = read_manifest(out / MANIFEST_NAME)
+    assert recs[-1]["record"] == "run" and recs[-1]["event"] == "aborted"
+    assert [r["status"] for r in recs if r.get("record") == "slide"] == []
+
+
 # ------------------------------------------------------------------------------------------
 # Ray: a local cluster with CPU workers
 # ------------------------------------------------------------------------------------------

@@ -63,11 +63,12 @@ Manifest (``OUT/manifest.jsonl``)
     retry      (crashed) whether the slide was put back in the queue
     ========== ===============================================================================
 
-    ``{"record": "run", "event": "start" | "end" | "interrupted", ...}`` — one at the start and
-    one at the end of each run: ``run`` id, ``time``, ``host``, ``pid``, ``trtwsi`` version,
-    ``runner`` (``local`` / ``ray``), ``devices``; start: ``params``, ``models`` (name, weights,
-    sha256), ``slides`` (in the batch), ``skipped`` (already done); end/interrupted: ``done``,
-    ``failed``, ``crashed`` (retries), ``seconds``.
+    ``{"record": "run", "event": "start" | "end" | "interrupted" | "aborted", ...}`` — one at
+    the start and one at the end of each run (``aborted``: an error stopped it, e.g. no worker
+    could load the models; its ``error`` says which): ``run`` id, ``time``, ``host``, ``pid``,
+    ``trtwsi`` version, ``runner`` (``local`` / ``ray``), ``devices``; start: ``params``,
+    ``models`` (name, weights, sha256), ``slides`` (in the batch), ``skipped`` (already done);
+    the others: ``done``, ``failed``, ``crashed`` (worker deaths), ``seconds``.
 
 Rerun semantics
     A slide is skipped when its latest record is ``done`` with the same key and its outputs exist;
@@ -759,7 +760,7 @@ def run_batch(
             manifest.append(
                 {
                     "record": "run",
-                    "event": "interrupted",
+                    "event": "interrupted" if isinstance(e, KeyboardInterrupt) else "aborted",
                     "error": _error_dict(e),
                     **_counts(records, crashes, t_start),
                 }
