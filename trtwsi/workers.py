@@ -206,15 +206,21 @@ class LocalPool:
 
         def start(slot: _Slot) -> None:
             parent, child = ctx.Pipe()
-            slot.proc = ctx.Process(
+            proc = ctx.Process(
                 target=_worker_main,
                 args=(child, slot.device, specs, params, threads, os.getpid()),
                 name=f"trtwsi-worker-{slot.index}-{slot.device}",
                 daemon=True,
             )
-            slot.proc.start()
-            child.close()
-            slot.conn, slot.pid, slot.job, slot.stopping = parent, slot.proc.pid, None, False
+            try:
+                proc.start()
+            except BaseException:
+                parent.close()
+                raise
+            finally:
+                child.close()
+            slot.proc, slot.conn, slot.pid = proc, parent, proc.pid
+            slot.job, slot.stopping = None, False
 
         def give(slot: _Slot) -> None:
             if pending:
