@@ -143,6 +143,15 @@ def _is_batch(a) -> bool:
     )
 
 
+def _batch_devices(a) -> str | None:
+    """--devices; else with --ray one actor per cluster GPU; else one worker on --device."""
+    if a.devices is not None:
+        return a.devices
+    if a.ray is not None:
+        return "all"
+    return None if a.device == "auto" else a.device
+
+
 def cmd_predict_batch(a, models) -> int:
     import signal
 
@@ -175,7 +184,7 @@ def cmd_predict_batch(a, models) -> int:
             a.out,
             models,
             params,
-            devices=a.devices if a.ray is None else (a.devices or "all"),
+            devices=_batch_devices(a),
             ray=a.ray is not None,
             ray_address=a.ray or None,
             force=a.force,
