@@ -134,6 +134,14 @@ class RayPool:
         try:
             kinds = self._actor_kinds(ray)[: len(jobs)]
             self._kinds = kinds
+            n_cpu = int(ray.cluster_resources().get("CPU", 0))
+            need = kinds.count("cpu") * (params.threads or 1) + kinds.count("cuda")
+            if need > n_cpu:
+                raise BatchError(
+                    f"{kinds.count('cpu')} CPU actor(s) × {params.threads or 1} thread(s) and "
+                    f"{kinds.count('cuda')} GPU actor(s) need {need} CPUs but the Ray cluster has "
+                    f"{n_cpu}; they would wait forever. Ask for fewer actors or --threads"
+                )
             remote = ray.remote(_SlideActor)
 
             def new_actor(kind: str):
