@@ -262,7 +262,8 @@ class BatchParams:
     """What every slide of a batch is run with (like ``trtwsi predict``'s options).
 
     Part of the job key: ``overlap``, ``mpp``, ``slide_mpp``, ``section``, ``region``,
-    ``formats``. Not part of it (speed only): ``batch`` (tiles per forward), ``workers`` (reader
+    ``formats``. Not part of it (speed only): ``batch`` (tiles per forward; None: the
+    Predictor's default), ``workers`` (reader
     threads per worker; default: the worker's ``threads``), ``threads`` (torch intra-op threads
     per worker; default: usable cores ÷ local workers, at least 1). CPU results are bit-identical
     between runs with the same ``threads``; other thread counts change the last bits of scores.
@@ -274,7 +275,7 @@ class BatchParams:
     section: int | None = None
     region: tuple[int, int, int, int] | None = None
     formats: tuple[str, ...] = (".geojson",)
-    batch: int = 8
+    batch: int | None = None
     workers: int | None = None
     threads: int | None = None
 
@@ -431,7 +432,8 @@ def _error_dict(e: BaseException) -> dict:
 
 
 class SlideRunner:
-    """Loads the models and their engines once for ``device`` and runs slides one by one.
+    """Loads the models once for ``device`` and runs slides one by one; each model's engine is
+    loaded by the first slide's Predictor and reused by the next ones (``engine_cache``).
 
     Args:
         specs: :func:`model_spec` dicts plus ``"sha256"`` (checked against the file).
@@ -465,8 +467,7 @@ class SlideRunner:
                     f"(sha256 {m.sha256[:12]}…, expected {s['sha256'][:12]}…); rerun the batch"
                 )
             self.models.append(m)
-        half = device.startswith("cuda")
-        self.engines = [m.load_engine(device, half=half) for m in self.models]
+        self.engine_cache: dict = {}
 
     def __call__(self, job: SlideJob) -> dict:
         from trtwsi.predictor import Predictor
@@ -497,7 +498,7 @@ class SlideRunner:
                 pred = Predictor(
                     slide,
                     self.models,
-                    engines=self.engines,
+                    engine_cache=self.engine_cache,
                     overlap=p.overlap,
                     mpp=p.mpp,
                     batch=p.batch,
@@ -505,7 +506,10 @@ class SlideRunner:
                     device=self.device,
                     progress=False,
                 )
-                res = pred.run(section=p.section, region=p.region)
+                try:
+                    res = pred.run(section=p.section, region=p.region)
+                finally:
+                    pred.close()  # the GPU pipeline's reader processes and buffers
                 for o in outputs:
                     written.append(res.save(o, overwrite=job.overwrite, slide=slide))
             finally:

@@ -210,7 +210,8 @@ class LocalPool:
                 target=_worker_main,
                 args=(child, slot.device, specs, params, threads, os.getpid()),
                 name=f"trtwsi-worker-{slot.index}-{slot.device}",
-                daemon=True,
+                # not a daemon: a worker may start reader processes of its own (GPU pipeline)
+                daemon=False,
             )
             try:
                 proc.start()
