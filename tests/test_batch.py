@@ -142,6 +142,25 @@ def test_discover_names_and_keys(slides, model, tmp_path):
         BatchParams(formats=("geojson", "tiff"))
 
 
+def test_engine_cache_loads_each_engine_once(model):
+    """Predictors sharing an engine_cache (a batch worker's slides) reuse one loaded engine."""
+    import trtwsi
+    from trtwsi.synthetic import make_array
+
+    cache: dict = {}
+    img, _ = make_array(800, 700, seed=5)
+    runs = [
+        trtwsi.Predictor(img, [model], engine_cache=cache, device="cpu").run(
+            region=(0, 0, 700, 700)
+        )
+        for _ in range(2)
+    ]
+    assert len(cache) == 1
+    ((m, engine),) = cache.values()
+    assert m is model and engine.model is model
+    assert np.array_equal(runs[0].detections.to_numpy(), runs[1].detections.to_numpy())
+
+
 def test_manifest_tolerates_a_torn_last_line(tmp_path):
     path = tmp_path / MANIFEST_NAME
     m = Manifest(path, "run1")
