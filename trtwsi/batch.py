@@ -470,6 +470,7 @@ class SlideRunner:
         self.engine_cache: dict = {}
 
     def __call__(self, job: SlideJob) -> dict:
+        from trtwsi._atomic import check_output_path
         from trtwsi.predictor import Predictor
         from trtwsi.slide import open_slide
 
@@ -490,8 +491,6 @@ class SlideRunner:
         try:
             if not job.overwrite:
                 for o in outputs:
-                    from trtwsi._atomic import check_output_path
-
                     check_output_path(o, overwrite=False)
             slide = open_slide(job.path, mpp=p.slide_mpp, threads=p.workers or self.threads)
             try:
