@@ -1,12 +1,15 @@
 """The ``trtwsi`` command: info, predict, eval, demo, doctor, compare.
 
-Exit codes: 0 success, 1 a TrtwsiError (message printed, no traceback), 2 bad arguments.
+Exit codes: 0 success, 1 a TrtwsiError (message printed, no traceback), 2 bad arguments,
+3 `eval` below --min-score, 4 a batch finished but some slides failed (see its manifest),
+130 a batch was interrupted (Ctrl-C / SIGTERM; rerun the same command to resume).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -126,8 +129,94 @@ def _predictor(a, models):
     )
 
 
+def _is_batch(a) -> bool:
+    """Batch mode: several slides, a folder, --out an existing folder (or ending in /), or any of
+    --devices / --ray / --force."""
+    out_is_dir = bool(a.out) and (Path(a.out).is_dir() or a.out.endswith(("/", os.sep)))
+    return (
+        len(a.slide) > 1
+        or Path(a.slide[0]).is_dir()
+        or out_is_dir
+        or a.devices is not None
+        or a.ray is not None
+        or a.force
+    )
+
+
+def _batch_devices(a) -> str | None:
+    """--devices; else with --ray one actor per cluster GPU; else one worker on --device."""
+    if a.devices is not None:
+        return a.devices
+    if a.ray is not None:
+        return "all"
+    return None if a.device == "auto" else a.device
+
+
+def cmd_predict_batch(a, models) -> int:
+    import signal
+
+    from trtwsi.batch import BatchParams, run_batch
+
+    if not a.out:
+        raise TrtwsiError(
+            "a batch (several slides, a folder, --devices or --ray) needs --out DIR: the folder "
+            "for one result set per slide and the manifest"
+        )
+    params = BatchParams(
+        overlap=a.overlap,
+        mpp=a.mpp,
+        slide_mpp=a.slide_mpp,
+        section=a.section,
+        region=_parse_region(a.region),
+        formats=(".geojson", *(a.also or [])),
+        batch=a.batch,
+        workers=a.workers,
+        threads=a.threads,
+    )
+
+    def on_term(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        summary = run_batch(
+            a.slide,
+            a.out,
+            models,
+            params,
+            devices=_batch_devices(a),
+            ray=a.ray is not None,
+            ray_address=a.ray or None,
+            force=a.force,
+            overwrite=a.overwrite,
+            max_retries=a.retries,
+            log=lambda line: print(line, flush=True),
+        )
+    except KeyboardInterrupt:
+        print(
+            f"trtwsi predict: interrupted; finished slides are kept in {a.out}, rerun the same "
+            "command to do the rest",
+            file=sys.stderr,
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    print(
+        f"batch: {len(summary.done)} done, {len(summary.failed)} failed, "
+        f"{len(summary.skipped)} skipped (already done), {summary.crashes} worker crash(es), "
+        f"{summary.seconds:.1f} s; manifest {summary.manifest}"
+    )
+    for name in summary.failed:
+        err = summary.records[name].get("error", {})
+        print(f"  failed {name}: {err.get('type')}: {err.get('message')}")
+    return 4 if summary.failed else 0
+
+
 def cmd_predict(a) -> int:
     models = _models_from_args(a)
+    if _is_batch(a):
+        return cmd_predict_batch(a, models)
+    a.slide = a.slide[0]
     region = _parse_region(a.region)
     t0 = time.perf_counter()
     pred = _predictor(a, models)
@@ -266,14 +355,51 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "predict", help="detect objects on a slide and write GeoJSON/CSV/JSON/overlay"
     )
-    p.add_argument("slide")
+    p.add_argument(
+        "slide", nargs="+", help="slide file; several files or a folder run as a batch (--out DIR)"
+    )
     _add_predict_opts(p)
     p.add_argument("--region", help="x,y,w,h in level-0 px instead of sections")
-    p.add_argument("--out", help="output path; format by extension (.geojson .csv .json .png)")
+    p.add_argument(
+        "--out",
+        help="output path; format by extension (.geojson .csv .json .png). Batch: a folder "
+        "(NAME.geojson per slide + manifest.jsonl)",
+    )
     p.add_argument(
         "--also", action="append", help="extra formats next to --out, e.g. --also csv --also png"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    b = p.add_argument_group("batch (several slides or a folder, --out DIR)")
+    b.add_argument(
+        "--devices",
+        default=None,
+        help="one worker process per device: all (every GPU), 0,1 (GPU indices), cpu, cpu,cpu "
+        "(two CPU workers); default: one worker on --device",
+    )
+    b.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the slides as Ray actors (pip install 'trtwsi[ray]'): no ADDRESS starts a "
+        "local Ray; auto, HOST:PORT or ray://HOST:10001 joins a cluster (shared --out folder)",
+    )
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads per worker (default: cores/workers)",
+    )
+    b.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="times a slide is retried after its worker died on it (default 2)",
+    )
+    b.add_argument(
+        "--force", action="store_true", help="rerun slides already done with the same inputs"
+    )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="precision/recall per class against a ground-truth sidecar")

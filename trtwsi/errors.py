@@ -70,6 +70,15 @@ class OutputExistsError(TrtwsiError, FileExistsError):
     """Refusing to overwrite an existing output file (pass overwrite=True / --overwrite)."""
 
 
+# --- batches ------------------------------------------------------------------------------
+class BatchError(TrtwsiError):
+    """A batch run cannot start or go on (bad --devices, output folder locked, no live worker)."""
+
+
+class WorkerError(BatchError):
+    """Batch worker processes (or Ray actors) could not be started or all died."""
+
+
 def require(module: str, extra: str, purpose: str):
     """Import an optional module or raise MissingDependencyError naming the pip extra."""
     import importlib

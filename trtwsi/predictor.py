@@ -84,6 +84,10 @@ class Predictor:
             whenever the device is CUDA and CuPy is installed (None).
         readers: how the GPU pipeline reads: ``"auto"``, ``"threads"`` or ``"processes"``
             (see :class:`trtwsi.pipeline.GpuPipeline`).
+        engine_cache: a dict shared by several Predictors (a batch worker's slides) in which
+            loaded engines are kept and reused, keyed by model, device, precision and batch
+            size, so a worker loads each model's engine once; None: engines belong to this
+            Predictor.
     """
 
     def __init__(
@@ -104,6 +108,7 @@ class Predictor:
         max_det: int = 300,
         gpu_pipeline: bool | None = None,
         readers: str = "auto",
+        engine_cache: dict | None = None,
     ):
         from trtwsi.model import Model
 
@@ -127,6 +132,7 @@ class Predictor:
         self._engines = None
         self._pipelines: dict[int, object] = {}
         self.readers = readers
+        self._engine_cache = engine_cache
 
     # --- setup -------------------------------------------------------------------------------
     @staticmethod
@@ -159,10 +165,19 @@ class Predictor:
         if self._engines is None:
             half = self.device.startswith("cuda")
             bs = self.batch if self.gpu_pipeline else None
-            self._engines = [
-                m.load_engine(self.device, half=half, batch_size=bs) for m in self.models
-            ]
+            self._engines = [self._load_engine(m, half, bs) for m in self.models]
         return self._engines
+
+    def _load_engine(self, m, half: bool, batch_size: int | None):
+        """``m.load_engine(...)``, through ``engine_cache`` when one was given."""
+        cache = self._engine_cache
+        if cache is None:
+            return m.load_engine(self.device, half=half, batch_size=batch_size)
+        key = (id(m), self.device, half, batch_size)
+        hit = cache.get(key)
+        if hit is None or hit[0] is not m:  # (the model is kept: its id cannot be reused)
+            hit = cache[key] = (m, m.load_engine(self.device, half=half, batch_size=batch_size))
+        return hit[1]
 
     def _pipeline(self, model_ids: list[int]):
         """The GPU pipeline of one input-size group (created once, buffers reused)."""

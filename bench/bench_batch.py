@@ -1,0 +1,229 @@
+"""Batch throughput: slides/hour and Gpx/s for 1..N devices (local worker pool, or Ray).
+
+Not part of the default test run (``testpaths = ["tests"]``). Two ways to run it::
+
+    python bench/bench_batch.py                          # every GPU count 1..all (else CPU 1..2)
+    python bench/bench_batch.py --kind cpu --max 2 --slides 6 --size 2000x1500
+    python bench/bench_batch.py --ray --kind cpu --max 2 # the same batch through a local Ray
+    python -m pytest bench/bench_batch.py                # pytest-benchmark, 1, 2, 4, 8 devices
+
+Both write ``bench/results/batch-<machine>.json``: the host (CPU, cores, GPUs by name), then
+per device count: wall time of ``run_batch`` (worker start, model load and every slide), the
+worker seconds spent on slides, slides/hour and level-0 Gpx/s on the wall clock, and the
+speed-up over one device. Device counts beyond what the machine has are skipped, and the
+reason is recorded.
+
+Slides: ``--slides`` (default 4 per device of the largest count, at least 8) synthetic
+pyramidal TIFFs (``trtwsi.synthetic.make_slide``, seeds 300…) of ``--size`` (default 8000x6000,
+48 Mpx), cached in ``$TRTWSI_BENCH_DIR`` or ``~/.cache/trtwsi/bench/batch``. Model: the bundled
+demo yolo11n. Every count runs into a fresh output folder, so nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _machine import host_info, machine_name
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MODEL = Path(__file__).resolve().parents[1] / "models" / "demo-yolo11n.pt"
+
+
+def gpus() -> list[str]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+
+
+def machine_info() -> dict:
+    names = gpus()
+    info = host_info("batch")
+    info["gpus"] = names
+    if names:
+        info["device"] = f"{len(names)}× {names[0]} (+ host {info['cpu']}, {info['cores']} cores)"
+    return info
+
+
+def bench_slides(count: int, size: tuple[int, int]) -> list[Path]:
+    """``count`` cached synthetic slides of ``size`` (made once)."""
+    from trtwsi.synthetic import make_slide
+
+    root = Path(
+        os.environ.get("TRTWSI_BENCH_DIR", Path.home() / ".cache" / "trtwsi" / "bench" / "batch")
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(count):
+        p = root / f"batch-{size[0]}x{size[1]}-{300 + i}.tif"
+        if not p.exists():
+            make_slide(p, size[0], size[1], seed=300 + i)
+        out.append(p)
+    return out
+
+
+def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=None) -> dict:
+    """One batch into a fresh folder; returns the timings."""
+    from trtwsi.batch import BatchParams, run_batch
+    from trtwsi.model import Model
+
+    model = Model(MODEL)
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="trtwsi-bench-batch-") as tmp:
+        t0 = time.perf_counter()
+        s = run_batch(
+            slides,
+            Path(tmp) / "out",
+            [model],
+            BatchParams(threads=threads),
+            devices=devices,
+            ray=ray,
+        )
+        wall = time.perf_counter() - t0
+    recs = [r for r in s.records.values() if r["status"] == "done"]
+    if len(recs) != len(slides):
+        raise RuntimeError(f"{len(slides) - len(recs)} slide(s) failed: {s.failed}")
+    pixels = sum(r["pixels"] for r in recs)
+    busy = sum(r["seconds"] for r in recs)
+    return {
+        "devices": devices,
+        "runner": "ray" if ray else "local",
+        "n_slides": len(recs),
+        "gigapixels": pixels / 1e9,
+        "wall_s": round(wall, 3),
+        "worker_busy_s": round(busy, 3),
+        "slides_per_hour": round(len(recs) / wall * 3600, 1),
+        "gpx_per_s": round(pixels / 1e9 / wall, 4),
+        # the per-slide rate inside workers, without worker start-up and model load
+        "gpx_per_s_in_workers": round(pixels / 1e9 / busy * len(devices), 4),
+        "tiles": sum(r["n_tiles"] for r in recs),
+        # other work on the machine shows here (shared CI/VM cores)
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+    }
+
+
+def device_list(kind: str, n: int) -> list[str]:
+    return ["cpu"] * n if kind == "cpu" else [f"cuda:{i}" for i in range(n)]
+
+
+def available(kind: str) -> int:
+    if kind == "cpu":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+    return len(gpus())
+
+
+def write_results(update: dict) -> Path:
+    """Merge ``update`` into bench/results/batch-<machine>.json (keeps other sections)."""
+    info = machine_info()
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    gpu = f"-{len(info['gpus'])}gpu" if info["gpus"] else ""
+    path = RESULTS_DIR / f"batch-{machine_name(info)}{gpu}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(update)
+    data["machine"] = info
+    data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def scaling(kind: str, counts: list[int], slides: list[Path], ray=False, threads=None) -> dict:
+    rows, skipped = [], []
+    have = available(kind)
+    for n in counts:
+        if n > have:
+            skipped.append({"devices": n, "reason": f"this machine has {have} {kind} device(s)"})
+            continue
+        r = run_once(slides, device_list(kind, n), ray=ray, threads=threads)
+        rows.append(r)
+        base = rows[0]
+        r["speedup_vs_first"] = round(base["wall_s"] / r["wall_s"], 3)
+        print(
+            f"{n} {kind}{' (ray)' if ray else ''}: {r['n_slides']} slides "
+            f"{r['gigapixels']:.3f} Gpx in {r['wall_s']:.1f} s → {r['slides_per_hour']:.0f} "
+            f"slides/h, {r['gpx_per_s']:.4f} Gpx/s (in workers {r['gpx_per_s_in_workers']:.4f}), "
+            f"×{r['speedup_vs_first']:.2f}",
+            flush=True,
+        )
+    return {"kind": kind, "rows": rows, "skipped": skipped}
+
+
+# ------------------------------------------------------------------------------------------
+# pytest-benchmark entry points
+# ------------------------------------------------------------------------------------------
+_ROWS: dict = {}
+
+
+def _pytest_bench(benchmark, n: int):
+    import pytest
+
+    kind = "cuda" if gpus() else "cpu"
+    have = available(kind)
+    if n > have:
+        pytest.skip(f"{n} {kind} device(s) asked for, this machine has {have}")
+    size = tuple(int(v) for v in os.environ.get("TRTWSI_BENCH_BATCH_SIZE", "8000x6000").split("x"))
+    slides = bench_slides(int(os.environ.get("TRTWSI_BENCH_BATCH_SLIDES", "16")), size)
+    out = {}
+
+    def once():
+        out.update(run_once(slides, device_list(kind, n)))
+
+    benchmark.pedantic(once, rounds=1, iterations=1)
+    _ROWS[f"{kind}-{n}"] = out
+    write_results({"pytest_benchmark": _ROWS})
+
+
+def test_batch_1_device(benchmark):
+    _pytest_bench(benchmark, 1)
+
+
+def test_batch_2_devices(benchmark):
+    _pytest_bench(benchmark, 2)
+
+
+def test_batch_4_devices(benchmark):
+    _pytest_bench(benchmark, 4)
+
+
+def test_batch_8_devices(benchmark):
+    _pytest_bench(benchmark, 8)
+
+
+# ------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--kind", choices=["cuda", "cpu"], default=None, help="default: cuda if any")
+    ap.add_argument("--max", type=int, default=None, help="largest device count (default: all)")
+    ap.add_argument("--slides", type=int, default=None)
+    ap.add_argument("--size", default="8000x6000", help="WxH of each slide in px")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per worker")
+    ap.add_argument("--ray", action="store_true", help="run through a local Ray instead")
+    args = ap.parse_args(argv)
+    kind = args.kind or ("cuda" if gpus() else "cpu")
+    top = args.max or (available(kind) if kind == "cuda" else min(2, available(kind)))
+    counts = sorted({1, *[c for c in (2, 4, 8) if c < top], top})
+    size = tuple(int(v) for v in args.size.lower().split("x"))
+    slides = bench_slides(args.slides or max(8, 4 * top), size)
+    info = machine_info()
+    print(f"machine: {info['device']}; {len(slides)} slides of {size[0]}x{size[1]}", flush=True)
+    res = scaling(kind, counts, slides, ray=args.ray, threads=args.threads)
+    res["slide_size"] = list(size)
+    key = f"scaling-{kind}{'-ray' if args.ray else ''}"
+    print(f"wrote {write_results({key: res})}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
