@@ -21,6 +21,7 @@ from trtwsi.errors import MissingDependencyError, TrtwsiError
 __all__ = [
     "DeviceInfo",
     "GpuStreams",
+    "HostSlot",
     "PinnedBuffer",
     "device_info",
     "gpu_available",
@@ -162,22 +163,15 @@ class GpuStreams:
 _STREAMS: dict[int, GpuStreams] = {}
 
 
-class PinnedBuffer:
-    """One page-locked host buffer of ``nbytes`` bytes, reusable for regions of any shape.
+class HostSlot:
+    """A slot of host memory that async copies read: a 1-D uint8 ``tensor``, numpy views of its
+    leading bytes (:meth:`view`), and ``ready``, the event after which it may be overwritten
+    (the last async copy that reads it), or None. A writer calls :meth:`wait_ready` first: a
+    wait on one event, not on the device."""
 
-    ``tensor``: the 1-D uint8 pinned torch tensor (the H2D/D2H source or target);
-    :meth:`view` gives a C-contiguous numpy view of the first bytes shaped as asked (readers
-    decode straight into it: ``slide.read_region(..., out=buf.view((h, w, 3)))``).
-    ``ready``: the event after which the buffer may be overwritten (the last async copy that
-    reads it), or None; a writer calls :meth:`wait_ready` first — a wait on one event, not on
-    the device.
-    """
-
-    def __init__(self, nbytes: int):
-        import torch
-
-        self.tensor = torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=True)
-        self._array = self.tensor.numpy()
+    def __init__(self, array: np.ndarray, tensor):
+        self._array = array
+        self.tensor = tensor
         self.ready = None
 
     @property
@@ -188,10 +182,22 @@ class PinnedBuffer:
         """C-contiguous numpy view of the leading bytes, ``shape`` of ``dtype``."""
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if n > self.nbytes:
-            raise TrtwsiError(f"pinned buffer of {self.nbytes} bytes cannot hold {shape} {dtype}")
+            raise TrtwsiError(f"host buffer of {self.nbytes} bytes cannot hold {shape} {dtype}")
         return self._array[:n].view(dtype).reshape(shape)
 
     def wait_ready(self) -> None:
         if self.ready is not None:
             self.ready.synchronize()
             self.ready = None
+
+
+class PinnedBuffer(HostSlot):
+    """A page-locked host buffer of ``nbytes`` bytes (torch's pinned allocator), reusable for
+    regions of any shape: readers decode straight into it
+    (``slide.read_region(..., out=buf.view((h, w, 3)))``)."""
+
+    def __init__(self, nbytes: int):
+        import torch
+
+        tensor = torch.empty(int(nbytes), dtype=torch.uint8, pin_memory=True)
+        super().__init__(tensor.numpy(), tensor)

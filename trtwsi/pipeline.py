@@ -206,8 +206,6 @@ class GpuPipeline:
         batch. Needs the chunk arena (``_ensure_buffers``)."""
         import torch
 
-        from trtwsi.ops import cuda as kops
-
         if getattr(self, "_warm", False):
             return
         B = self.batch
@@ -215,27 +213,42 @@ class GpuPipeline:
             self._meta_i_d.zero_()
             self._meta_i_d[1].fill_(rs * 3)
             self._meta_f_d.zero_()
-            kops.preprocess(
-                self._arena, self._meta_i_d[0], self._meta_i_d[1], (rs, rs), self.imgsz, self.input
-            )
-            for k, (m, eng) in enumerate(zip(self.models, self.engines, strict=True)):
+            self._preprocess(rs)
+            for k, eng in enumerate(self.engines):
                 raw = eng.infer(self.input)
-                kops.postprocess(
-                    raw,
-                    m.head,
-                    m.min_conf,
-                    m.iou,
-                    self.max_det,
-                    self._meta_f_d,
-                    lb,
-                    (rs, rs),
-                    l0_per_px,
-                    n_valid=B,
-                    out=self._dets_d[k],
-                    counts=self._counts_d[k],
-                )
+                self._postprocess(k, raw, B, lb, rs, l0_per_px)
         self.streams.compute.synchronize()  # one-time setup, not the steady state
         self._warm = True
+
+    def _preprocess(self, rs: int) -> None:
+        """Preprocess kernel on the current stream: the tiles described by the device metadata
+        (byte offsets, row strides) → ``self.input``."""
+        from trtwsi.ops import cuda as kops
+
+        kops.preprocess(
+            self._arena, self._meta_i_d[0], self._meta_i_d[1], (rs, rs), self.imgsz, self.input
+        )
+
+    def _postprocess(self, k: int, raw, n: int, lb, rs: int, l0_per_px: float) -> None:
+        """Decode + NMS + level-0 mapping of model ``k``'s output for the first ``n`` tiles into
+        its device result buffers, on the current stream."""
+        from trtwsi.ops import cuda as kops
+
+        m = self.models[k]
+        kops.postprocess(
+            raw,
+            m.head,
+            m.min_conf,
+            m.iou,
+            self.max_det,
+            self._meta_f_d,
+            lb,
+            (rs, rs),
+            l0_per_px,
+            n_valid=n,
+            out=self._dets_d[k],
+            counts=self._counts_d[k],
+        )
 
     # --- one grid ----------------------------------------------------------------------------
     def run_grid(self, grid, bar=None) -> dict[int, np.ndarray]:
@@ -244,7 +257,6 @@ class GpuPipeline:
         score class_id`` in level-0 px, per-tile NMS done, before cross-tile merging."""
         import torch
 
-        from trtwsi.ops import cuda as kops
         from trtwsi.ops.reference import letterbox_params
 
         out: dict[int, list[np.ndarray]] = {i: [] for i in range(len(self.models))}
@@ -338,36 +350,16 @@ class GpuPipeline:
                 e = mark()
                 self._meta_i_d.copy_(mi_h, non_blocking=True)
                 self._meta_f_d.copy_(mf_h, non_blocking=True)
-                kops.preprocess(
-                    self._arena,
-                    self._meta_i_d[0],
-                    self._meta_i_d[1],
-                    (rs, rs),
-                    self.imgsz,
-                    self.input,
-                )
+                self._preprocess(rs)
                 pre_done = S.event()
                 pre_done.record(S.compute)
                 e = mark("preprocess", e)
                 for d in set(pend_slots):
                     slot_free[d] = pre_done
-                for k, (m, eng) in enumerate(zip(self.models, self.engines, strict=True)):
+                for k, eng in enumerate(self.engines):
                     raw = eng.infer(self.input)
                     e = mark(f"infer_{k}" if len(self.models) > 1 else "infer", e)
-                    kops.postprocess(
-                        raw,
-                        m.head,
-                        m.min_conf,
-                        m.iou,
-                        self.max_det,
-                        self._meta_f_d,
-                        lb,
-                        (rs, rs),
-                        l0_per_px,
-                        n_valid=n,
-                        out=self._dets_d[k],
-                        counts=self._counts_d[k],
-                    )
+                    self._postprocess(k, raw, n, lb, rs, l0_per_px)
                     e = mark(f"postprocess_{k}" if len(self.models) > 1 else "postprocess", e)
                     self._counts_h[slot][k].copy_(self._counts_d[k], non_blocking=True)
                     self._dets_h[slot][k].copy_(self._dets_d[k], non_blocking=True)

@@ -23,6 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 
 from trtwsi.errors import TileReadError, TrtwsiError
+from trtwsi.gpu import HostSlot
 
 __all__ = ["ProcessReader", "ReaderStartError", "SharedBuffer", "process_readable"]
 
@@ -44,39 +45,20 @@ def process_readable(slide) -> bool:
     return getattr(slide, "path", None) is not None and not isinstance(slide, ArraySlide)
 
 
-class SharedBuffer:
-    """One slot of the shared ring: bytes ``[offset, offset + nbytes)`` of the mapping.
-
-    Same interface as :class:`trtwsi.gpu.PinnedBuffer`: ``tensor`` (1-D uint8 torch tensor over
-    the slot), :meth:`view`, ``ready`` (the event after which the slot may be overwritten) and
-    :meth:`wait_ready`.
-    """
+class SharedBuffer(HostSlot):
+    """One slot of the shared ring: bytes ``[offset, offset + nbytes)`` of the mapping, with the
+    :class:`trtwsi.gpu.HostSlot` interface (``tensor``, :meth:`view`, ``ready``)."""
 
     def __init__(self, array: np.ndarray, offset: int, nbytes: int):
-        self._array = array[offset : offset + nbytes]
-        self.offset = offset
-        self.ready = None
+        part = array[offset : offset + nbytes]
         try:
             import torch
 
-            self.tensor = torch.from_numpy(self._array)
+            tensor = torch.from_numpy(part)
         except ImportError:  # pragma: no cover - readers work without torch
-            self.tensor = None
-
-    @property
-    def nbytes(self) -> int:
-        return self._array.nbytes
-
-    def view(self, shape: tuple[int, ...], dtype=np.uint8) -> np.ndarray:
-        n = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if n > self.nbytes:
-            raise TrtwsiError(f"shared buffer of {self.nbytes} bytes cannot hold {shape} {dtype}")
-        return self._array[:n].view(dtype).reshape(shape)
-
-    def wait_ready(self) -> None:
-        if self.ready is not None:
-            self.ready.synchronize()
-            self.ready = None
+            tensor = None
+        super().__init__(part, tensor)
+        self.offset = offset
 
 
 # --- worker side -------------------------------------------------------------------------------
