@@ -458,3 +458,27 @@ def test_direct_jpeg_path_used_and_equal_to_tifffile(request, fixture):
             data, index, jpegtables=io.page.jpegtables, jpegheader=io.page.jpegheader
         )[0][0]
         np.testing.assert_array_equal(fast[: ref.shape[0], : ref.shape[1]], ref)
+
+
+def test_thumbnail_reads_a_slightly_smaller_level_instead_of_a_much_larger_one(tmp_path):
+    """A level within 10 % of the thumbnail size is enlarged (cheap) rather than a level up to
+    4x larger per side being decoded and shrunk."""
+    import cv2
+
+    from trtwsi.synthetic import make_slide
+
+    path = tmp_path / "pyr.tif"
+    make_slide(path, 4096, 3072, seed=1, n_sections=1)
+    with TiffSlide(path) as s:
+        assert len(s.levels) >= 2
+        lv = s.levels[1]
+        near = int(lv.width / 0.95)  # level 1 is 95 % of this: read it and enlarge
+        th = round(s.height * near / s.width)
+        small = s.read_region(0, 0, lv.width, lv.height, level=1)
+        want = cv2.resize(small, (near, th), interpolation=cv2.INTER_LINEAR)
+        np.testing.assert_array_equal(s.thumbnail(near), want)
+        far = int(lv.width / 0.8)  # level 1 is only 80 %: shrink level 0 instead
+        th = round(s.height * far / s.width)
+        big = s.read_region(0, 0, s.width, s.height, level=0)
+        want = cv2.resize(big, (far, th), interpolation=cv2.INTER_AREA)
+        np.testing.assert_array_equal(s.thumbnail(far), want)
