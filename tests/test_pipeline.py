@@ -82,6 +82,11 @@ def test_gpu_pipeline_matches_cpu_path(slide, weights):
     # fp16 model vs fp32 model: a handful of borderline boxes may differ
     assert frac >= 0.97, (frac, len(cpu.detections), len(gpu_res.detections))
     assert dscore < 0.05
+    # all sections go through one pipeline pass: each detection keeps its section
+    assert len(cpu.sections) >= 2
+    n_cpu = np.bincount(cpu.detections.section, minlength=len(cpu.sections))
+    n_gpu = np.bincount(gpu_res.detections.section, minlength=len(cpu.sections))
+    assert np.all(np.abs(n_cpu - n_gpu) <= np.maximum(2, 0.03 * n_cpu)), (n_cpu, n_gpu)
     for s in precision_recall(
         gpu_res.detections.boxes,
         gpu_res.detections.score,

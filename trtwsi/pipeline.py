@@ -50,6 +50,7 @@ class _Batch:
     done: object  # torch.cuda.Event recorded after the last D2H
     out_slot: int
     events: dict = field(default_factory=dict)  # stage -> (start event, end event)
+    grid_ids: list = field(default_factory=list)  # grid index of each real tile
 
 
 class GpuPipeline:
@@ -255,27 +256,45 @@ class GpuPipeline:
         """Detect on every tile of ``grid`` (a :class:`~trtwsi.tiling.TileGrid` at this
         pipeline's input size). Returns ``{model position: (M, 6) float64}`` rows ``x1 y1 x2 y2
         score class_id`` in level-0 px, per-tile NMS done, before cross-tile merging."""
+        return self.run_grids([grid], bar=bar)[0]
+
+    def run_grids(self, grids, bar=None) -> list[dict[int, np.ndarray]]:
+        """:meth:`run_grid` for several grids (e.g. the tissue sections of a slide) in one pass:
+        their chunks flow through one pipeline, so it fills and drains once, and a batch may mix
+        tiles of different grids. The grids must share read level and read/tile size (same
+        slide, input size and mpp: always true for one Predictor's sections); otherwise they run
+        one after another. Returns one ``run_grid`` result per grid, in order."""
         import torch
 
         from trtwsi.ops.reference import letterbox_params
 
-        out: dict[int, list[np.ndarray]] = {i: [] for i in range(len(self.models))}
-        chunks = grid.chunks(max_pixels=CHUNK_PIXELS)
+        grids = list(grids)
+        geometry = {(g.read_level, g.read_size, g.tile_l0) for g in grids}
+        if len(geometry) > 1:
+            return [self.run_grids([g], bar=bar)[0] for g in grids]
+        out: list[dict[int, list[np.ndarray]]] = [
+            {i: [] for i in range(len(self.models))} for _ in grids
+        ]
+        chunks = []  # (grid index, chunk)
+        for gi, g in enumerate(grids):
+            chunks += [(gi, c) for c in g.chunks(max_pixels=CHUNK_PIXELS)]
         if not chunks:
-            return {i: np.zeros((0, 6)) for i in out}
+            return [{i: np.zeros((0, 6)) for i in range(len(self.models))} for _ in grids]
+        grid = grids[0]
         level, rs = grid.read_level, grid.read_size
         lb = letterbox_params(rs, rs, self.imgsz)
         l0_per_px = grid.tile_l0 / rs
         # Slots are sized for the largest chunk TileGrid.chunks() can make, not this grid's, so
         # one set of buffers (and reader processes) serves every grid and run of this pipeline.
-        slot_bytes = max(CHUNK_PIXELS * 3, max(c.read_size[0] * c.read_size[1] * 3 for c in chunks))
+        slot_bytes = max(
+            CHUNK_PIXELS * 3, max(c.read_size[0] * c.read_size[1] * 3 for _, c in chunks)
+        )
         self._ensure_buffers(slot_bytes)
         S = self.streams
         timer, B = self.timer, self.batch
-        tiles_l0 = grid.tiles
 
         def read(i: int):
-            c = chunks[i]
+            c = chunks[i][1]
             buf = self._host[i % self.host_slots]
             t0 = time.perf_counter()
             buf.wait_ready()  # the H2D of the chunk that used this slot before
@@ -296,6 +315,7 @@ class GpuPipeline:
         pend_stride: list[int] = []
         pend_org: list[tuple[float, float]] = []
         pend_slots: list[int] = []
+        pend_grid: list[int] = []  # grid index of each pending tile
         inflight: deque[_Batch] = deque()
         n_batches = 0
 
@@ -309,9 +329,8 @@ class GpuPipeline:
             for mi in range(len(self.models)):
                 counts = self._counts_h[b.out_slot][mi].numpy()[: b.n]
                 dets = self._dets_h[b.out_slot][mi].numpy()
-                rows = [dets[t, : counts[t]] for t in range(b.n) if counts[t]]
-                if rows:
-                    out[mi].append(np.concatenate(rows))
+                for t in np.flatnonzero(counts):
+                    out[b.grid_ids[t]][mi].append(dets[t, : counts[t]].copy())
             if bar is not None:
                 bar.update(b.n)
 
@@ -367,18 +386,21 @@ class GpuPipeline:
                 done.record(S.compute)
             for d in pend_slots:
                 slot_pending[d] -= 1
-            inflight.append(_Batch(n=n, done=done, out_slot=slot, events=ev))
+            inflight.append(
+                _Batch(n=n, done=done, out_slot=slot, events=ev, grid_ids=list(pend_grid))
+            )
             n_batches += 1
             pend_off.clear()
             pend_stride.clear()
             pend_org.clear()
             pend_slots.clear()
+            pend_grid.clear()
             timer.add("launch", time.perf_counter() - t0)
 
         self._warm_up(lb, rs, l0_per_px)
         with ThreadPoolExecutor(self.workers, thread_name_prefix="trtwsi-read") as pool:
             futures = deque(pool.submit(read, i) for i in range(min(self.host_slots, len(chunks))))
-            for i, c in enumerate(chunks):
+            for i, (gi, c) in enumerate(chunks):
                 t0 = time.perf_counter()
                 futures.popleft().result()
                 timer.add("wait_read", time.perf_counter() - t0)
@@ -410,9 +432,10 @@ class GpuPipeline:
                 for t, (ox, oy) in zip(c.tile_indices, c.offsets, strict=True):
                     pend_off.append(base + int(oy) * row + int(ox) * 3)
                     pend_stride.append(row)
-                    x0, y0 = tiles_l0[t, :2]
+                    x0, y0 = grids[gi].tiles[t, :2]
                     pend_org.append((float(x0), float(y0)))
                     pend_slots.append(d)
+                    pend_grid.append(gi)
                     slot_pending[d] += 1
                     if len(pend_off) == B:
                         flush()
@@ -426,7 +449,9 @@ class GpuPipeline:
         self.peak_device_bytes = max(
             self.peak_device_bytes, torch.cuda.max_memory_allocated(self.device)
         )
-        return {mi: (np.concatenate(v) if v else np.zeros((0, 6))) for mi, v in out.items()}
+        return [
+            {mi: (np.concatenate(v) if v else np.zeros((0, 6))) for mi, v in o.items()} for o in out
+        ]
 
     def close(self) -> None:
         """Stop reader processes and release the shared buffers (device memory goes with the

@@ -246,13 +246,25 @@ class Predictor:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=0, unit="tile", desc="tiles", dynamic_ncols=True)
-        for sec_index, target in targets:
-            for group in self._imgsz_groups():
-                n, dets = self._run_grid(target, group, timer)
-                n_tiles += n
-                for mi, d in dets.items():
-                    if len(d):
-                        per_model[mi].append(np.column_stack([d, np.full(len(d), sec_index)]))
+        if self.gpu_pipeline:  # all sections of an input size in one pipeline pass
+            runs = [
+                (sec_index, nd)
+                for group in self._imgsz_groups()
+                for (sec_index, _), nd in zip(
+                    targets, self._run_grids_gpu([t for _, t in targets], group, timer), strict=True
+                )
+            ]
+        else:
+            runs = [
+                (sec_index, self._run_grid(target, group, timer))
+                for sec_index, target in targets
+                for group in self._imgsz_groups()
+            ]
+        for sec_index, (n, dets) in runs:
+            n_tiles += n
+            for mi, d in dets.items():
+                if len(d):
+                    per_model[mi].append(np.column_stack([d, np.full(len(d), sec_index)]))
 
         if self._bar is not None:
             self._bar.close()
@@ -313,6 +325,38 @@ class Predictor:
             by_size[m.imgsz].append(i)
         return list(by_size.values())
 
+    def _grid(self, target, model_ids: list[int]):
+        """The TileGrid of ``target`` (Section or level-0 box) at the group's input size."""
+        from trtwsi.tiling import TileGrid
+
+        return TileGrid(
+            self.slide,
+            target,
+            tile_size=self.models[model_ids[0]].imgsz,
+            overlap=self.overlap,
+            mpp=self.mpp,
+            min_tissue=self.min_tissue,
+        )
+
+    def _run_grids_gpu(self, targets, model_ids: list[int], timer: _Timer):
+        """GPU pipeline over the grids of all ``targets`` at once; one ``(n_tiles, {model
+        index: (M, 6)})`` per target, as :meth:`_run_grid` returns."""
+        grids = [self._grid(t, model_ids) for t in targets]
+        if self._bar is not None:
+            self._bar.total += sum(len(g) for g in grids)
+            self._bar.refresh()
+        pipe = self._pipeline(model_ids)
+        pipe.timer = timer
+        results = iter(pipe.run_grids([g for g in grids if len(g)], bar=self._bar))
+        out = []
+        for g in grids:
+            if len(g) == 0:
+                out.append((0, {mi: np.zeros((0, 6)) for mi in model_ids}))
+                continue
+            dets = next(results)
+            out.append((len(g), {mi: dets[k] for k, mi in enumerate(model_ids)}))
+        return out
+
     def _run_grid(self, target, model_ids: list[int], timer: _Timer):
         """Tile ``target`` (Section or level-0 box) at the group's input size and run its models.
 
@@ -322,17 +366,9 @@ class Predictor:
         import torch
 
         from trtwsi.ops import reference as ref
-        from trtwsi.tiling import TileGrid
 
         imgsz = self.models[model_ids[0]].imgsz
-        grid = TileGrid(
-            self.slide,
-            target,
-            tile_size=imgsz,
-            overlap=self.overlap,
-            mpp=self.mpp,
-            min_tissue=self.min_tissue,
-        )
+        grid = self._grid(target, model_ids)
         out: dict[int, list[np.ndarray]] = {mi: [] for mi in model_ids}
         if len(grid) == 0:
             return 0, {mi: np.zeros((0, 6)) for mi in model_ids}
@@ -340,11 +376,6 @@ class Predictor:
         if bar is not None:
             bar.total += len(grid)
             bar.refresh()
-        if self.gpu_pipeline:
-            pipe = self._pipeline(model_ids)
-            pipe.timer = timer
-            dets = pipe.run_grid(grid, bar=bar)
-            return len(grid), {mi: dets[k] for k, mi in enumerate(model_ids)}
         engines = self._get_engines()
         chunks = grid.chunks()
         level = grid.read_level
