@@ -42,3 +42,20 @@ def machine_name(info: dict) -> str:
     """A file-name slug for the machine, e.g. ``amd-epyc-2c``."""
     slug = re.sub(r"[^a-z0-9]+", "-", info["cpu"].lower()).strip("-")[:40] or "cpu"
     return f"{slug}-{info['cores']}c"
+
+
+def update_results(path: Path, update: dict, machine: dict) -> Path:
+    """Merge ``update`` into the results JSON at ``path`` (other sections kept), stamp the
+    machine and time, and write it atomically (tmp file + rename)."""
+    import json
+    import time
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(update)
+    data["machine"] = machine
+    data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+    return path

@@ -22,14 +22,13 @@ demo yolo11n. Every count runs into a fresh output folder, so nothing is skipped
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from _machine import host_info, machine_name
+from _machine import host_info, machine_name, update_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -126,17 +125,8 @@ def available(kind: str) -> int:
 def write_results(update: dict) -> Path:
     """Merge ``update`` into bench/results/batch-<machine>.json (keeps other sections)."""
     info = machine_info()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     gpu = f"-{len(info['gpus'])}gpu" if info["gpus"] else ""
-    path = RESULTS_DIR / f"batch-{machine_name(info)}{gpu}.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(update)
-    data["machine"] = info
-    data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-    return path
+    return update_results(RESULTS_DIR / f"batch-{machine_name(info)}{gpu}.json", update, info)
 
 
 def scaling(kind: str, counts: list[int], slides: list[Path], ray=False, threads=None) -> dict:

@@ -14,14 +14,12 @@ method × metric × threshold on simulated tiled layouts (see trtwsi.merge.simul
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-from _machine import host_info, machine_name
+from _machine import host_info, machine_name, update_results
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -149,16 +147,7 @@ def machine_info() -> dict:
 def write_results(update: dict) -> Path:
     """Merge ``update`` into bench/results/merge-<machine>.json (keeps other sections)."""
     info = machine_info()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"merge-{machine_name(info)}.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(update)
-    data["machine"] = info
-    data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-    return path
+    return update_results(RESULTS_DIR / f"merge-{machine_name(info)}.json", update, info)
 
 
 def time_merge(maker, n: int, repeat: int = 3, **kw) -> dict:

@@ -324,6 +324,17 @@ class SlideJob:
     def outputs(self, formats: Sequence[str]) -> list[Path]:
         return [Path(self.out_dir) / (self.name + f) for f in formats]
 
+    def record(self, **fields) -> dict:
+        """A manifest ``slide`` record of this job (slide, path, key, attempt) plus ``fields``."""
+        return {
+            "record": "slide",
+            "slide": self.name,
+            "path": self.path,
+            "key": self.key,
+            "attempt": self.attempt,
+            **fields,
+        }
+
 
 # ------------------------------------------------------------------------------------------
 # manifest
@@ -477,15 +488,7 @@ class SlideRunner:
         _crash_hook(job)
         p = self.params
         t0 = time.perf_counter()
-        base = {
-            "record": "slide",
-            "slide": job.name,
-            "path": job.path,
-            "key": job.key,
-            "attempt": job.attempt,
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-        }
+        base = job.record(host=socket.gethostname(), pid=os.getpid())
         outputs = job.outputs(p.formats)
         written: list[Path] = []
         try:

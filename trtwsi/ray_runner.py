@@ -187,18 +187,13 @@ class RayPool:
                     return
                 job = pending.popleft()
                 emit(
-                    {
-                        "record": "slide",
-                        "slide": job.name,
-                        "path": job.path,
-                        "key": job.key,
-                        "attempt": job.attempt,
-                        "status": "running",
-                        "worker": f"ray:{kinds[i]}",
-                        "slot": i,
-                        "host": where[i]["host"],
-                        "pid": where[i]["pid"],
-                    }
+                    job.record(
+                        status="running",
+                        worker=f"ray:{kinds[i]}",
+                        slot=i,
+                        host=where[i]["host"],
+                        pid=where[i]["pid"],
+                    )
                 )
                 inflight[actors[i].run.remote(job)] = (i, job)
 
@@ -223,25 +218,20 @@ class RayPool:
                 except (RayActorError, RayError) as e:
                     retry = job.attempt <= max_retries
                     emit(
-                        {
-                            "record": "slide",
-                            "slide": job.name,
-                            "path": job.path,
-                            "key": job.key,
-                            "attempt": job.attempt,
-                            "status": "crashed" if retry else "failed",
-                            "worker": f"ray:{kinds[i]}",
-                            "slot": i,
-                            "host": where[i]["host"],
-                            "pid": where[i]["pid"],
-                            "retry": retry,
-                            "error": {
+                        job.record(
+                            status="crashed" if retry else "failed",
+                            worker=f"ray:{kinds[i]}",
+                            slot=i,
+                            host=where[i]["host"],
+                            pid=where[i]["pid"],
+                            retry=retry,
+                            error={
                                 "type": "WorkerCrash",
                                 "message": f"the Ray actor on {kinds[i]} died "
                                 f"({type(e).__name__}) while running this slide "
                                 f"(attempt {job.attempt} of {max_retries + 1})",
                             },
-                        }
+                        )
                     )
                     if retry:
                         job.attempt += 1

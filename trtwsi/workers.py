@@ -228,18 +228,13 @@ class LocalPool:
                 job = pending.popleft()
                 slot.job = job
                 emit(
-                    {
-                        "record": "slide",
-                        "slide": job.name,
-                        "path": job.path,
-                        "key": job.key,
-                        "attempt": job.attempt,
-                        "status": "running",
-                        "worker": slot.device,
-                        "slot": slot.index,
-                        "host": socket.gethostname(),
-                        "pid": slot.pid,
-                    }
+                    job.record(
+                        status="running",
+                        worker=slot.device,
+                        slot=slot.index,
+                        host=socket.gethostname(),
+                        pid=slot.pid,
+                    )
                 )
                 slot.conn.send(job)
             else:
@@ -284,24 +279,19 @@ class LocalPool:
             )
             retry = job.attempt <= max_retries
             emit(
-                {
-                    "record": "slide",
-                    "slide": job.name,
-                    "path": job.path,
-                    "key": job.key,
-                    "attempt": job.attempt,
-                    "status": "crashed" if retry else "failed",
-                    "worker": slot.device,
-                    "slot": slot.index,
-                    "host": socket.gethostname(),
-                    "pid": slot.pid,
-                    "retry": retry,
-                    "error": {
+                job.record(
+                    status="crashed" if retry else "failed",
+                    worker=slot.device,
+                    slot=slot.index,
+                    host=socket.gethostname(),
+                    pid=slot.pid,
+                    retry=retry,
+                    error={
                         "type": "WorkerCrash",
                         "message": f"the worker process on {slot.device} died ({why}) while "
                         f"running this slide (attempt {job.attempt} of {max_retries + 1})",
                     },
-                }
+                )
             )
             if retry:
                 job.attempt += 1
