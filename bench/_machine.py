@@ -44,15 +44,18 @@ def machine_name(info: dict) -> str:
     return f"{slug}-{info['cores']}c"
 
 
-def update_results(path: Path, update: dict, machine: dict) -> Path:
-    """Merge ``update`` into the results JSON at ``path`` (other sections kept), stamp the
-    machine and time, and write it atomically (tmp file + rename)."""
+def update_results(path: Path, update: dict, machine: dict, derive=None) -> Path:
+    """Merge ``update`` into the results JSON at ``path`` (other sections kept), add what
+    ``derive(merged data) -> dict`` computes from the merged data (e.g. speedups over every
+    recorded case), stamp the machine and time, and write it atomically (tmp file + rename)."""
     import json
     import time
 
     path.parent.mkdir(parents=True, exist_ok=True)
     data = json.loads(path.read_text()) if path.exists() else {}
     data.update(update)
+    if derive is not None:
+        data.update(derive(data))
     data["machine"] = machine
     data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     tmp = path.with_suffix(".json.tmp")

@@ -32,11 +32,8 @@ Every timed function ends with ``torch.cuda.synchronize()``, so a time is the ba
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -46,7 +43,7 @@ import torchvision  # imported here: ultralytics' NMS then uses torchvision.ops.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _machine import host_info
+from _machine import host_info, update_results
 
 from trtwsi.ops import cuda
 from trtwsi.ops import reference as ref
@@ -101,34 +98,31 @@ def results_path(info: dict) -> Path:
     return RESULTS_DIR / f"postprocess-{slug}.json"
 
 
-def write_results() -> Path:
-    info = machine_info()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = results_path(info)
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.update(_RESULTS)
+def _speedups(data: dict) -> dict:
+    """Speedups of trtwsi over each other implementation, per recorded case, and the goal."""
     speed = {}
     for case, r in data.get("postprocess", {}).items():
         t = r.get("seconds", {})
         if "trtwsi" in t:
             speed[case] = {k: t[k] / t["trtwsi"] for k in t if k != "trtwsi"}
-    data["speedup_postprocess"] = speed
     pre = {}
     for case, r in data.get("preprocess", {}).items():
         t = r.get("seconds", {})
         if "trtwsi" in t and "torch" in t:
             pre[case] = t["torch"] / t["trtwsi"]
-    data["speedup_preprocess"] = pre
-    data["goal"] = {
-        "speedup_vs_ultralytics": GOAL,
-        "met": {c: s.get("ultralytics", 0.0) >= GOAL for c, s in speed.items()},
+    return {
+        "speedup_postprocess": speed,
+        "speedup_preprocess": pre,
+        "goal": {
+            "speedup_vs_ultralytics": GOAL,
+            "met": {c: s.get("ultralytics", 0.0) >= GOAL for c, s in speed.items()},
+        },
     }
-    data["machine"] = info
-    data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-    return path
+
+
+def write_results() -> Path:
+    info = machine_info()
+    return update_results(results_path(info), _RESULTS, info, derive=_speedups)
 
 
 def _record(section: str, case: str, who: str, benchmark, extra: dict) -> None:

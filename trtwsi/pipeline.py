@@ -114,9 +114,7 @@ class GpuPipeline:
             readers = "processes" if big and process_readable(slide) else "threads"
         self.readers = readers
         self._reader = None
-        self.host_slots = host_slots or (
-            self.workers + 2 if readers == "processes" else min(self.workers, 8) + 2
-        )
+        self.host_slots = host_slots or self._default_host_slots()
         self.device_slots = max(2, int(device_slots))
         self.depth = max(2, int(depth))
         self.streams = GpuStreams.for_device(self.device)
@@ -163,10 +161,14 @@ class GpuPipeline:
         self._meta_i_d = torch.empty((2, B), dtype=torch.int64, device=self.device)
         self._meta_f_d = torch.empty((B, 2), dtype=torch.float64, device=self.device)
         self._host: list[PinnedBuffer] = []
-        self._h2d_events: list = []  # (start, end) event pairs of chunk uploads, for timing
         self._arena = None
         self._slot_bytes = 0
-        self.peak_device_bytes = 0
+        self._warm = False
+
+    def _default_host_slots(self) -> int:
+        """Host ring size: every reader process can hold a slot while the copy stream drains
+        two; reader threads beyond 8 add no throughput (GIL), so threads get at most 10."""
+        return self.workers + 2 if self.readers == "processes" else min(self.workers, 8) + 2
 
     # --- buffers -----------------------------------------------------------------------------
     def _ensure_buffers(self, slot_bytes: int) -> None:
@@ -191,7 +193,7 @@ class GpuPipeline:
 
                 warnings.warn(f"{e}; reading with threads instead", RuntimeWarning, stacklevel=4)
                 self.readers = "threads"
-                self.host_slots = min(self.workers, 8) + 2
+                self.host_slots = self._default_host_slots()
         if self._reader is not None:
             self._host = self._reader.buffers
         else:
@@ -207,7 +209,7 @@ class GpuPipeline:
         batch. Needs the chunk arena (``_ensure_buffers``)."""
         import torch
 
-        if getattr(self, "_warm", False):
+        if self._warm:
             return
         B = self.batch
         with torch.cuda.stream(self.streams.compute):
@@ -317,6 +319,7 @@ class GpuPipeline:
         pend_slots: list[int] = []
         pend_grid: list[int] = []  # grid index of each pending tile
         inflight: deque[_Batch] = deque()
+        h2d_events: list = []  # (start, end) event pairs of chunk uploads, for timing
         n_batches = 0
 
         def collect(b: _Batch) -> None:
@@ -341,7 +344,9 @@ class GpuPipeline:
                 return
             t0 = time.perf_counter()
             slot = n_batches % self.depth
-            while len(inflight) >= self.depth - 1 or (inflight and inflight[0].out_slot == slot):
+            # at most depth - 1 batches stay in flight, so none of them still uses ring slot
+            # ``slot`` (that was batch n_batches - depth)
+            while len(inflight) >= self.depth - 1:
                 collect(inflight.popleft())
             mi_h, mf_h = self._meta_i_h[slot], self._meta_f_h[slot]
             pad = B - n
@@ -424,7 +429,7 @@ class GpuPipeline:
                 h2d_done[d] = e1
                 hbuf.ready = e1
                 if e0 is not None:
-                    self._h2d_events.append((e0, e1))
+                    h2d_events.append((e0, e1))
                 if i + self.host_slots < len(chunks):
                     futures.append(pool.submit(read, i + self.host_slots))
                 timer.add("launch", time.perf_counter() - t0)
@@ -443,12 +448,8 @@ class GpuPipeline:
             while inflight:
                 collect(inflight.popleft())
         if self.timing:
-            for e0, e1 in self._h2d_events:
+            for e0, e1 in h2d_events:
                 timer.add("gpu_h2d", e0.elapsed_time(e1) / 1000)
-            self._h2d_events.clear()
-        self.peak_device_bytes = max(
-            self.peak_device_bytes, torch.cuda.max_memory_allocated(self.device)
-        )
         return [
             {mi: (np.concatenate(v) if v else np.zeros((0, 6))) for mi, v in o.items()} for o in out
         ]
