@@ -75,7 +75,7 @@ def bench_slides(count: int, size: tuple[int, int]) -> list[Path]:
 def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=None) -> dict:
     """One batch into a fresh folder; returns the timings."""
     from trtwsi.batch import BatchParams, run_batch
-    from trtwsi.model import Model
+    from trtwsi.engines.model import Model
 
     model = Model(MODEL)
     load_before = os.getloadavg()

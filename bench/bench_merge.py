@@ -27,11 +27,10 @@ from trtwsi.merge import (
     DEFAULT_METHOD,
     DEFAULT_METRIC,
     DEFAULT_THRESHOLD,
-    evaluate_detections,
-    make_layout,
     merge_detections,
-    simulate_tiled_detections,
 )
+from trtwsi.results.evaluate import evaluate_detections
+from trtwsi.synthetic.tiled import make_layout, simulate_tiled_detections
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TILE, OVERLAP = 640, 0.2

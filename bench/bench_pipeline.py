@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import host_info  # noqa: E402
 
-from trtwsi.gpu import gpu_unavailable_reason  # noqa: E402
+from trtwsi.runtime.gpu.device import gpu_unavailable_reason  # noqa: E402
 
 MODEL = ROOT / "models" / "demo-yolo11n.pt"
 BATCH = 32
@@ -55,7 +55,7 @@ RESULTS: dict = {}
 def _device() -> dict:
     import torch
 
-    from trtwsi.gpu import device_info
+    from trtwsi.runtime.gpu.device import device_info
 
     d = device_info(0).as_dict()
     d["torch"] = torch.__version__

@@ -149,7 +149,7 @@ def _timed(fn):
 def head_output():
     """(32, 4 + nc, 8400) fp16 CUDA head output of the demo model on 32 tiles, and the model."""
     pytest.importorskip("ultralytics", reason="the demo model needs ultralytics")
-    from trtwsi.model import Model
+    from trtwsi.engines.model import Model
     from trtwsi.synthetic import Scene
 
     if not WEIGHTS.exists():

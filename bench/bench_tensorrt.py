@@ -47,7 +47,7 @@ RESULTS: dict[str, dict] = {}
 
 
 def _weights() -> Path:
-    from trtwsi.demo import bundled_models_dir
+    from trtwsi.app.demo import bundled_models_dir
 
     return Path(WEIGHTS) if WEIGHTS else bundled_models_dir() / "demo-yolo11n.pt"
 
@@ -55,8 +55,8 @@ def _weights() -> Path:
 @pytest.fixture(scope="module")
 def tiles():
     """``(BATCH, 3, 640, 640)`` float32 in [0, 1] on the CPU (synthetic scene tiles)."""
-    from trtwsi.compare import sample_tiles
-    from trtwsi.model import Model
+    from trtwsi.app.compare import sample_tiles
+    from trtwsi.engines.model import Model
 
     return torch.from_numpy(sample_tiles(Model(_weights()).imgsz, BATCH))
 
@@ -91,9 +91,9 @@ def _record(name: str, benchmark, extra: dict | None = None) -> None:
 
 
 def test_trtwsi_tensorrt(benchmark, tiles, tmp_path_factory):
+    from trtwsi.engines.model import Model
     from trtwsi.engines.tensorrt import RTX_COMPUTE_CAPABILITIES, cuda_device_info, load_module
     from trtwsi.errors import TrtwsiError
-    from trtwsi.model import Model
 
     cc, name = cuda_device_info()
     try:
@@ -124,8 +124,8 @@ def test_trtwsi_tensorrt(benchmark, tiles, tmp_path_factory):
 
 
 def test_trtwsi_torch(benchmark, tiles):
+    from trtwsi.engines.model import Model
     from trtwsi.engines.torch import TorchEngine
-    from trtwsi.model import Model
 
     eng = TorchEngine(Model(_weights(), backend="torch"), "cuda", half=True, batch_size=BATCH)
     x = tiles.to("cuda", torch.float16)

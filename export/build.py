@@ -9,7 +9,7 @@
     python -m export.build --no-half --model m.pt                         # fp32 (old tool's flag)
     python -m export.build --fp16 --model m.pt --flavour tensorrt_rtx --compute-capability 8.6
 
-Steps: load the ``.pt`` offline (:class:`trtwsi.model.Model`); export a float32 ONNX with a
+Steps: load the ``.pt`` offline (:class:`trtwsi.engines.model.Model`); export a float32 ONNX with a
 dynamic batch (:mod:`export.onnx_export`); for FP16 convert it to the mixed FP16 graph
 (:mod:`export.fp16`: fp32 I/O and box-decode tail) and check it with onnxruntime against the
 ``.pt`` on sample tiles — a failed check stops the build; parse it with TensorRT's ONNX parser
@@ -319,10 +319,10 @@ def build_model(weights: str | Path, opts: BuildOptions) -> tuple[Path, Any]:
     import trtwsi
     from export.fp16 import check_numerics, convert_fp16
     from export.onnx_export import DEFAULT_OPSET, detect_prefix, export_onnx
-    from trtwsi.compare import sample_tiles
+    from trtwsi.app.compare import sample_tiles
+    from trtwsi.engines.model import Model
     from trtwsi.engines.sidecar import EngineMeta, engine_filename, find_engines, sidecar_path
     from trtwsi.engines.tensorrt import cuda_device_info, load_module
-    from trtwsi.model import Model
 
     weights = Path(weights)
     model = Model(weights, imgsz=opts.imgsz, head=opts.head, max_det=opts.max_det)
@@ -419,9 +419,9 @@ def _output_shape(model) -> list[int]:
 def validate(plan_path: Path, weights: Path, opts: BuildOptions) -> bool:
     """``--validate``: run the engine here and compare with the ``.pt``; False when it failed
     or cannot run here (the reason is printed)."""
-    from trtwsi.compare import compare_engines
+    from trtwsi.app.compare import compare_engines
+    from trtwsi.engines.model import Model
     from trtwsi.engines.tensorrt import TensorRTEngine
-    from trtwsi.model import Model
 
     model = Model(weights, imgsz=opts.imgsz, head=opts.head, max_det=opts.max_det)
     try:
@@ -515,7 +515,7 @@ def parse_args(argv=None) -> BuildOptions:
 def _weights_list(opts: BuildOptions) -> list[Path]:
     if opts.model:
         return [Path(m) for m in opts.model]
-    from trtwsi.demo import bundled_models_dir
+    from trtwsi.app.demo import bundled_models_dir
 
     folder = Path(opts.models_dir) if opts.models_dir else bundled_models_dir()
     found = sorted(folder.glob("*.pt"))

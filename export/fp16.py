@@ -11,7 +11,7 @@ onnxconverter-common's ``convert_float_to_float16``:
   corners near 640 px have a float16 step of 0.5 px and class ids must stay exact.
 
 :func:`check_numerics` runs the converted ONNX with onnxruntime on the CPU and compares its
-detections with the ``.pt``'s (see :mod:`trtwsi.compare`) before any engine is built.
+detections with the ``.pt``'s (see :mod:`trtwsi.app.compare`) before any engine is built.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from trtwsi.errors import require
 if TYPE_CHECKING:
     import numpy as np
 
-    from trtwsi.compare import Agreement
-    from trtwsi.model import Model
+    from trtwsi.app.compare import Agreement
+    from trtwsi.engines.model import Model
 
 __all__ = ["HEAD_BRANCHES", "check_numerics", "convert_fp16", "decode_tail_nodes"]
 
@@ -129,15 +129,15 @@ def check_numerics(
     """Detections of ``onnx_path`` (onnxruntime, CPU) vs the ``.pt`` (torch, CPU, float32).
 
     Args:
-        tiles: ``(B, 3, S, S)`` float32 model inputs in [0, 1] (:func:`trtwsi.compare.sample_tiles`).
-        thresholds: :func:`trtwsi.compare.agreement` thresholds.
+        tiles: ``(B, 3, S, S)`` float32 model inputs in [0, 1] (:func:`trtwsi.app.compare.sample_tiles`).
+        thresholds: :func:`trtwsi.app.compare.agreement` thresholds.
 
     Returns:
-        the :class:`~trtwsi.compare.Agreement` (``.passed`` says whether it met the thresholds).
+        the :class:`~trtwsi.app.compare.Agreement` (``.passed`` says whether it met the thresholds).
     """
     import torch
 
-    from trtwsi.compare import agreement, raw_to_detections
+    from trtwsi.app.compare import agreement, raw_to_detections
 
     with torch.inference_mode():
         ref = model.module(torch.from_numpy(tiles))[0]

@@ -1,7 +1,7 @@
 """``.pt`` → ONNX with a dynamic batch dimension, offline.
 
 ``torch.onnx.export`` (the TorchScript exporter, as ultralytics uses) on the model's prepared
-module (:attr:`trtwsi.model.Model.module`: fused, eval, head kind selected), not ultralytics'
+module (:attr:`trtwsi.engines.model.Model.module`: fused, eval, head kind selected), not ultralytics'
 ``Exporter``, which may pip-install packages. The graph:
 
 * input ``images``: float32 ``(batch, 3, imgsz, imgsz)``, RGB in [0, 1];
@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 from trtwsi.errors import require
 
 if TYPE_CHECKING:
-    from trtwsi.model import Model
+    from trtwsi.engines.model import Model
 
 __all__ = ["DEFAULT_OPSET", "INPUT_NAME", "OUTPUT_NAME", "detect_prefix", "export_onnx"]
 

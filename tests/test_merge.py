@@ -11,15 +11,13 @@ from trtwsi.merge import (
     DEFAULT_METRIC,
     DEFAULT_THRESHOLD,
     MergeError,
-    evaluate_detections,
-    make_layout,
     merge_detections,
     merge_reference,
     overlapping_pairs,
     pair_overlap,
-    simulate_tiled_detections,
-    tile_origins,
 )
+from trtwsi.results.evaluate import evaluate_detections
+from trtwsi.synthetic.tiled import make_layout, simulate_tiled_detections, tile_origins
 
 METHODS = ("nms", "greedy")
 METRICS = ("iou", "ios")

@@ -32,7 +32,7 @@ import torch
 
 from tests.conftest import synth_rgb
 from tests.ops.test_reference import ultralytics_input
-from trtwsi.model import Model
+from trtwsi.engines.model import Model
 from trtwsi.ops import reference as ref
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,8 @@ import pytest
 
 import trtwsi
 from trtwsi.errors import OutputExistsError, TrtwsiError
-from trtwsi.evaluate import _iou_matrix, precision_recall
+from trtwsi.ops.boxes import overlap_matrix
+from trtwsi.results.evaluate import precision_recall
 from trtwsi.synthetic import Scene, make_array, make_slide
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
@@ -74,7 +75,7 @@ def test_objects_across_tile_seams_reported_once():
         ]
     )
     assert len(seam_gt) == len(seams)
-    iou = _iou_matrix(seam_gt[:, :4], det.boxes)
+    iou = overlap_matrix(seam_gt[:, :4], det.boxes)
     hits = (iou > 0.3).sum(axis=1)
     assert np.all(hits == 1), f"seam objects reported {hits.tolist()} times"
     scores = precision_recall(det.boxes, det.score, det.class_id, gt.boxes, gt.class_names)
@@ -105,7 +106,7 @@ def test_bad_arguments_are_typed_errors(tmp_path):
 
 
 def test_cli_info_predict_and_clobber(tmp_path, capsys):
-    from trtwsi.cli import main
+    from trtwsi.app.cli import main
 
     path = tmp_path / "s.tif"
     make_slide(path, 2400, 1800, seed=21, n_sections=2)

@@ -90,3 +90,15 @@ def require(module: str, extra: str, purpose: str):
             f"{purpose} needs the Python module {module!r}, which is not importable ({e}). "
             f"Install it with: pip install 'trtwsi[{extra}]'"
         ) from e
+
+
+class ExportError(TrtwsiError, ValueError):
+    """Results cannot be written (or read back) as asked."""
+
+
+class UnsupportedOutputFormatError(ExportError):
+    """The output path's extension names no format trtwsi writes."""
+
+
+class MergeError(TrtwsiError, ValueError):
+    """Invalid input to the merge (shapes, non-finite values, inverted boxes, unknown option)."""

@@ -76,7 +76,9 @@ from typing import Literal
 
 import numpy as np
 
-from trtwsi.errors import TrtwsiError
+from trtwsi.errors import MergeError
+from trtwsi.ops.boxes import METRICS as _METRICS
+from trtwsi.ops.boxes import Metric, _overlap, pair_overlap
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -84,18 +86,13 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "MergeError",
     "MergeResult",
-    "evaluate_detections",
-    "make_layout",
     "merge_detections",
     "merge_reference",
     "overlapping_pairs",
     "pair_overlap",
-    "simulate_tiled_detections",
-    "tile_origins",
 ]
 
 Method = Literal["nms", "greedy"]
-Metric = Literal["iou", "ios"]
 BoxMerge = Literal["union", "weighted"]
 
 #: Default merge method (see the module docstring for the measurement behind it).
@@ -106,7 +103,6 @@ DEFAULT_METRIC: Metric = "ios"
 DEFAULT_THRESHOLD: float = 0.5
 
 _METHODS = ("nms", "greedy")
-_METRICS = ("iou", "ios")
 _BOX_MERGES = ("union", "weighted")
 
 # Candidate pairs are generated in chunks of at most this many (bounds peak memory).
@@ -115,8 +111,6 @@ _PAIR_CHUNK = 1 << 22
 _MAX_ROUNDS = 64
 
 
-class MergeError(TrtwsiError, ValueError):
-    """Invalid input to the merge (shapes, non-finite values, inverted boxes, unknown option)."""
 
 
 @dataclass(frozen=True)
@@ -224,41 +218,6 @@ def _buckets(classes, groups, class_aware: bool) -> np.ndarray | None:
         return parts[0]
     key = parts[0] * (int(parts[1].max()) + 1) + parts[1]
     return np.unique(key, return_inverse=True)[1].ravel().astype(np.int64)
-
-
-# ------------------------------------------------------------------------------------------
-# overlap
-# ------------------------------------------------------------------------------------------
-def pair_overlap(a: np.ndarray, b: np.ndarray, metric: Metric = "iou") -> np.ndarray:
-    """Elementwise overlap of two box arrays that broadcast against each other.
-
-    ``a``, ``b``: ``(..., 4)`` float64 ``(x1, y1, x2, y2)``. Returns float64 of the broadcast
-    shape: IoU (``metric="iou"``) or intersection over the smaller area (``"ios"``); 0 where the
-    boxes do not intersect with positive area (so a zero-area box has overlap 0 with anything).
-    The fast merge and the reference compute it with the same operations, so they agree to the
-    last bit (which matters for pairs exactly at the threshold).
-    """
-    a = np.asarray(a, dtype=np.float64)
-    b = np.asarray(b, dtype=np.float64)
-    return _overlap(*(a[..., k] for k in range(4)), *(b[..., k] for k in range(4)), metric)
-
-
-def _overlap(ax1, ay1, ax2, ay2, bx1, by1, bx2, by2, metric):
-    """:func:`pair_overlap` on coordinate columns (float64, broadcastable)."""
-    iw = np.minimum(ax2, bx2) - np.maximum(ax1, bx1)
-    ih = np.minimum(ay2, by2) - np.maximum(ay1, by1)
-    inter = np.maximum(iw, 0.0) * np.maximum(ih, 0.0)
-    area_a = (ax2 - ax1) * (ay2 - ay1)
-    area_b = (bx2 - bx1) * (by2 - by1)
-    if metric == "iou":
-        denom = area_a + area_b - inter
-    elif metric == "ios":
-        denom = np.minimum(area_a, area_b)
-    else:
-        raise MergeError(f"metric must be one of {_METRICS}, got {metric!r}")
-    out = np.zeros(np.broadcast(inter, denom).shape, dtype=np.float64)
-    np.divide(inter, denom, out=out, where=inter > 0)
-    return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -606,230 +565,3 @@ def merge_reference(
     return MergeResult(
         keep=keep_a, boxes=out_boxes, scores=s[keep_a], classes=c[keep_a], cluster=cluster
     )
-
-
-# ------------------------------------------------------------------------------------------
-# simulation and evaluation (test and benchmark support: how the defaults were chosen)
-# ------------------------------------------------------------------------------------------
-def tile_origins(length: int, tile: int, overlap: float) -> np.ndarray:
-    """Tile start positions along one axis (level-0 px): stride ``round(tile·(1-overlap))``
-    from 0, plus a last tile flush with the far edge so the whole length is covered."""
-    stride = max(1, round(tile * (1.0 - overlap)))
-    if length <= tile:
-        return np.zeros(1, dtype=np.int64)
-    xs = list(range(0, length - tile + 1, stride))
-    if xs[-1] + tile < length:
-        xs.append(length - tile)
-    return np.asarray(xs, dtype=np.int64)
-
-
-@dataclass(frozen=True)
-class SimulatedDetections:
-    """What a detector run tile by tile reports, in level-0 coordinates (M detections)."""
-
-    boxes: np.ndarray  # (M, 4) float64 (x1, y1, x2, y2) level-0 px
-    scores: np.ndarray  # (M,) float32
-    classes: np.ndarray  # (M,) int64
-    gt_index: np.ndarray  # (M,) int64 ground-truth row each detection comes from
-    tile_index: np.ndarray  # (M,) int64 tile (row-major over the tile grid)
-    visible: np.ndarray  # (M,) float64 fraction of the object's area inside the tile
-
-
-def simulate_tiled_detections(
-    gt_boxes: np.ndarray,
-    tile: int,
-    overlap: float,
-    slide_w: int,
-    slide_h: int,
-    rng: np.random.Generator,
-    jitter_px: float = 1.0,
-    min_visible: float = 0.5,
-    truncation_penalty: float = 0.3,
-    score_noise: float = 0.02,
-) -> SimulatedDetections:
-    """Detections a perfect-but-jittery detector reports when run tile by tile.
-
-    ``gt_boxes``: ``(N, 5)`` float ``(x1, y1, x2, y2, class)`` level-0 px. Tiles: ``tile`` px
-    squares at :func:`tile_origins` on both axes. Every object is clipped to every tile it touches
-    and reported there if at least ``min_visible`` of its area is inside the tile. Each report gets
-    independent Gaussian jitter (``jitter_px`` sd) on its four coordinates (then clipped to the
-    tile), and a score ``s0 + N(0, score_noise) - truncation_penalty·(1 - visible)``, where
-    ``s0 ~ U(0.55, 0.95)`` is the object's own confidence, shared by its reports: a detector is
-    less sure of a truncated object. Returns :class:`SimulatedDetections` (level-0 px).
-    """
-    gt = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 5)
-    n = gt.shape[0]
-    xs = tile_origins(slide_w, tile, overlap)
-    ys = tile_origins(slide_h, tile, overlap)
-    s0 = rng.uniform(0.55, 0.95, n)
-
-    def spans(lo, hi, origins):
-        # tiles [o, o + tile) with o < hi and o + tile > lo
-        first = np.searchsorted(origins + tile, lo, side="right")
-        last = np.searchsorted(origins, hi, side="left")
-        return first, np.maximum(last - first, 0)
-
-    fx, nx = spans(gt[:, 0], gt[:, 2], xs)
-    fy, ny = spans(gt[:, 1], gt[:, 3], ys)
-    cnt = nx * ny
-    gi = np.repeat(np.arange(n), cnt)
-    k = np.arange(gi.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-    tx = fx[gi] + k % nx[gi]
-    ty = fy[gi] + k // nx[gi]
-    ox = xs[tx].astype(np.float64)
-    oy = ys[ty].astype(np.float64)
-    g = gt[gi]
-    cb = np.stack(
-        [
-            np.maximum(g[:, 0], ox),
-            np.maximum(g[:, 1], oy),
-            np.minimum(g[:, 2], ox + tile),
-            np.minimum(g[:, 3], oy + tile),
-        ],
-        axis=1,
-    )
-    full = (g[:, 2] - g[:, 0]) * (g[:, 3] - g[:, 1])
-    vis_area = np.clip(cb[:, 2] - cb[:, 0], 0, None) * np.clip(cb[:, 3] - cb[:, 1], 0, None)
-    vis = np.divide(vis_area, full, out=np.zeros_like(full), where=full > 0)
-    m = vis >= min_visible
-    gi, cb, vis, ox, oy = gi[m], cb[m], vis[m], ox[m], oy[m]
-    tidx = (ty * xs.size + tx)[m]
-    cb = cb + rng.normal(0.0, jitter_px, cb.shape)
-    cb[:, [0, 2]] = np.clip(cb[:, [0, 2]], ox[:, None], ox[:, None] + tile)
-    cb[:, [1, 3]] = np.clip(cb[:, [1, 3]], oy[:, None], oy[:, None] + tile)
-    cb[:, 2] = np.maximum(cb[:, 2], cb[:, 0] + 1e-3)
-    cb[:, 3] = np.maximum(cb[:, 3], cb[:, 1] + 1e-3)
-    score = s0[gi] + rng.normal(0.0, score_noise, gi.size) - truncation_penalty * (1.0 - vis)
-    score = np.clip(score, 0.01, 1.0).astype(np.float32)
-    return SimulatedDetections(
-        boxes=cb,
-        scores=score,
-        classes=gt[gi, 4].astype(np.int64),
-        gt_index=gi.astype(np.int64),
-        tile_index=tidx.astype(np.int64),
-        visible=vis,
-    )
-
-
-def make_layout(
-    kind: str,
-    slide_w: int,
-    slide_h: int,
-    rng: np.random.Generator,
-    *,
-    tile: int = 640,
-    overlap: float = 0.2,
-    n_classes: int = 1,
-) -> np.ndarray:
-    """Ground-truth layouts for the merge measurement: ``(N, 5)`` ``(x1, y1, x2, y2, class)``.
-
-    ``kind``:
-      - ``"nuclei"``: 20–40 px boxes (independent width/height), dense: centres on a ±7 px
-        jittered 32.3 px lattice, so neighbours touch and sometimes overlap a little, as in tissue.
-      - ``"metaphases"``: 60–120 px boxes, sparse (±80 px jittered 301.7 px lattice).
-      - ``"large"``: 130–300 px boxes, sparse (±150 px jittered 701.3 px lattice): larger than
-        the tile overlap, so some are seen whole by no tile.
-      - ``"seams"``: 40–120 px boxes centred on tile borders (both axes) and on tile corners,
-        offset by up to ±20 px: the worst case of a tiled detector.
-    Objects are kept inside the slide. Classes are drawn uniformly from ``range(n_classes)``.
-    """
-    if kind == "nuclei":
-        pitch, lo, hi, jit = 32.3, 20.0, 40.0, 7.0
-    elif kind == "metaphases":
-        pitch, lo, hi, jit = 301.7, 60.0, 120.0, 80.0
-    elif kind == "large":
-        pitch, lo, hi, jit = 701.3, 130.0, 300.0, 150.0
-    elif kind == "seams":
-        lo, hi = 40.0, 120.0
-    else:
-        raise MergeError(
-            f"layout kind must be 'nuclei', 'metaphases', 'large' or 'seams', got {kind!r}"
-        )
-    if kind == "seams":
-        xs = tile_origins(slide_w, tile, overlap)
-        ys = tile_origins(slide_h, tile, overlap)
-        # the seams: both edges of every tile overlap band
-        sx = np.unique(np.r_[xs[1:], xs[:-1] + tile]).astype(np.float64)
-        sy = np.unique(np.r_[ys[1:], ys[:-1] + tile]).astype(np.float64)
-        centres = [np.stack(np.meshgrid(sx, sy), -1).reshape(-1, 2)]  # corners
-        mids_x = (np.r_[0.0, sx] + np.r_[sx, slide_w]) / 2  # between vertical seams
-        mids_y = (np.r_[0.0, sy] + np.r_[sy, slide_h]) / 2
-        centres.append(np.stack(np.meshgrid(sx, mids_y), -1).reshape(-1, 2))  # vertical seams
-        centres.append(np.stack(np.meshgrid(mids_x, sy), -1).reshape(-1, 2))  # horizontal
-        c = np.concatenate(centres)
-        c = c + rng.uniform(-20, 20, c.shape)
-    else:
-        # a lattice pitch and phase unrelated to the tile grid, so seams cut objects anywhere
-        gx = np.arange(rng.uniform(0, pitch), slide_w, pitch)
-        gy = np.arange(rng.uniform(0, pitch), slide_h, pitch)
-        c = np.stack(np.meshgrid(gx, gy), -1).reshape(-1, 2)
-        c = c + rng.uniform(-jit, jit, c.shape)
-    wh = rng.uniform(lo, hi, c.shape)
-    boxes = np.concatenate([c - wh / 2, c + wh / 2], axis=1)
-    inside = (
-        (boxes[:, 0] >= 0)
-        & (boxes[:, 1] >= 0)
-        & (boxes[:, 2] <= slide_w)
-        & (boxes[:, 3] <= slide_h)
-    )
-    boxes = boxes[inside]
-    if kind == "seams":  # drop the rare colliding pair so every object is distinct
-        _, j = overlapping_pairs(boxes, metric="iou", threshold=0.0)
-        boxes = np.delete(boxes, np.unique(j), axis=0)
-    cls = rng.integers(0, n_classes, boxes.shape[0]).astype(np.float64)
-    return np.concatenate([boxes, cls[:, None]], axis=1)
-
-
-def evaluate_detections(
-    boxes: np.ndarray,
-    scores: np.ndarray,
-    classes: np.ndarray,
-    gt_boxes: np.ndarray,
-    iou: float = 0.5,
-) -> dict:
-    """Precision/recall of detections vs ground truth (greedy by score, COCO-style matching).
-
-    ``boxes``: ``(M, 4)``; ``scores``, ``classes``: ``(M,)``; ``gt_boxes``: ``(N, 5)``
-    ``(x1, y1, x2, y2, class)``; all in the same frame. A detection is a true positive when its
-    best-IoU unmatched ground-truth object of the same class has IoU >= ``iou``. Returns a dict:
-    ``tp, fp, fn, precision, recall, f1, mean_iou`` (of the true positives).
-    """
-    p = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    gt = np.asarray(gt_boxes, dtype=np.float64).reshape(-1, 5)
-    m, n = p.shape[0], gt.shape[0]
-    cls_p = np.asarray(classes, dtype=np.int64).reshape(-1)
-    allb = np.concatenate([p, gt[:, :4]])
-    bucket = np.concatenate([cls_p, gt[:, 4].astype(np.int64)])
-    i, j = overlapping_pairs(allb, metric="iou", threshold=0.0, buckets=bucket)
-    cross = (i < m) & (j >= m)
-    pi, gj = i[cross], j[cross] - m
-    ov = pair_overlap(p[pi], gt[gj, :4], "iou")
-    keep = ov >= iou
-    pi, gj, ov = pi[keep], gj[keep], ov[keep]
-    srt = np.lexsort((-ov, pi))
-    pi, gj, ov = pi[srt], gj[srt], ov[srt]
-    starts = np.searchsorted(pi, np.arange(m), side="left")
-    stops = np.searchsorted(pi, np.arange(m), side="right")
-    matched = np.zeros(n, dtype=bool)
-    tp_iou = []
-    for d in _rank_order(np.asarray(scores, dtype=np.float64)).tolist():
-        for k in range(starts[d], stops[d]):
-            g = gj[k]
-            if not matched[g]:
-                matched[g] = True
-                tp_iou.append(ov[k])
-                break
-    tp = len(tp_iou)
-    fp, fn = m - tp, n - tp
-    precision = tp / m if m else 1.0
-    recall = tp / n if n else 1.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "tp": tp,
-        "fp": fp,
-        "fn": fn,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "mean_iou": float(np.mean(tp_iou)) if tp_iou else 0.0,
-    }

@@ -2,7 +2,7 @@
 
 Two inner loops share the orchestration (sections, grids, merge, Results): the reference path
 (torch forward + reference ops; the CPU path, runs everywhere) and, on a CUDA device with CuPy,
-the GPU pipeline (:class:`trtwsi.pipeline.GpuPipeline`: pinned ring buffers, own streams, CuPy
+the GPU pipeline (:class:`trtwsi.runtime.gpu.pipeline.GpuPipeline`: pinned ring buffers, own streams, CuPy
 preprocess/decode/NMS kernels, CUDA-graph forward).
 
 Coordinate frames: tiles and detections leave :meth:`Predictor._run_grid` in level-0 slide px.
@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from trtwsi.errors import TilingError, TrtwsiError
+from trtwsi.plan.tissue import find_sections
 from trtwsi.slide import Slide, open_slide
 
 
@@ -83,7 +84,7 @@ class Predictor:
         gpu_pipeline: use the GPU pipeline (True), the reference path (False), or the pipeline
             whenever the device is CUDA and CuPy is installed (None).
         readers: how the GPU pipeline reads: ``"auto"``, ``"threads"`` or ``"processes"``
-            (see :class:`trtwsi.pipeline.GpuPipeline`).
+            (see :class:`trtwsi.runtime.gpu.pipeline.GpuPipeline`).
         engine_cache: a dict shared by several Predictors (a batch worker's slides) in which
             loaded engines are kept and reused, keyed by model, device, precision and batch
             size, so a worker loads each model's engine once; None: engines belong to this
@@ -110,7 +111,7 @@ class Predictor:
         readers: str = "auto",
         engine_cache: dict | None = None,
     ):
-        from trtwsi.model import Model
+        from trtwsi.engines.model import Model
 
         self.slide: Slide = open_slide(slide, mpp=slide_mpp)
         if not models:
@@ -154,7 +155,7 @@ class Predictor:
                     f"gpu_pipeline=True needs a CUDA device, but device={self.device!r}"
                 )
             return False
-        from trtwsi.gpu import gpu_unavailable_reason
+        from trtwsi.runtime.gpu.device import gpu_unavailable_reason
 
         why = gpu_unavailable_reason()
         if want and why is not None:
@@ -183,7 +184,7 @@ class Predictor:
         """The GPU pipeline of one input-size group (created once, buffers reused)."""
         key = self.models[model_ids[0]].imgsz
         if key not in self._pipelines:
-            from trtwsi.pipeline import GpuPipeline
+            from trtwsi.runtime.gpu.pipeline import GpuPipeline
 
             engines = self._get_engines()
             self._pipelines[key] = GpuPipeline(
@@ -224,7 +225,7 @@ class Predictor:
             targets = [(-1, (x, y, w, h))]
             sections_info = []
         else:
-            sections = self.slide.sections()
+            sections = find_sections(self.slide)
             sections_info = [
                 {"index": s.index, "bbox": list(map(int, s.bbox)), "area": int(s.area)}
                 for s in sections
@@ -327,7 +328,7 @@ class Predictor:
 
     def _grid(self, target, model_ids: list[int]):
         """The TileGrid of ``target`` (Section or level-0 box) at the group's input size."""
-        from trtwsi.tiling import TileGrid
+        from trtwsi.plan.grid import TileGrid
 
         return TileGrid(
             self.slide,

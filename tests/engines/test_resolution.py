@@ -14,11 +14,11 @@ import warnings
 
 import pytest
 
-from trtwsi.demo import bundled_models_dir
+from trtwsi.app.demo import bundled_models_dir
 from trtwsi.engines import sidecar, tensorrt
+from trtwsi.engines.model import Model
 from trtwsi.engines.sidecar import EngineMeta, RuntimeInfo, check_fit, engine_filename
 from trtwsi.errors import BackendError, EngineMismatchError
-from trtwsi.model import Model
 
 RTX = "1.7.1.116"
 

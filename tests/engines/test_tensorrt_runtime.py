@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from trtwsi.demo import bundled_models_dir
+from trtwsi.app.demo import bundled_models_dir
 from trtwsi.engines.tensorrt import RTX_COMPUTE_CAPABILITIES, cuda_device_info, load_module
 
 pytestmark = pytest.mark.tensorrt
@@ -55,9 +55,9 @@ def engines(tmp_path_factory):
 def test_engine_matches_pt(engines, stem):
     import torch
 
-    from trtwsi.compare import compare_engines
+    from trtwsi.app.compare import compare_engines
+    from trtwsi.engines.model import Model
     from trtwsi.engines.tensorrt import TensorRTEngine
-    from trtwsi.model import Model
 
     m = Model(engines[stem])
     eng = m.load_engine("cuda", batch_size=4)
@@ -75,9 +75,9 @@ def test_engine_matches_pt(engines, stem):
 def test_any_batch_and_profile_errors(engines):
     import torch
 
+    from trtwsi.engines.model import Model
     from trtwsi.engines.tensorrt import TensorRTEngine
     from trtwsi.errors import EngineMismatchError
-    from trtwsi.model import Model
 
     m = Model(engines["demo-yolo11n"])
     path, _ = m._tensorrt_engine(torch.device("cuda"))
@@ -94,8 +94,8 @@ def test_any_batch_and_profile_errors(engines):
 def test_cuda_graph_replay_matches(engines):
     import torch
 
+    from trtwsi.engines.model import Model
     from trtwsi.engines.tensorrt import TensorRTEngine
-    from trtwsi.model import Model
 
     m = Model(engines["demo-yolo26n"])
     path, _ = m._tensorrt_engine(torch.device("cuda"), 4)

@@ -13,13 +13,13 @@ import shutil
 
 import pytest
 
-from trtwsi.model import Model
+from trtwsi.engines.model import Model
 
 pytest.importorskip("onnxruntime", reason="export needs onnxruntime (pip install 'trtwsi[export]')")
 pytest.importorskip("onnxconverter_common", reason="pip install 'trtwsi[export]'")
 
 from export import build
-from trtwsi.demo import bundled_models_dir
+from trtwsi.app.demo import bundled_models_dir
 from trtwsi.engines import tensorrt as trt_adapter
 from trtwsi.engines.sidecar import engine_filename, find_engines, read_sidecar
 
@@ -101,7 +101,7 @@ def test_fp16_onnx_graph(built):
 def test_fp16_numerics_onnxruntime(built):
     """The FP16 ONNX vs the .pt with onnxruntime on the CPU, on 8 synthetic tiles."""
     from export.fp16 import check_numerics
-    from trtwsi.compare import sample_tiles
+    from trtwsi.app.compare import sample_tiles
 
     for stem in ("demo-yolo11n", "demo-yolo26n"):
         weights, engine = built[stem]

@@ -531,7 +531,7 @@ def test_real_model_head_output(weights, head):
     pytest.importorskip("ultralytics", reason="the demo model needs ultralytics")
     from pathlib import Path
 
-    from trtwsi.model import Model
+    from trtwsi.engines.model import Model
     from trtwsi.synthetic import Scene
 
     path = Path(__file__).resolve().parents[2] / "models" / weights

@@ -55,7 +55,7 @@ class EngineMeta:
 
     Shapes: input ``images`` ``(B, 3, imgsz, imgsz)`` of ``input_dtype`` (RGB in [0, 1]);
     output ``output0`` float32, ``(B, 4 + nc, N)`` for ``head="nms"`` or ``(B, max_det, 6)`` for
-    ``head="end2end"`` (see :mod:`trtwsi.model`), with ``B`` in ``[batch_min, batch_max]``.
+    ``head="end2end"`` (see :mod:`trtwsi.engines.model`), with ``B`` in ``[batch_min, batch_max]``.
 
     ``compute_capabilities``: the GPU architectures the plan runs on, as ``"8.6"`` strings;
     ``hardware_compatibility`` ``"ampere_plus"`` means any GPU of compute capability ≥ 8.0 (full

@@ -10,7 +10,7 @@ import torch
 from trtwsi.engines.base import check_batch
 
 if TYPE_CHECKING:
-    from trtwsi.model import Model
+    from trtwsi.engines.model import Model
 
 __all__ = ["TorchEngine"]
 
@@ -19,7 +19,7 @@ class TorchEngine:
     """The model's ``torch.nn.Module`` as an :class:`~trtwsi.engines.base.Engine`.
 
     Args:
-        model: the :class:`~trtwsi.model.Model` (its prepared ``module`` is used: fused, eval,
+        model: the :class:`~trtwsi.engines.model.Model` (its prepared ``module`` is used: fused, eval,
             with the head kind already selected).
         device: where to run (``"cpu"``, ``"cuda"``, ``"cuda:1"`` …). A ``torch.device`` is
             normalized so ``"cuda"`` means the current CUDA device.

@@ -19,14 +19,11 @@ import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
 from trtwsi.errors import RegionError, TileReadError
-
-if TYPE_CHECKING:
-    from trtwsi.tissue import Section
 
 OnError = Literal["record", "raise"]
 
@@ -88,7 +85,6 @@ class Slide(ABC):
         self.read_errors: list[TileReadError] = []
         self.properties: dict = {}
         self._errors_lock = threading.Lock()
-        self._sections_cache: dict = {}
 
     # --- geometry --------------------------------------------------------------------------
     @property
@@ -135,7 +131,7 @@ class Slide(ABC):
         if w * h > MAX_REGION_PIXELS:
             raise RegionError(
                 f"region {w}x{h} = {w * h} px exceeds the {MAX_REGION_PIXELS} px limit of one read; "
-                "read it in tiles (see trtwsi.tiling.TileGrid)"
+                "read it in tiles (see trtwsi.plan.grid.TileGrid)"
             )
         if out is None:
             out = np.empty((h, w, 3), dtype=np.uint8)
@@ -205,16 +201,6 @@ class Slide(ABC):
         return cv2.resize(
             img, (tw, th), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         )
-
-    # --- tissue ----------------------------------------------------------------------------
-    def sections(self, **kwargs) -> list[Section]:
-        """Tissue sections, ordered top-to-bottom then left-to-right (see trtwsi.tissue)."""
-        from trtwsi.tissue import find_sections
-
-        key = tuple(sorted(kwargs.items()))
-        if key not in self._sections_cache:
-            self._sections_cache[key] = find_sections(self, **kwargs)
-        return self._sections_cache[key]
 
     # --- description / lifetime ------------------------------------------------------------
     def info(self) -> SlideInfo:

@@ -1,0 +1,75 @@
+"""ProcessReader: worker processes decode regions into a shared ring, identical to direct reads,
+and tile errors they meet are recorded on the parent's slide (runs on the CPU: no pinning)."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from trtwsi.errors import TileReadError, TrtwsiError
+from trtwsi.read.processes import ProcessReader, process_readable
+from trtwsi.slide import open_slide
+from trtwsi.slide.tiff import TiffSlide
+
+from tests.slide.test_bad_input import W, _corrupt
+
+
+def test_process_reads_equal_direct_reads(svs_file):
+    with TiffSlide(svs_file) as s:
+        regions = [(0, 0, 700, 500, 0), (300, 200, 256, 256, 0), (-50, -40, 300, 300, 0)]
+        if len(s.levels) > 1:
+            regions.append((0, 0, 200, 150, 1))
+        want = [s.read_region(x, y, w, h, level=lv).copy() for x, y, w, h, lv in regions]
+        r = ProcessReader(s, processes=2, slots=2, slot_bytes=700 * 500 * 3, pin=False)
+        try:
+            for i, ((x, y, w, h, lv), exp) in enumerate(zip(regions, want, strict=True)):
+                got = r.read(i % 2, x, y, w, h, lv)
+                np.testing.assert_array_equal(got, exp)
+            with pytest.raises(TrtwsiError, match="does not fit"):
+                r.read(0, 0, 0, 1000, 1000, 0)
+        finally:
+            r.close()
+
+
+def test_tall_regions_are_read_in_strips_by_several_workers(tmp_path):
+    from trtwsi.synthetic import make_slide
+
+    path = tmp_path / "tall.tif"
+    make_slide(path, 1500, 2600, seed=4, n_sections=1)
+    with TiffSlide(path) as s:
+        cases = [(0, 0, 1500, 2600, 0), (-7, 13, 900, 2300, 0)]
+        if len(s.levels) > 1:  # integer downsample: strips; level origin from level-0 coords
+            cases.append((10, 30, 700, 1300, 1))
+        r = ProcessReader(s, processes=3, slots=1, slot_bytes=1500 * 2600 * 3, pin=False)
+        try:
+            for x, y, w, h, lv in cases:
+                want = s.read_region(x, y, w, h, level=lv)
+                np.testing.assert_array_equal(r.read(0, x, y, w, h, lv), want)
+        finally:
+            r.close()
+
+
+def test_tile_errors_in_workers_are_recorded_on_the_parent(tmp_path, svs_file):
+    bad = tmp_path / "bad.svs"
+    _corrupt(svs_file, bad, "junk", index=7)  # level 0, tile (row 1, col 1)
+    with TiffSlide(bad) as s:
+        r = ProcessReader(s, processes=1, slots=1, slot_bytes=W * 1000 * 3, pin=False)
+        try:
+            with pytest.warns(RuntimeWarning, match=r"tile \(row 1, col 1\)"):
+                got = r.read(0, 0, 0, W, 1000, 0)
+            assert (got[256:512, 256:512] == 255).all()
+            assert len(s.read_errors) == 1 and isinstance(s.read_errors[0], TileReadError)
+            assert s.read_errors[0].tile == (1, 1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r.read(0, 0, 0, W, 1000, 0)
+            assert len(s.read_errors) == 1  # same tile reported once
+        finally:
+            r.close()
+
+
+def test_array_slides_are_not_process_readable():
+    s = open_slide(np.zeros((10, 10, 3), np.uint8))
+    assert not process_readable(s)
+    with pytest.raises(TrtwsiError, match="readers='threads'"):
+        ProcessReader(s, processes=1, slots=1, slot_bytes=300)

@@ -1,0 +1,166 @@
+"""The GPU tile pipeline end to end: same detections as the CPU reference path.
+
+GPU tests (marker ``gpu``) skip with the reason unless torch sees a CUDA GPU and CuPy is
+installed; the CPU tests check the pipeline's selection and errors where no GPU exists.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import trtwsi
+from trtwsi.errors import TrtwsiError
+from trtwsi.ops.boxes import overlap_matrix
+from trtwsi.results.evaluate import precision_recall
+from trtwsi.runtime.gpu.device import gpu_unavailable_reason
+from trtwsi.synthetic import make_array, make_slide
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+NMS_MODEL = MODELS / "demo-yolo11n.pt"
+E2E_MODEL = MODELS / "demo-yolo26n.pt"
+WHY = gpu_unavailable_reason()
+gpu = pytest.mark.skipif(WHY is not None, reason=f"GPU pipeline unavailable: {WHY}")
+
+
+def _match(a, b, iou_min=0.9):
+    """Greedy one-to-one matching of two Detections tables (same class, IoU >= iou_min).
+
+    Returns (matched fraction of the larger table, max |score difference| over matches)."""
+    n = max(len(a), len(b))
+    if n == 0:
+        return 1.0, 0.0
+    iou = overlap_matrix(a.boxes, b.boxes)
+    iou[a.class_id[:, None] != b.class_id[None, :]] = 0
+    used = np.zeros(len(b), bool)
+    diffs = []
+    for i in np.argsort(-a.score):
+        row = np.where(used, 0, iou[i])
+        j = int(np.argmax(row)) if len(row) else -1
+        if j >= 0 and row[j] >= iou_min:
+            used[j] = True
+            diffs.append(abs(float(a.score[i]) - float(b.score[j])))
+    return len(diffs) / n, max(diffs, default=0.0)
+
+
+# --- CPU: selection and errors ---------------------------------------------------------------
+def test_cpu_device_uses_reference_path():
+    img, _ = make_array(700, 600, seed=3)
+    p = trtwsi.Predictor(img, [trtwsi.Model(NMS_MODEL)], device="cpu")
+    assert p.gpu_pipeline is False and p.batch == 8
+    res = p.run(region=(0, 0, 700, 600))
+    assert res.params["pipeline"] == "reference"
+
+
+def test_gpu_pipeline_on_cpu_is_a_clear_error():
+    img, _ = make_array(700, 600, seed=3)
+    with pytest.raises(TrtwsiError, match="needs a CUDA device"):
+        trtwsi.Predictor(img, [trtwsi.Model(NMS_MODEL)], device="cpu", gpu_pipeline=True)
+
+
+@pytest.mark.skipif(WHY is None, reason="this machine has a GPU")
+def test_unavailable_reason_names_the_missing_part():
+    assert WHY and ("GPU" in WHY or "CuPy" in WHY or "torch" in WHY)
+
+
+# --- GPU ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipe") / "pipe.tif"
+    gt = make_slide(path, 6000, 4500, seed=21)
+    return path, gt
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights", [NMS_MODEL, E2E_MODEL], ids=["nms", "end2end"])
+def test_gpu_pipeline_matches_cpu_path(slide, weights):
+    path, gt = slide
+    cpu = trtwsi.Predictor(path, [trtwsi.Model(weights)], device="cpu").run()
+    gpu_res = trtwsi.Predictor(path, [trtwsi.Model(weights)], device="cuda").run()
+    assert gpu_res.params["pipeline"] == "gpu"
+    frac, dscore = _match(cpu.detections, gpu_res.detections)
+    # fp16 model vs fp32 model: a handful of borderline boxes may differ
+    assert frac >= 0.97, (frac, len(cpu.detections), len(gpu_res.detections))
+    assert dscore < 0.05
+    # all sections go through one pipeline pass: each detection keeps its section
+    assert len(cpu.sections) >= 2
+    n_cpu = np.bincount(cpu.detections.section, minlength=len(cpu.sections))
+    n_gpu = np.bincount(gpu_res.detections.section, minlength=len(cpu.sections))
+    assert np.all(np.abs(n_cpu - n_gpu) <= np.maximum(2, 0.03 * n_cpu)), (n_cpu, n_gpu)
+    for s in precision_recall(
+        gpu_res.detections.boxes,
+        gpu_res.detections.score,
+        gpu_res.detections.class_id,
+        gt.boxes,
+        gt.class_names,
+    ):
+        assert s.precision >= 0.9 and s.recall >= 0.9, s.as_dict()
+    t = gpu_res.timings
+    for stage in ("read", "gpu_h2d", "gpu_preprocess", "gpu_infer", "gpu_postprocess"):
+        assert t.get(stage, 0) > 0, (stage, t)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_pipeline_matches_torch_cuda_reference_path(slide):
+    """Same fp16 model on the same GPU: kernels vs reference ops must agree almost exactly."""
+    path, _ = slide
+    models = [trtwsi.Model(NMS_MODEL), trtwsi.Model(E2E_MODEL)]
+    ref = trtwsi.Predictor(path, models, device="cuda", gpu_pipeline=False, batch=16).run()
+    got = trtwsi.Predictor(path, models, device="cuda", gpu_pipeline=True, batch=16).run()
+    for mi in range(2):
+        a = ref.detections[ref.detections.model == mi]
+        b = got.detections[got.detections.model == mi]
+        frac, dscore = _match(a, b, iou_min=0.99)
+        assert frac >= 0.995, (mi, frac, len(a), len(b))
+        assert dscore < 5e-3
+
+
+@gpu
+@pytest.mark.gpu
+def test_partial_batches_small_rings_borders_and_resize(slide):
+    """Tiny batch and rings force partial-batch flushes and slot reuse; a region over the slide
+    border gives filled tiles; mpp=1.0 on a 0.5 µm/px slide reads level 1 (or resizes)."""
+    path, _ = slide
+    m = trtwsi.Model(NMS_MODEL)
+    region = (4500, 3000, 2000, 2000)  # runs past the 6000x4500 slide
+    for kw in ({}, {"mpp": 1.0}):
+        cpu = trtwsi.Predictor(path, [m], device="cpu", **kw).run(region=region)
+        p = trtwsi.Predictor(path, [m], device="cuda", batch=3, workers=2, **kw)
+        pipe = p._pipeline([0])
+        pipe.host_slots, pipe.device_slots, pipe.depth = 2, 2, 2
+        got = p.run(region=region)
+        frac, _ = _match(cpu.detections, got.detections)
+        assert frac >= 0.95, (kw, frac, len(cpu.detections), len(got.detections))
+        assert got.n_tiles == cpu.n_tiles
+
+
+@gpu
+@pytest.mark.gpu
+def test_cuda_graph_replay_equals_eager():
+    import torch
+
+    from trtwsi.engines.torch import TorchEngine
+
+    m = trtwsi.Model(NMS_MODEL)
+    g = m.load_engine("cuda", half=True, batch_size=4)
+    e = TorchEngine(m, "cuda", half=True, batch_size=4, cuda_graph=False)
+    assert g.use_graph and not e.use_graph
+    x = torch.rand((4, 3, m.imgsz, m.imgsz), device="cuda", dtype=torch.float16)
+    a = g.infer(x).clone()
+    b = e.infer(x)
+    assert torch.equal(a, b) or torch.allclose(a, b, atol=1e-2, rtol=1e-3)
+    x2 = torch.rand_like(x)
+    g.input.copy_(x2)
+    assert torch.allclose(g.infer(g.input), e.infer(x2), atol=1e-2, rtol=1e-3)
+
+
+@gpu
+@pytest.mark.gpu
+def test_device_info():
+    from trtwsi.runtime.gpu.device import device_info
+
+    info = device_info(0)
+    assert info.compute_capability[0] >= 5 and info.multiprocessors > 0
+    assert info.as_dict()["compute_capability"].count(".") == 1

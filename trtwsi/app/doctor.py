@@ -1,0 +1,206 @@
+"""``trtwsi doctor``: what this machine can run, what does not fit, and how to fix it.
+
+Reports GPU, driver, CUDA runtime, torch, CuPy, TensorRT / TensorRT-RTX versions and whether
+they fit together; every engine in the models folder with "usable here" or why not; the pip
+commands that install what is missing. Works with no GPU, no CuPy and no TensorRT (each probe is
+guarded; a failing probe is reported, never raised).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+from pathlib import Path
+
+__all__ = ["Report", "collect", "format_report"]
+
+PIP = {
+    "torch-cuda": "pip install torch torchvision --index-url https://download.pytorch.org/whl/cu130",
+    "cupy": "pip install 'trtwsi[gpu]'   (cupy-cuda13x, cuda-python)",
+    "tensorrt_rtx": "pip install 'trtwsi[tensorrt-rtx]'   "
+    "(= pip install tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings, from PyPI)",
+    "tensorrt": "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13   "
+    "(full TensorRT from NVIDIA's package index; tensorrt-cu12 for CUDA 12 drivers/torch)",
+    "export": "pip install 'trtwsi[export]'   (onnx, onnxruntime, onnxconverter-common, onnxslim)",
+}
+
+
+@dataclasses.dataclass
+class Report:
+    """Everything ``doctor`` found. ``items``: (label, value) rows; ``problems`` and ``fixes``:
+    sentences; ``engines``: (path, "usable here" or the reason)."""
+
+    items: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    problems: list[str] = dataclasses.field(default_factory=list)
+    fixes: list[str] = dataclasses.field(default_factory=list)
+    engines: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def add(self, label: str, value: str) -> None:
+        self.items.append((label, value))
+
+    def fix(self, text: str) -> None:
+        if text not in self.fixes:
+            self.fixes.append(text)
+
+
+def _version(module: str) -> str | None:
+    try:
+        return str(importlib.import_module(module).__version__)
+    except Exception:
+        return None
+
+
+def _driver() -> tuple[str | None, str | None]:
+    """(driver version, max CUDA version the driver supports) via NVML, else (None, None)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            drv = pynvml.nvmlSystemGetDriverVersion()
+            cuda = pynvml.nvmlSystemGetCudaDriverVersion_v2()
+        finally:
+            pynvml.nvmlShutdown()
+        drv = drv.decode() if isinstance(drv, bytes) else str(drv)
+        return drv, f"{cuda // 1000}.{(cuda % 1000) // 10}"
+    except Exception:
+        return None, None
+
+
+def collect(models_dir: str | os.PathLike | None = None) -> Report:
+    """Probe the machine and the engines in ``models_dir`` (default: the bundled models)."""
+    from trtwsi.engines.sidecar import FLAVOURS, check_fit, find_engines
+    from trtwsi.engines.tensorrt import (
+        RTX_COMPUTE_CAPABILITIES,
+        TrtModule,
+        available_modules,
+        cuda_device_info,
+        runtime_info,
+    )
+
+    r = Report()
+    # --- torch, GPU, driver ---
+    torch_v = _version("torch")
+    torch_cuda = None
+    if torch_v is None:
+        r.add("torch", "not installed")
+        r.problems.append("torch is not installed: nothing can run (pip install 'trtwsi[torch]')")
+        r.fix("pip install 'trtwsi[torch]'")
+    else:
+        import torch
+
+        torch_cuda = torch.version.cuda
+        r.add("torch", f"{torch_v} (CUDA runtime {torch_cuda or 'none: a CPU build'})")
+    cc, gpu = cuda_device_info()
+    drv, drv_cuda = _driver()
+    r.add("GPU", f"{gpu} (compute capability {cc})" if gpu else "none visible to torch")
+    r.add("NVIDIA driver", f"{drv} (supports CUDA ≤ {drv_cuda})" if drv else "not found (no NVML)")
+    if gpu is None:
+        if drv:
+            r.problems.append(
+                "the driver is there but torch sees no GPU"
+                + (" (torch is a CPU build)" if torch_v and not torch_cuda else "")
+            )
+            r.fix(PIP["torch-cuda"])
+        else:
+            r.problems.append("no NVIDIA GPU/driver: trtwsi runs on the CPU (torch backend)")
+    if torch_cuda and drv_cuda and _ver(torch_cuda)[:1] > _ver(drv_cuda)[:1]:
+        r.problems.append(
+            f"torch was built for CUDA {torch_cuda} but the driver supports only CUDA {drv_cuda}: "
+            "update the driver or install a torch build for an older CUDA"
+        )
+    # --- CuPy ---
+    cupy_v = _version("cupy")
+    if cupy_v is None:
+        r.add("CuPy", "not installed (the GPU tile pipeline needs it)")
+        if gpu:
+            r.fix(PIP["cupy"])
+    else:
+        try:
+            import cupy
+
+            rt = cupy.cuda.runtime.runtimeGetVersion()
+            r.add("CuPy", f"{cupy_v} (CUDA runtime {rt // 1000}.{(rt % 1000) // 10})")
+        except Exception as e:
+            r.add("CuPy", f"{cupy_v} (CUDA runtime not usable: {type(e).__name__}: {e})")
+    # --- TensorRT flavours ---
+    mods = available_modules()
+    for flavour, mod in mods.items():
+        label = FLAVOURS[flavour]
+        if isinstance(mod, TrtModule):
+            note = ""
+            if flavour == "tensorrt_rtx" and cc and cc not in RTX_COMPUTE_CAPABILITIES:
+                note = (
+                    f"; cannot run engines on this GPU (compute capability {cc}; TensorRT-RTX "
+                    f"runs on {', '.join(RTX_COMPUTE_CAPABILITIES)}), builds for those GPUs only"
+                )
+                r.fix(PIP["tensorrt"] + "  — to run engines on this GPU")
+            r.add(label, f"{mod.version} (module {mod.trt.__name__}){note}")
+        else:
+            r.add(label, f"not importable ({mod})")
+    if not any(isinstance(m, TrtModule) for m in mods.values()):
+        r.problems.append("no TensorRT flavour is installed: models run with PyTorch")
+        if cc and cc in RTX_COMPUTE_CAPABILITIES:
+            r.fix(PIP["tensorrt_rtx"])
+        r.fix(PIP["tensorrt"])
+        if not cc:
+            r.fix(PIP["tensorrt_rtx"] + "  — enough to build engines for RTX GPUs on a CPU")
+    for m in ("onnx", "onnxruntime", "onnxconverter_common"):
+        if _version(m) is None:
+            r.add("export", f"{m} missing: python -m export.build will not run")
+            r.fix(PIP["export"])
+            break
+    else:
+        r.add("export", "onnx, onnxruntime, onnxconverter-common installed")
+    # --- engines ---
+    if models_dir is None:
+        from trtwsi.app.demo import bundled_models_dir
+
+        models_dir = bundled_models_dir()
+    models_dir = Path(models_dir)
+    r.add("models", str(models_dir))
+    for pt in sorted(models_dir.glob("*.pt")):
+        engines = find_engines(pt)
+        if not engines:
+            r.engines.append((pt.name, f"no engine (python -m export.build --fp16 --model {pt})"))
+        sha = None
+        for path, meta in engines:
+            if isinstance(meta, Exception):
+                r.engines.append((path.name, f"unusable: {meta}"))
+                continue
+            if sha is None:
+                from trtwsi.engines.model import Model
+
+                try:
+                    sha = Model.file_sha256(pt)
+                except OSError:
+                    sha = ""
+            why = check_fit(meta, runtime_info("cuda", meta.flavour), weights_sha256=sha or None)
+            r.engines.append((path.name, "usable here" if why is None else f"not usable: {why}"))
+    return r
+
+
+def _ver(v: str) -> tuple[int, ...]:
+    out = []
+    for part in str(v).split("."):
+        digits = "".join(ch for ch in part if ch.isdigit())
+        out.append(int(digits or 0))
+    return tuple(out)
+
+
+def format_report(r: Report) -> str:
+    width = max((len(k) for k, _ in r.items), default=8) + 2
+    lines = [f"{k:<{width}}{v}" for k, v in r.items]
+    lines.append("")
+    lines.append("engines:" if r.engines else "engines: none found")
+    lines += [f"  {name}: {status}" for name, status in r.engines]
+    if r.problems:
+        lines.append("")
+        lines.append("problems:")
+        lines += [f"  - {p}" for p in r.problems]
+    if r.fixes:
+        lines.append("")
+        lines.append("to install what is missing:")
+        lines += [f"  {f}" for f in r.fixes]
+    return "\n".join(lines)
