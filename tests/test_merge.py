@@ -71,6 +71,58 @@ def test_random_small_sets_equal_reference(seed):
     both(boxes, scores, classes, method="greedy", box_merge="weighted", threshold=0.2)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_random_sets_with_tiles_equal_reference(seed):
+    rng = np.random.default_rng(50 + seed)
+    for case in range(6):
+        integer = case % 2 == 0
+        boxes, scores, classes = random_case(rng, int(rng.integers(0, 80)), integer=integer)
+        n = len(scores)
+        tiles = rng.integers(0, 1 + case, n)  # case 0: every box in one tile
+        groups = rng.integers(0, 2, n)
+        for method in METHODS:
+            for metric in METRICS:
+                for thr in (0.0, 0.3, 0.5):
+                    kw = {"method": method, "metric": metric, "threshold": thr}
+                    r = both(boxes, scores, classes, tiles=tiles, class_aware=bool(case % 3), **kw)
+                    if case == 0:  # one tile: nothing is compared, nothing merges
+                        assert len(r) == n
+                        np.testing.assert_array_equal(np.sort(r.keep), np.arange(n))
+                    # each box its own tile: exactly the result without tile ids
+                    own = both(boxes, scores, classes, tiles=np.arange(n) * 7 - 3, **kw)
+                    assert_same(own, merge_detections(boxes, scores, classes, **kw))
+                both(boxes, scores, classes, tiles=tiles, groups=groups, method=method)
+        both(boxes, scores, classes, tiles=tiles, method="greedy", box_merge="weighted")
+
+
+def test_tiles_merge_only_across_tiles():
+    """Issue 10: two same-class boxes of one tile overlapping by IoS 0.6 (the model's NMS kept
+    both) both survive; the neighbouring tile's duplicate of one of them is removed."""
+    a = [0.0, 0.0, 100.0, 100.0]
+    b = [40.0, 0.0, 140.0, 100.0]  # IoS(a, b) = 6000 / 10000 = 0.6
+    dup_b = [41.0, 1.0, 139.0, 99.0]  # the neighbour's report of b
+    boxes = np.array([a, b, dup_b])
+    assert pair_overlap(boxes[0], boxes[1], "ios") == pytest.approx(0.6)
+    scores = np.array([0.9, 0.8, 0.7], dtype=np.float32)
+    classes = np.array([0, 0, 0])
+    tiles = np.array([4, 4, 5])
+    for method in METHODS:
+        r = both(boxes, scores, classes, tiles=tiles, method=method)
+        np.testing.assert_array_equal(r.keep, [0, 1])
+        np.testing.assert_array_equal(r.cluster, [0, 1, 0])  # dup_b: best kept box of tile 5's
+        assert len(both(boxes, scores, classes, method=method)) == 1  # without tiles: b is lost
+    # a box suppressed by another tile suppresses nothing: r overlaps q only, q is suppressed
+    p, q, r = [0.0, 0.0, 10.0, 10.0], [5.0, 0.0, 15.0, 10.0], [12.0, 0.0, 22.0, 10.0]
+    chain = np.array([p, q, r])
+    assert pair_overlap(chain[0], chain[2], "iou") == 0.0
+    for tiles in ([0, 1, 0], [0, 1, 2]):
+        res = both(chain, scores, classes, tiles=np.array(tiles), metric="iou", threshold=0.1)
+        np.testing.assert_array_equal(res.keep, [0, 2])
+    # one tile only (a 640² region): the merge returns every box the model kept
+    r = both(boxes, scores, classes, tiles=np.zeros(3, np.int64), threshold=0.0)
+    np.testing.assert_array_equal(r.keep, [0, 1, 2])
+
+
 def test_sizes_over_many_orders_of_magnitude_equal_reference():
     # boxes from 0.01 px to 10^5 px: many levels of the spatial index
     rng = np.random.default_rng(1)
@@ -292,6 +344,10 @@ def test_invalid_inputs_raise_typed_errors():
         merge_detections(good, np.zeros(1), threshold=1.5)
     with pytest.raises(MergeError, match="integers"):
         merge_detections(good, np.zeros(1), np.array([0.5]))
+    with pytest.raises(MergeError, match="tiles must have shape"):
+        merge_detections(good, np.zeros(1), tiles=np.zeros(2, np.int64))
+    with pytest.raises(MergeError, match="tiles must be integers"):
+        merge_detections(good, np.zeros(1), tiles=np.array([0.5]))
     assert issubclass(MergeError, ValueError)
 
 
@@ -389,6 +445,23 @@ def test_defaults_give_one_detection_per_object_on_seams():
         np.testing.assert_array_equal(np.sort(sim.gt_index[r.keep]), np.arange(len(gt)))
         same_object = sim.gt_index == sim.gt_index[r.keep][r.cluster]
         assert same_object.all()
+
+
+def test_seams_still_merge_with_tile_ids():
+    """With tile ids the seams merge as well as without (the simulated detector reports each
+    object at most once per tile, so every duplicate is a cross-tile pair)."""
+    side = 3200
+    for kind in ("seams", "nuclei"):
+        rng = np.random.default_rng(12)
+        gt = make_layout(kind, side, side, rng, n_classes=2)
+        sim = simulate_tiled_detections(gt, 640, 0.2, side, side, rng)
+        f1 = {}
+        for tiles in (None, sim.tile_index):
+            r = merge_detections(sim.boxes, sim.scores, sim.classes, tiles=tiles)
+            f1[tiles is None] = evaluate_detections(r.boxes, r.scores, r.classes, gt)["f1"]
+        assert f1[False] >= f1[True] - 1e-3, (kind, f1)
+        if kind == "seams":
+            assert f1[False] == 1.0
 
 
 def test_iou_threshold_misses_partial_boxes_that_ios_removes():
