@@ -8,7 +8,10 @@ Not part of the default test run (``testpaths = ["tests"]``). Two ways to run it
 Both write ``bench/results/merge-<machine>.json``: the machine (CPU, cores, numpy), merge times
 for 10⁵ and 10⁶ boxes (random boxes with ~1.5 % near-duplicates, and a simulated tiled run where
 ~40 % of the objects are reported by several tiles), and the precision/recall table of every
-method × metric × threshold on simulated tiled layouts (see trtwsi.merge.simulate_tiled_detections).
+method × metric × threshold on simulated tiled layouts (trtwsi.synthetic.tiled).
+The merge is given each report's tile (``tiles=sim.tile_index``: same-tile boxes are never
+compared, issue 10); ``--all-pairs`` measures the old rule (every pair compared) into the
+``defaults_table_all_pairs`` section instead, ``--seed N`` (N > 0) into ``..._seedN``.
 """
 
 from __future__ import annotations
@@ -60,22 +63,27 @@ def random_boxes(n: int, rng: np.random.Generator, dup: float = 0.015):
     d = b[rng.choice(n - k, k, replace=False)] + rng.normal(0, 1.0, (k, 4))
     d[:, 2:] = np.maximum(d[:, 2:], d[:, :2] + 1)
     b[n - k :] = d
-    return b, rng.uniform(0.2, 1, n).astype(np.float32), rng.integers(0, 2, n)
+    return b, rng.uniform(0.2, 1, n).astype(np.float32), rng.integers(0, 2, n), None
 
 
 def tiled_boxes(n: int, rng: np.random.Generator):
-    """About ``n`` detections of a simulated tiled run over a nuclei layout."""
+    """About ``n`` detections (boxes, scores, classes, tile ids) of a simulated tiled run over a
+    nuclei layout."""
     side = int(np.sqrt(n / 1.6) * 32)  # nuclei pitch 32 px, ~1.6 reports per object
     gt = make_layout("nuclei", side, side, rng, tile=TILE, overlap=OVERLAP, n_classes=2)
     sim = simulate_tiled_detections(gt, TILE, OVERLAP, side, side, rng)
-    return sim.boxes, sim.scores, sim.classes
+    return sim.boxes, sim.scores, sim.classes, sim.tile_index
 
 
 # ------------------------------------------------------------------------------------------
 # the defaults measurement
 # ------------------------------------------------------------------------------------------
-def measure_defaults(seed: int = 0, thresholds=THRESHOLDS, layouts=LAYOUTS) -> list[dict]:
-    """Precision/recall/F1 at IoU 0.5 of every (method, metric, threshold) on each layout."""
+def measure_defaults(
+    seed: int = 0, thresholds=THRESHOLDS, layouts=LAYOUTS, use_tiles: bool = True
+) -> list[dict]:
+    """Precision/recall/F1 at IoU 0.5 of every (method, metric, threshold) on each layout;
+    ``use_tiles``: pass the simulated tile of each report as ``tiles=`` (same-tile pairs are
+    never compared), else compare every pair (the rule before tile ids)."""
     rows = []
     for label, kind, side, min_visible, jitter in layouts:
         rng = np.random.default_rng(seed)
@@ -83,6 +91,7 @@ def measure_defaults(seed: int = 0, thresholds=THRESHOLDS, layouts=LAYOUTS) -> l
         sim = simulate_tiled_detections(
             gt, TILE, OVERLAP, side, side, rng, jitter_px=jitter, min_visible=min_visible
         )
+        tiles = sim.tile_index if use_tiles else None
         base = {"layout": label, "n_gt": int(gt.shape[0]), "n_reports": int(sim.scores.size)}
         ev = evaluate_detections(sim.boxes, sim.scores, sim.classes, gt)
         rows.append({**base, "method": "none", "metric": "-", "threshold": None, **ev})
@@ -96,6 +105,7 @@ def measure_defaults(seed: int = 0, thresholds=THRESHOLDS, layouts=LAYOUTS) -> l
                         method=method,
                         metric=metric,
                         threshold=thr,
+                        tiles=tiles,
                     )
                     ev = evaluate_detections(r.boxes, r.scores, r.classes, gt)
                     rows.append(
@@ -151,13 +161,13 @@ def write_results(update: dict) -> Path:
 
 def time_merge(maker, n: int, repeat: int = 3, **kw) -> dict:
     rng = np.random.default_rng(0)
-    b, s, c = maker(n, rng)
+    b, s, c, t = maker(n, rng)
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
-        r = merge_detections(b, s, c, **kw)
+        r = merge_detections(b, s, c, tiles=t, **kw)
         best = min(best, time.perf_counter() - t0)
-    return {"n_boxes": int(s.size), "n_kept": len(r), "seconds": best, **kw}
+    return {"n_boxes": int(s.size), "n_kept": len(r), "seconds": best, "tiles": t is not None, **kw}
 
 
 # ------------------------------------------------------------------------------------------
@@ -169,10 +179,9 @@ _SPEED: dict = {}
 def _bench(benchmark, maker, n, method):
     import pytest  # noqa: F401  (only under pytest)
 
-    b, s, c = maker(n, np.random.default_rng(0))
-    r = benchmark.pedantic(
-        merge_detections, args=(b, s, c), kwargs={"method": method}, rounds=3, iterations=1
-    )
+    b, s, c, t = maker(n, np.random.default_rng(0))
+    kw = {"method": method, "tiles": t}
+    r = benchmark.pedantic(merge_detections, args=(b, s, c), kwargs=kw, rounds=3, iterations=1)
     key = f"{maker.__name__}-{n}-{method}"
     _SPEED[key] = {"n_boxes": int(s.size), "n_kept": len(r), "seconds": benchmark.stats["min"]}
     write_results({"speed_pytest_benchmark": _SPEED})
@@ -209,6 +218,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="10^5 boxes only; skip 10^6")
     ap.add_argument("--table-only", action="store_true", help="only the defaults table")
+    ap.add_argument(
+        "--all-pairs",
+        action="store_true",
+        help="defaults table under the old rule (same-tile pairs compared too), saved as "
+        "defaults_table_all_pairs",
+    )
+    ap.add_argument("--seed", type=int, default=0, help="seed of the simulated layouts")
     args = ap.parse_args(argv)
     info = machine_info()
     print(f"machine: {info['device']}; numpy {info['numpy']}")
@@ -227,9 +243,10 @@ def main(argv=None) -> int:
                         f"kept={r['n_kept']:>8}  {r['seconds']:.3f} s"
                     )
         out["speed"] = speed
-    rows = measure_defaults()
+    rows = measure_defaults(seed=args.seed, use_tiles=not args.all_pairs)
     print(format_table(rows))
-    out["defaults_table"] = rows
+    key = "defaults_table_all_pairs" if args.all_pairs else "defaults_table"
+    out[key if args.seed == 0 else f"{key}_seed{args.seed}"] = rows
     print(f"wrote {write_results(out)}")
     return 0
 
