@@ -34,13 +34,23 @@ def write_geojson(det: Detections, f) -> None:
 
     Each detection is a Feature whose geometry is a Polygon: the closed ring ``(x1, y1), (x2,
     y1), (x2, y2), (x1, y2), (x1, y1)`` in level-0 px (QuPath's pixel coordinates of the full
-    resolution image). ``properties``: ``objectType: "detection"``, ``name`` (class name),
-    ``classification: {"name", "color": [r, g, b]}``, ``measurements: {"confidence": score}``,
-    ``model`` (model name) and ``section`` (index, -1 if none).
+    resolution image). ``properties``:
 
-    ``measurements`` is a JSON object (name → number): the form QuPath writes since 0.4 and
-    reads in 0.4/0.5 (QuPath 0.3 wrote a list of ``{"name", "value"}``, which newer versions
-    still read). QuPath ignores properties it does not know (``model``, ``section``).
+    - ``objectType: "detection"``, ``name`` (class name), ``classification: {"name", "color":
+      [r, g, b]}`` (QuPath needs both keys to parse a classification object);
+    - ``measurements`` (name → number): ``confidence`` (score), ``class_id`` (within its model),
+      ``model_index`` and ``section`` (index, -1 if none);
+    - ``metadata`` (name → string): ``model`` (the model's name);
+    - ``model`` (name) and ``section`` at the top level too, for tools reading plain GeoJSON.
+
+    What QuPath keeps on import (``parseObject`` in qupath-core's ``qupath/lib/io/
+    QuPathTypeAdapters.java``, 0.4–0.6): ``name``, ``color``, ``classification``, ``isLocked``,
+    ``isMissing``, ``measurements``, ``metadata``, ``objectType``, ``childObjects``; any other
+    property (our top-level ``model``, ``section``) is dropped. Measurements are read as a
+    name → number object since 0.4 (0.4 needs every value to be a JSON number; 0.5+ also
+    accepts "NaN"/"Inf" strings). ``metadata`` is kept on every object from 0.5 (string
+    values); QuPath 0.4 keeps it only on TMA cores, so there the model survives as
+    ``model_index`` alone. A ``:`` in a class name makes QuPath read a derived class.
     """
     n = len(det)
     bad = ~(
@@ -72,6 +82,8 @@ def write_geojson(det: Detections, f) -> None:
     x1, y1, x2, y2 = (getattr(det, c).tolist() for c in ("x1", "y1", "x2", "y2"))
     scores = _float32_text(det.score)
     models, sections, nms = det.model.tolist(), det.section.tolist(), names.tolist()
+    class_ids = det.class_id.tolist()
+    meta = [',"metadata":{"model":' + json.dumps(m) + "}}}" for m in det.model_names]
     for i in range(n):
         a, b, c, d = repr(x1[i]), repr(y1[i]), repr(x2[i]), repr(y2[i])
         ring = f"[[{a},{b}],[{c},{b}],[{c},{d}],[{a},{d}],[{a},{b}]]"
@@ -81,7 +93,9 @@ def write_geojson(det: Detections, f) -> None:
             + ring
             + ']},"properties":{'
             + frag[(models[i], nms[i])]
-            + f',"section":{sections[i]},"measurements":{{"confidence":{scores[i]}}}}}}}'
+            + f',"section":{sections[i]},"measurements":{{"confidence":{scores[i]},'
+            f'"class_id":{class_ids[i]},"model_index":{models[i]},"section":{sections[i]}}}'
+            + meta[models[i]]
         )
     f.write("\n]}\n")
 
