@@ -329,7 +329,7 @@ def test_make_slide_memory_is_bounded(tmp_path, monkeypatch):
 
     monkeypatch.setattr(Scene, "render", spy)
     # the sprite cache is bounded separately (SPRITE_CACHE_BYTES); measure the writer alone
-    monkeypatch.setattr(synthetic, "SPRITE_CACHE_BYTES", 0)
+    monkeypatch.setattr(synthetic.scene, "SPRITE_CACHE_BYTES", 0)
     Scene(64, 64, seed=12)  # textures are cached per seed: keep them out of the measurement
     peaks = []
     for h in (2000, 8000):

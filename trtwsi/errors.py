@@ -102,3 +102,7 @@ class UnsupportedOutputFormatError(ExportError):
 
 class MergeError(TrtwsiError, ValueError):
     """Invalid input to the merge (shapes, non-finite values, inverted boxes, unknown option)."""
+
+
+class ReaderStartError(TrtwsiError):
+    """The slide reader processes could not start (the message says why and what to do)."""

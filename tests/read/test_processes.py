@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from trtwsi.errors import TileReadError, TrtwsiError
-from trtwsi.read.processes import ProcessReader, process_readable
+from trtwsi.read.processes import ReaderPool, process_readable
 from trtwsi.slide import open_slide
 from trtwsi.slide.tiff import TiffSlide
 
@@ -20,13 +20,13 @@ def test_process_reads_equal_direct_reads(svs_file):
         if len(s.levels) > 1:
             regions.append((0, 0, 200, 150, 1))
         want = [s.read_region(x, y, w, h, level=lv).copy() for x, y, w, h, lv in regions]
-        r = ProcessReader(s, processes=2, slots=2, slot_bytes=700 * 500 * 3, pin=False)
+        r = ReaderPool(processes=2, slots=2, slot_bytes=700 * 500 * 3, pin=False)
         try:
             for i, ((x, y, w, h, lv), exp) in enumerate(zip(regions, want, strict=True)):
-                got = r.read(i % 2, x, y, w, h, lv)
+                got = r.read(i % 2, s, x, y, w, h, lv)
                 np.testing.assert_array_equal(got, exp)
             with pytest.raises(TrtwsiError, match="does not fit"):
-                r.read(0, 0, 0, 1000, 1000, 0)
+                r.read(0, s, 0, 0, 1000, 1000, 0)
         finally:
             r.close()
 
@@ -40,11 +40,11 @@ def test_tall_regions_are_read_in_strips_by_several_workers(tmp_path):
         cases = [(0, 0, 1500, 2600, 0), (-7, 13, 900, 2300, 0)]
         if len(s.levels) > 1:  # integer downsample: strips; level origin from level-0 coords
             cases.append((10, 30, 700, 1300, 1))
-        r = ProcessReader(s, processes=3, slots=1, slot_bytes=1500 * 2600 * 3, pin=False)
+        r = ReaderPool(processes=3, slots=1, slot_bytes=1500 * 2600 * 3, pin=False)
         try:
             for x, y, w, h, lv in cases:
                 want = s.read_region(x, y, w, h, level=lv)
-                np.testing.assert_array_equal(r.read(0, x, y, w, h, lv), want)
+                np.testing.assert_array_equal(r.read(0, s, x, y, w, h, lv), want)
         finally:
             r.close()
 
@@ -53,16 +53,16 @@ def test_tile_errors_in_workers_are_recorded_on_the_parent(tmp_path, svs_file):
     bad = tmp_path / "bad.svs"
     _corrupt(svs_file, bad, "junk", index=7)  # level 0, tile (row 1, col 1)
     with TiffSlide(bad) as s:
-        r = ProcessReader(s, processes=1, slots=1, slot_bytes=W * 1000 * 3, pin=False)
+        r = ReaderPool(processes=1, slots=1, slot_bytes=W * 1000 * 3, pin=False)
         try:
             with pytest.warns(RuntimeWarning, match=r"tile \(row 1, col 1\)"):
-                got = r.read(0, 0, 0, W, 1000, 0)
+                got = r.read(0, s, 0, 0, W, 1000, 0)
             assert (got[256:512, 256:512] == 255).all()
             assert len(s.read_errors) == 1 and isinstance(s.read_errors[0], TileReadError)
             assert s.read_errors[0].tile == (1, 1)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                r.read(0, 0, 0, W, 1000, 0)
+                r.read(0, s, 0, 0, W, 1000, 0)
             assert len(s.read_errors) == 1  # same tile reported once
         finally:
             r.close()
@@ -71,5 +71,28 @@ def test_tile_errors_in_workers_are_recorded_on_the_parent(tmp_path, svs_file):
 def test_array_slides_are_not_process_readable():
     s = open_slide(np.zeros((10, 10, 3), np.uint8))
     assert not process_readable(s)
-    with pytest.raises(TrtwsiError, match="readers='threads'"):
-        ProcessReader(s, processes=1, slots=1, slot_bytes=300)
+
+
+def test_one_pool_reads_several_slides_and_leaves_nothing_behind(tmp_path, svs_file):
+    """The pool is slide-agnostic: two slides through one pool, each read equal to a direct
+    read; after close() no worker process and no /dev/shm segment is left."""
+    import os
+
+    from trtwsi.synthetic import make_slide
+
+    other = tmp_path / "other.tif"
+    make_slide(other, 900, 700, seed=5, n_sections=1)
+    with TiffSlide(svs_file) as a, TiffSlide(other) as b:
+        r = ReaderPool(processes=2, slots=2, slot_bytes=600 * 400 * 3, pin=False)
+        pids = [p.pid for p in r._pool._processes.values()]
+        shm = r.shm_path
+        assert len(pids) == 2 and os.path.exists(shm)
+        for _ in range(2):
+            for k, sl in enumerate((a, b, a)):
+                want = sl.read_region(11, 7, 600, 400, level=0)
+                np.testing.assert_array_equal(r.read(k % 2, sl, 11, 7, 600, 400, 0), want)
+        r.close()
+    assert not os.path.exists(shm)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)

@@ -22,7 +22,7 @@ def bundled_models_dir() -> Path:
     env = os.environ.get("TRTWSI_MODELS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "models"
+    return Path(__file__).resolve().parents[2] / "models"
 
 
 def run_demo(

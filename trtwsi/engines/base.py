@@ -51,6 +51,11 @@ class Engine(Protocol):
         """
         ...
 
+    def close(self) -> None:
+        """Release what the engine holds on its device (CUDA graph, buffers, execution context);
+        the engine cannot run afterwards. Idempotent."""
+        ...
+
 
 def check_batch(engine: Engine, batch: torch.Tensor) -> None:
     """Raise ValueError unless ``batch`` is a valid :meth:`Engine.infer` input for ``engine``."""

@@ -384,6 +384,14 @@ class TensorRTEngine:
         with torch.cuda.stream(stream):
             self._graph.replay()
 
+    def close(self) -> None:
+        """Free the CUDA graph, the execution context, the engine and the runtime, in that
+        order (a context must go before its engine)."""
+        self._graph = None
+        for name in ("_context", "_engine", "_runtime"):
+            if getattr(self, name, None) is not None:
+                setattr(self, name, None)
+
     def __repr__(self) -> str:
         return (
             f"TensorRTEngine({self.path.name!r}, {self.mod.label}, device={str(self.device)!r}, "

@@ -125,6 +125,13 @@ class TorchEngine:
             raise RuntimeError(f"{self.model.name}: unexpected head output shape {tuple(y.shape)}")
         return y.float()
 
+    def close(self) -> None:
+        """Drop the CUDA graph, its static buffers and the device copy of the module."""
+        self._graph = None
+        self._output = None
+        self.input = None
+        self.module = None
+
     def __repr__(self) -> str:
         return (
             f"TorchEngine(model={self.model.name!r}, device={str(self.device)!r}, dtype={self.dtype}, "

@@ -2,13 +2,17 @@
 
 Why processes: one process decoding JPEG tiles in threads tops out around 0.6 gigapixels/s on a
 16-core host (the GIL is taken per tile; ``bench/results/read-*.json``), below what one GPU
-consumes. Worker processes each open the slide themselves and decode regions into a ring of
-buffers that live in one shared memory file (``/dev/shm``); the parent maps the same file and,
-when a CUDA GPU is present, page-locks it (``cudaHostRegister``), so the host → device copy of a
-chunk reads the very bytes the worker wrote: no extra copy, no pickling of pixels.
+consumes. Worker processes decode regions into a ring of buffers that live in one shared memory
+file (``/dev/shm``); the owner maps the same file and, when a CUDA GPU is present, page-locks it
+(``cudaHostRegister``), so the host → device copy of a chunk reads the very bytes the worker
+wrote: no extra copy, no pickling of pixels.
 
-Only slides opened from a file can be read this way (the workers reopen it by path);
-:func:`process_readable` says whether a slide qualifies.
+The pool is not tied to a slide: a request names the slide (:class:`SlideRef`: path, reader
+kind, mpp, on_error), the level, the region and the ring slot; each worker keeps a few slides
+open (:data:`OPEN_SLIDES`, least recently used closed first). So one pool serves every slide a
+:class:`~trtwsi.runtime.Runtime` runs, and starts once per runtime, not per slide.
+
+Only slides opened from a file can be read this way; :func:`process_readable` says which.
 """
 
 from __future__ import annotations
@@ -18,24 +22,40 @@ import mmap
 import os
 import tempfile
 import warnings
+from collections import OrderedDict
 from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
 
 import numpy as np
 
-from trtwsi.errors import TileReadError, TrtwsiError
+from trtwsi._util.spawn import main_module_hidden
+from trtwsi.errors import ReaderStartError, TileReadError, TrtwsiError
 from trtwsi.read.host import SharedBuffer
 
-__all__ = ["ProcessReader", "ReaderStartError", "SharedBuffer", "process_readable"]
+__all__ = ["OPEN_SLIDES", "ReaderPool", "SlideRef", "process_readable"]
 
 
 #: Strip height (rows) when a region is split across workers: a multiple of the usual 256/512
 #: file-tile heights, so strips rarely share a file tile (which would decode it twice).
 STRIP_ROWS = 512
+#: Slides each worker keeps open (file handles, parsed headers).
+OPEN_SLIDES = 4
 
 
-class ReaderStartError(TrtwsiError):
-    """The reader processes could not start (typically: a script using spawned processes
-    without an ``if __name__ == "__main__":`` guard, or the slide fails to open in them)."""
+class SlideRef(NamedTuple):
+    """How a worker process reopens a slide: ``kind`` is ``"openslide"`` or ``"auto"``."""
+
+    path: str
+    kind: str
+    mpp: float | None
+    on_error: str
+
+    @classmethod
+    def of(cls, slide) -> SlideRef:
+        from trtwsi.slide.openslide_reader import OpenSlideSlide
+
+        kind = "openslide" if isinstance(slide, OpenSlideSlide) else "auto"
+        return cls(str(slide.path), kind, slide.mpp, slide.on_error)
 
 
 def process_readable(slide) -> bool:
@@ -49,117 +69,131 @@ def process_readable(slide) -> bool:
 _W: dict = {}
 
 
-def _worker_init(kind: str, path: str, mpp, on_error: str, shm_path: str, size: int) -> None:
-    from trtwsi.slide import open_slide
-
-    if kind == "openslide":
-        from trtwsi.slide.openslide_reader import OpenSlideSlide
-
-        _W["slide"] = OpenSlideSlide(path, mpp=mpp, on_error=on_error)
-    else:
-        _W["slide"] = open_slide(path, mpp=mpp, on_error=on_error, threads=1)
+def _worker_init(shm_path: str, size: int) -> None:
     fd = os.open(shm_path, os.O_RDWR)
     try:
         _W["map"] = mmap.mmap(fd, size)
     finally:
         os.close(fd)
     _W["array"] = np.frombuffer(_W["map"], dtype=np.uint8)
+    _W["slides"] = OrderedDict()
 
 
 def _worker_ping() -> int:
     return os.getpid()
 
 
-def _worker_read(offset: int, x: int, y: int, w: int, h: int, level: int) -> list[dict]:
-    """Read one region into the shared ring; return the tile errors it recorded (as dicts)."""
-    slide = _W["slide"]
+def _open(ref: SlideRef):
+    slides: OrderedDict = _W["slides"]
+    slide = slides.get(ref)
+    if slide is not None:
+        slides.move_to_end(ref)
+        return slide
+    if ref.kind == "openslide":
+        from trtwsi.slide.openslide_reader import OpenSlideSlide
+
+        slide = OpenSlideSlide(ref.path, mpp=ref.mpp, on_error=ref.on_error)
+    else:
+        from trtwsi.slide import open_slide
+
+        slide = open_slide(ref.path, mpp=ref.mpp, on_error=ref.on_error, threads=1)
+    slides[ref] = slide
+    while len(slides) > OPEN_SLIDES:
+        _, old = slides.popitem(last=False)
+        with contextlib.suppress(Exception):
+            old.close()
+    return slide
+
+
+def _worker_read(
+    ref: SlideRef, offset: int, x: int, y: int, w: int, h: int, level: int
+) -> list[dict]:
+    """Read one region of ``ref`` into the shared ring at byte ``offset``; return the tile
+    errors it met (as dicts). A slide that fails to open raises (the caller's slide fails)."""
+    slide = _open(ref)
     out = _W["array"][offset : offset + w * h * 3].reshape(h, w, 3)
     before = len(slide.read_errors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the parent re-records and warns once
         slide.read_region(x, y, w, h, level=level, out=out)
-    return [
-        {"message": str(e), "level": e.level, "tile": e.tile, "region": e.region}
-        for e in slide.read_errors[before:]
-    ]
+    errs = slide.read_errors[before:]
+    del slide.read_errors[before:]  # the parent's slide keeps them; the cache stays small
+    return [{"message": str(e), "level": e.level, "tile": e.tile, "region": e.region} for e in errs]
 
 
-# --- parent side -------------------------------------------------------------------------------
-class ProcessReader:
-    """``processes`` worker processes reading ``slide`` into ``slots`` shared buffers.
+# --- owner side --------------------------------------------------------------------------------
+class ReaderPool:
+    """``processes`` worker processes decoding slide regions into ``slots`` shared buffers.
 
     Args:
-        slide: a slide opened from a file (:func:`process_readable`); tile errors the workers
-            meet are recorded on it as if it had read them itself.
-        processes: number of worker processes (spawned: safe with CUDA in the parent).
-        slots: ring size; ``slot_bytes``: size of each slot (the largest chunk, h * w * 3).
+        processes: number of worker processes (spawned: safe with CUDA in the parent; the
+            caller's ``__main__`` module is not re-imported by them, so a script without an
+            ``if __name__ == "__main__":`` guard works too).
+        slots: ring size; ``slot_bytes``: size of each slot (the largest chunk, h × w × 3).
         pin: page-lock the shared mapping with ``cudaHostRegister`` (needs CuPy and a GPU;
             skipped with a warning if it fails: copies are then synchronous but correct).
 
     :meth:`read` blocks the calling thread until the region is in the slot (call it from a
-    reader thread); :meth:`close` stops the workers and releases the mapping.
+    reader thread); :meth:`close` stops the workers and removes the shared file.
+
+    Raises:
+        ReaderStartError: the workers could not start (the message says why and what to do).
     """
 
-    def __init__(self, slide, processes: int, slots: int, slot_bytes: int, pin: bool = True):
+    def __init__(self, processes: int, slots: int, slot_bytes: int, pin: bool = True):
         import multiprocessing as mp
 
-        if not process_readable(slide):
-            raise TrtwsiError(
-                f"{slide!r} cannot be read in worker processes (not opened from a file); use "
-                "readers='threads'"
-            )
-        self.slide = slide
+        self.processes = max(1, int(processes))
         self.slot_bytes = int(slot_bytes)
-        size = self.slot_bytes * int(slots)
+        self.size = self.slot_bytes * int(slots)
+        self._pool = None
+        self._registered = None
         shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
-        fd, self._shm_path = tempfile.mkstemp(prefix="trtwsi-ring-", dir=shm_dir)
+        fd, self.shm_path = tempfile.mkstemp(prefix="trtwsi-ring-", dir=shm_dir)
         try:
-            os.ftruncate(fd, size)
-            self._map = mmap.mmap(fd, size)
+            os.ftruncate(fd, self.size)
+            self._map = mmap.mmap(fd, self.size)
         finally:
             os.close(fd)
         self._array = np.frombuffer(self._map, dtype=np.uint8)
         self.buffers = [
             SharedBuffer(self._array, i * self.slot_bytes, self.slot_bytes) for i in range(slots)
         ]
-        self._registered = None
         if pin:
-            self._pin(size)
-        from trtwsi.slide.openslide_reader import OpenSlideSlide
-
-        kind = "openslide" if isinstance(slide, OpenSlideSlide) else "auto"
+            self._pin()
         self._pool = ProcessPoolExecutor(
-            max_workers=max(1, int(processes)),
+            max_workers=self.processes,
             mp_context=mp.get_context("spawn"),
             initializer=_worker_init,
-            initargs=(kind, str(slide.path), slide.mpp, slide.on_error, self._shm_path, size),
+            initargs=(self.shm_path, self.size),
         )
-        self.processes = max(1, int(processes))
-        self._start(self.processes)
+        self._start()
 
-    def _start(self, n: int) -> None:
-        """Start every worker now, from the calling thread (not lazily from reader threads), and
-        fail early with a clear error if they cannot start."""
+    def _start(self) -> None:
+        """Start every worker now, from this thread, and fail early with a clear error."""
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            pings = [self._pool.submit(_worker_ping) for _ in range(n)]
+            with main_module_hidden():
+                launch = getattr(self._pool, "_launch_processes", None)
+                if launch is not None:  # start all now (CPython ≥ 3.9 spawns lazily otherwise)
+                    launch()
+                pings = [self._pool.submit(_worker_ping) for _ in range(self.processes)]
             for f in pings:
                 f.result(timeout=120)
         except (BrokenProcessPool, OSError, TimeoutError) as e:
             self.close()
             raise ReaderStartError(
-                f"slide reader processes could not start ({type(e).__name__}: {e}). If this "
-                "runs from a script, put its code under `if __name__ == '__main__':` (worker "
-                "processes are spawned and re-import the main module), or use readers='threads'"
+                f"slide reader processes could not start ({type(e).__name__}: {e}); "
+                "use readers='threads' (--readers threads) to read in this process"
             ) from e
 
-    def _pin(self, size: int) -> None:
+    def _pin(self) -> None:
         try:
             import cupy
 
             ptr = self._array.ctypes.data
-            cupy.cuda.runtime.hostRegister(ptr, size, 0)
+            cupy.cuda.runtime.hostRegister(ptr, self.size, 0)
             self._registered = ptr
         except Exception as e:  # page-locking is an optimization: keep going without it
             warnings.warn(
@@ -173,26 +207,30 @@ class ProcessReader:
     def pinned(self) -> bool:
         return self._registered is not None
 
-    def read(self, slot: int, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
-        """Read level-0 origin ``(x, y)``, ``w × h`` read-level px at ``level`` into ``slot``;
-        returns the ``(h, w, 3)`` view. Tile errors are recorded on ``self.slide``.
+    def read(self, slot: int, slide, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+        """Read level-0 origin ``(x, y)``, ``w × h`` read-level px at ``level`` of ``slide``
+        into ``slot``; returns the ``(h, w, 3)`` uint8 view. Tile errors are recorded on
+        ``slide`` as if it had read them itself.
 
         The region is cut into horizontal strips (multiples of :data:`STRIP_ROWS` rows) decoded
         by different workers at once, so one large chunk is ready in a fraction of the time one
-        process would need: the pipeline waits less for its first chunk of every grid. Strips
-        need an integer downsample (``floor((y + r·ds) / ds) == floor(y / ds) + r``);
-        otherwise the region is one task.
+        process would need. Strips need an integer downsample
+        (``floor((y + r·ds) / ds) == floor(y / ds) + r``); otherwise the region is one task.
         """
         if w * h * 3 > self.slot_bytes:
             raise TrtwsiError(f"region {w}x{h} does not fit a {self.slot_bytes}-byte slot")
+        if self._pool is None:
+            raise TrtwsiError("the reader pool is closed")
+        ref = SlideRef.of(slide)
         buf = self.buffers[slot]
-        ds = float(self.slide.levels[level].downsample)
+        ds = float(slide.levels[level].downsample)
         n = min(self.processes, -(-h // STRIP_ROWS)) if ds.is_integer() else 1
         rows = -(-h // max(n, 1))
         rows = -(-rows // STRIP_ROWS) * STRIP_ROWS
         futures = [
             self._pool.submit(
                 _worker_read,
+                ref,
                 buf.offset + r0 * w * 3,
                 x,
                 y + int(r0 * ds),
@@ -205,25 +243,34 @@ class ProcessReader:
         for f in futures:
             for e in f.result():
                 tile = tuple(e["tile"]) if isinstance(e["tile"], list) else e["tile"]
-                self.slide._tile_failed(
+                slide._tile_failed(
                     TileReadError(e["message"], level=e["level"], tile=tile, region=e["region"])
                 )
         return buf.view((h, w, 3))
 
     def close(self) -> None:
-        if getattr(self, "_pool", None) is not None:
+        """Stop the workers (waiting for them), unregister and remove the shared file."""
+        if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
         if self._registered is not None:
             import cupy
 
-            cupy.cuda.runtime.hostUnregister(self._registered)
+            with contextlib.suppress(Exception):
+                cupy.cuda.runtime.hostUnregister(self._registered)
             self._registered = None
-        if getattr(self, "_shm_path", None):
+        if self.shm_path:
             with contextlib.suppress(OSError):
-                os.unlink(self._shm_path)
-            self._shm_path = None
+                os.unlink(self.shm_path)
+            self.shm_path = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def __del__(self):  # pragma: no cover - best effort
         with contextlib.suppress(Exception):
             self.close()
+

@@ -1,41 +1,46 @@
-"""The double-buffered GPU tile pipeline: chunk reads → pinned host → device → kernels → results.
+"""The double-buffered GPU tile pipeline that slides stream through.
 
-One :class:`GpuPipeline` runs one tile grid (all tiles of one input size) through one or more
-engines of that size. Per batch of ``batch`` tiles (the last one padded, so CUDA graphs and
-fixed-shape engines stay valid)::
+One :class:`GpuPipeline` lives as long as its :class:`~trtwsi.runtime.Runtime`: it owns the
+device chunk arena, the host ring (pinned buffers, or the shared ring of a
+:class:`~trtwsi.read.processes.ReaderPool`), the per-group input and result buffers, and uses
+the process-wide stream pair of its device. :meth:`GpuPipeline.run` takes an iterator of slide
+plans and runs every chunk of every slide through it back to back::
 
-    reader threads ─ read_region(out=pinned slot) ─┐
-                                                   ▼ copy stream: H2D of the whole chunk into a
-                                                     device slot (a pixel crosses PCIe once,
-                                                     whatever the overlap); event h2d[i]
-    compute stream: wait h2d events → preprocess kernel (all tiles of the batch, one launch)
-                    → engine.infer (graph replay / TensorRT enqueue) → decode+NMS kernels
-                    → level-0 shift → async D2H of (B, max_det, 6) + counts into pinned memory;
-                    event done[k]
-    host: waits on done[k - depth + 1] only (one event), turns rows into numpy.
+    reader threads ─ read chunk i (pool process or slide.read_region) into host slot ─┐
+                                                 copy stream: H2D of the whole chunk into a
+                                                 device slot (a pixel crosses PCIe once)
+    compute stream: wait H2D events → preprocess (all tiles of a batch, one launch)
+                    → engine.infer (graph replay / TensorRT) → decode+NMS kernels → level-0
+                    shift → async D2H of (B, max_det, 6) + counts into pinned memory
+    host: waits on the done event of the batch ``depth - 1`` back (one event), sorts rows to
+          their slides; a slide whose last batch is back is handed to ``on_slide_done``.
 
-Ring sizes: ``host_slots`` pinned chunk buffers (reads run that far ahead), ``device_slots``
-device chunk buffers (a slot is reused only after the preprocess of the last batch that cut
-tiles from it: event), ``depth`` batches in flight. No device-wide synchronize in the steady
-state; the only host waits are on single events.
+Reads run ``host_slots`` chunks ahead across slide boundaries, so the next slide's reads start
+as soon as the current slide's reads end and the GPU does not drain between slides. A batch
+may mix slides when their read geometry (read size, level-0 px per read px) and input-size
+group agree; otherwise the partial batch is launched first (padded: fixed shapes for CUDA
+graphs and engines). The chunk stream/slot logic is :class:`ChunkRing` and
+:class:`BatchBuilder` (``runtime/gpu/ring.py``), which CPU tests drive with fake events.
 
-Frames: chunks are read-level px, tiles are cut at ``Chunk.offsets`` (read-level px),
-detections come back in level-0 px as ``(M, 6)`` float64 ``x1 y1 x2 y2 score class``.
+Frames: chunks are read-level px, tiles are cut at ``Chunk.offsets``; rows come back in
+level-0 px as ``(M, 8)`` float64 ``x1 y1 x2 y2 score class section tile``.
 """
 
 from __future__ import annotations
 
-import os
 import time
+import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from trtwsi.errors import ReaderStartError
 from trtwsi.read.host import PinnedBuffer
-from trtwsi.read.processes import ReaderStartError
+from trtwsi.read.processes import ReaderPool, process_readable
 from trtwsi.runtime.gpu.device import GpuStreams
+from trtwsi.runtime.gpu.ring import IDLE, BatchBuilder, ChunkRing, SlideTracker
 
 __all__ = ["CHUNK_PIXELS", "GpuPipeline"]
 
@@ -44,42 +49,51 @@ CHUNK_PIXELS = 4096 * 4096
 
 
 @dataclass
-class _Batch:
-    """Host-side record of one batch in flight."""
+class _Group:
+    """Models of one input size, their engines and device buffers."""
 
-    n: int  # real tiles (the rest is padding)
-    done: object  # torch.cuda.Event recorded after the last D2H
-    out_slot: int
-    events: dict = field(default_factory=dict)  # stage -> (start event, end event)
-    grid_ids: list = field(default_factory=list)  # grid index of each real tile
+    imgsz: int
+    model_ids: list[int]
+    engines: list
+    input: object
+    dets_d: list
+    counts_d: list
+    dets_h: list = field(default_factory=list)  # [out slot][model] pinned (B, md, 6)
+    counts_h: list = field(default_factory=list)
+
+
+@dataclass
+class _Item:
+    """One chunk of one slide, as the read stream yields it."""
+
+    run: object  # the slide's SlideTracker entry
+    group: int
+    grid: object
+    chunk: object
+    section: int
+    tile_base: int
 
 
 class GpuPipeline:
-    """Run tile grids through engines on one GPU with overlapped reads, copies and compute.
+    """Run slide plans through engines on one GPU with overlapped reads, copies and compute.
 
     Args:
-        slide: the :class:`~trtwsi.slide.Slide` to read.
-        models: the :class:`~trtwsi.engines.model.Model` objects of one input size.
-        engines: their engines (same order), each with fixed ``batch_size == batch``, on
-            ``device``, computing in ``dtype`` (float16 or float32); an engine may expose a
+        models: all :class:`~trtwsi.engines.model.Model` objects of the runtime.
+        engines: their engines (same order), each with ``batch_size == batch`` on ``device``,
+            computing in float16 or float32 (one dtype per input size); an engine may expose a
             static ``input`` tensor that the preprocess kernel writes into directly.
-        device: ``torch.device`` of the engines.
-        batch: tiles per batch.
-        workers: reader threads.
-        max_det: per-tile cap on detections.
-        timer: object with ``add(stage, seconds)`` (``predictor._Timer``).
-        timing: collect per-stage GPU times from CUDA events (``h2d``, ``preprocess``,
-            ``infer``, ``postprocess``; seconds summed over batches) besides wall times.
-        host_slots, device_slots, depth: ring sizes (see module docstring).
-        readers: ``"threads"`` (reader threads decode into pinned buffers), ``"processes"``
-            (:class:`trtwsi.read.processes.ProcessReader`: ``workers`` processes decode into shared,
-            page-locked buffers; slides opened from a file only) or ``"auto"`` (processes for
-            file slides on hosts with at least 8 CPUs, else threads).
+        device: CUDA device of the engines. ``batch``: tiles per batch. ``workers``: reader
+            threads, and reader processes when ``readers`` is ``"processes"``.
+        max_det: per-tile cap on detections. ``timing``: per-stage GPU times from CUDA events.
+        readers: ``"threads"``, ``"processes"`` (a :class:`~trtwsi.read.processes.ReaderPool`
+            started now) or ``"auto"`` (processes on hosts with ≥ 8 CPUs; threads with a
+            warning if they cannot start).
+        host_slots, device_slots, depth: ring sizes (host chunks read ahead, device chunk
+            slots, batches in flight).
     """
 
     def __init__(
         self,
-        slide,
         models,
         engines,
         device,
@@ -87,280 +101,238 @@ class GpuPipeline:
         batch: int,
         workers: int,
         max_det: int,
-        timer,
         timing: bool = True,
+        readers: str = "auto",
         host_slots: int | None = None,
         device_slots: int = 3,
         depth: int = 3,
-        readers: str = "auto",
     ):
+        import os
+
         import torch
 
-        self.slide = slide
+        if readers not in ("auto", "threads", "processes"):
+            raise ValueError(f"readers must be 'auto', 'threads' or 'processes', got {readers!r}")
         self.models = list(models)
-        self.engines = list(engines)
         self.device = torch.device(device)
         self.batch = int(batch)
         self.workers = max(1, int(workers))
         self.max_det = int(max_det)
-        self.timer = timer
         self.timing = timing
-        from trtwsi.read.processes import process_readable
-
-        self._auto_readers = readers == "auto"
-        if readers not in ("auto", "threads", "processes"):
-            raise ValueError(f"readers must be 'auto', 'threads' or 'processes', got {readers!r}")
-        if readers == "auto":
-            big = (os.cpu_count() or 1) >= 8
-            readers = "processes" if big and process_readable(slide) else "threads"
-        self.readers = readers
-        self._reader = None
-        self.host_slots = host_slots or self._default_host_slots()
+        self.streams = GpuStreams.for_device(self.device)
         self.device_slots = max(2, int(device_slots))
         self.depth = max(2, int(depth))
-        self.streams = GpuStreams.for_device(self.device)
-        dtypes = {e.dtype for e in self.engines}
-        if len(dtypes) != 1:
-            raise ValueError(f"engines of one group must share a dtype, got {dtypes}")
-        self.dtype = dtypes.pop()
-        self.imgsz = self.models[0].imgsz
-        for e in self.engines:
-            if e.batch_size != self.batch:
-                raise ValueError(f"engine batch_size {e.batch_size} != pipeline batch {self.batch}")
-        first_input = getattr(self.engines[0], "input", None)
-        self.input = (
-            first_input
-            if first_input is not None
-            else torch.empty(
-                (self.batch, 3, self.imgsz, self.imgsz), dtype=self.dtype, device=self.device
-            )
-        )
+        self.slot_bytes = CHUNK_PIXELS * 3
         B, md = self.batch, self.max_det
-        n_out = self.depth
-        # per model: device output buffers and a ring of pinned host copies
-        self._dets_d = [
-            torch.empty((B, md, 6), dtype=torch.float64, device=self.device) for _ in self.models
-        ]
-        self._counts_d = [
-            torch.empty(B, dtype=torch.int32, device=self.device) for _ in self.models
-        ]
-        self._dets_h = [
-            [torch.empty((B, md, 6), dtype=torch.float64, pin_memory=True) for _ in self.models]
-            for _ in range(n_out)
-        ]
-        self._counts_h = [
-            [torch.empty(B, dtype=torch.int32, pin_memory=True) for _ in self.models]
-            for _ in range(n_out)
-        ]
-        # per batch metadata: tile byte offsets + row strides (int64), origins (float64)
+        self.groups: list[_Group] = []
+        for size in dict.fromkeys(m.imgsz for m in self.models):
+            ids = [i for i, m in enumerate(self.models) if m.imgsz == size]
+            engs = [engines[i] for i in ids]
+            dtypes = {e.dtype for e in engs}
+            if len(dtypes) != 1:
+                raise ValueError(f"engines of input size {size} must share a dtype, got {dtypes}")
+            for e in engs:
+                if e.batch_size != self.batch:
+                    raise ValueError(f"engine batch_size {e.batch_size} != pipeline batch {B}")
+            first = getattr(engs[0], "input", None)
+            inp = first if first is not None else torch.empty(
+                (B, 3, size, size), dtype=dtypes.pop(), device=self.device
+            )
+            g = _Group(
+                imgsz=size,
+                model_ids=ids,
+                engines=engs,
+                input=inp,
+                dets_d=[torch.empty((B, md, 6), dtype=torch.float64, device=self.device) for _ in ids],
+                counts_d=[torch.empty(B, dtype=torch.int32, device=self.device) for _ in ids],
+            )
+            g.dets_h = [
+                [torch.empty((B, md, 6), dtype=torch.float64, pin_memory=True) for _ in ids]
+                for _ in range(self.depth)
+            ]
+            g.counts_h = [
+                [torch.empty(B, dtype=torch.int32, pin_memory=True) for _ in ids]
+                for _ in range(self.depth)
+            ]
+            self.groups.append(g)
         self._meta_i_h = [
-            torch.empty((2, B), dtype=torch.int64, pin_memory=True) for _ in range(n_out)
+            torch.empty((2, B), dtype=torch.int64, pin_memory=True) for _ in range(self.depth)
         ]
         self._meta_f_h = [
-            torch.empty((B, 2), dtype=torch.float64, pin_memory=True) for _ in range(n_out)
+            torch.empty((B, 2), dtype=torch.float64, pin_memory=True) for _ in range(self.depth)
         ]
         self._meta_i_d = torch.empty((2, B), dtype=torch.int64, device=self.device)
         self._meta_f_d = torch.empty((B, 2), dtype=torch.float64, device=self.device)
-        self._host: list[PinnedBuffer] = []
-        self._arena = None
-        self._slot_bytes = 0
-        self._warm = False
-
-    def _default_host_slots(self) -> int:
-        """Host ring size: every reader process can hold a slot while the copy stream drains
-        two; reader threads beyond 8 add no throughput (GIL), so threads get at most 10."""
-        return self.workers + 2 if self.readers == "processes" else min(self.workers, 8) + 2
-
-    # --- buffers -----------------------------------------------------------------------------
-    def _ensure_buffers(self, slot_bytes: int) -> None:
-        """(Re)allocate the pinned and device chunk rings when a grid needs bigger slots."""
-        import torch
-
-        if slot_bytes <= self._slot_bytes:
-            return
-        self._slot_bytes = slot_bytes
-        if self.readers == "processes":
-            from trtwsi.read.processes import ProcessReader
-
-            if self._reader is not None:
-                self._reader.close()
-                self._reader = None
-            try:
-                self._reader = ProcessReader(self.slide, self.workers, self.host_slots, slot_bytes)
-            except ReaderStartError as e:
-                if not self._auto_readers:
-                    raise
-                import warnings
-
-                warnings.warn(f"{e}; reading with threads instead", RuntimeWarning, stacklevel=4)
-                self.readers = "threads"
-                self.host_slots = self._default_host_slots()
-        if self._reader is not None:
-            self._host = self._reader.buffers
-        else:
-            self._host = [PinnedBuffer(slot_bytes) for _ in range(self.host_slots)]
         self._arena = torch.empty(
-            self.device_slots * slot_bytes, dtype=torch.uint8, device=self.device
+            self.device_slots * self.slot_bytes, dtype=torch.uint8, device=self.device
         )
+        self._warm_up()  # before any reader thread exists (CUDA-graph capture)
+        self.pool: ReaderPool | None = None
+        auto = readers == "auto"
+        if auto:
+            readers = "processes" if (os.cpu_count() or 1) >= 8 else "threads"
+        if readers == "processes":
+            slots = host_slots or self.workers + 2
+            try:
+                self.pool = ReaderPool(self.workers, slots, self.slot_bytes)
+            except ReaderStartError as e:
+                if not auto:
+                    raise
+                warnings.warn(f"{e}; reading with threads instead", RuntimeWarning, stacklevel=3)
+        self.readers = "processes" if self.pool is not None else "threads"
+        if self.pool is not None:
+            self._host = self.pool.buffers
+        else:
+            n = host_slots or min(self.workers, 8) + 2
+            self._host = [PinnedBuffer(self.slot_bytes) for _ in range(n)]
+        self.host_slots = len(self._host)
 
-    def _warm_up(self, lb, rs: int, l0_per_px: float) -> None:
-        """Run the engines and kernels once on the compute stream before any reader thread
-        exists: CUDA-graph capture (global mode) forbids other threads' unsafe CUDA calls while
-        it runs, and the kernels compile (then cached) here rather than inside the first timed
-        batch. Needs the chunk arena (``_ensure_buffers``)."""
-        import torch
-
-        if self._warm:
-            return
-        B = self.batch
-        with torch.cuda.stream(self.streams.compute):
-            self._meta_i_d.zero_()
-            self._meta_i_d[1].fill_(rs * 3)
-            self._meta_f_d.zero_()
-            self._preprocess(rs)
-            for k, eng in enumerate(self.engines):
-                raw = eng.infer(self.input)
-                self._postprocess(k, raw, B, lb, rs, l0_per_px)
-        self.streams.compute.synchronize()  # one-time setup, not the steady state
-        self._warm = True
-
-    def _preprocess(self, rs: int) -> None:
-        """Preprocess kernel on the current stream: the tiles described by the device metadata
-        (byte offsets, row strides) → ``self.input``."""
+    # --- kernels -----------------------------------------------------------------------------
+    def _preprocess(self, g: _Group, rs: int) -> None:
         from trtwsi.ops import cuda as kops
 
         kops.preprocess(
-            self._arena, self._meta_i_d[0], self._meta_i_d[1], (rs, rs), self.imgsz, self.input
+            self._arena, self._meta_i_d[0], self._meta_i_d[1], (rs, rs), g.imgsz, g.input
         )
 
-    def _postprocess(self, k: int, raw, n: int, lb, rs: int, l0_per_px: float) -> None:
-        """Decode + NMS + level-0 mapping of model ``k``'s output for the first ``n`` tiles into
-        its device result buffers, on the current stream."""
+    def _postprocess(self, g: _Group, k: int, raw, n: int, lb, rs: int, l0_per_px: float):
         from trtwsi.ops import cuda as kops
 
-        m = self.models[k]
+        m = self.models[g.model_ids[k]]
         kops.postprocess(
-            raw,
-            m.head,
-            m.min_conf,
-            m.iou,
-            self.max_det,
-            self._meta_f_d,
-            lb,
-            (rs, rs),
-            l0_per_px,
-            n_valid=n,
-            out=self._dets_d[k],
-            counts=self._counts_d[k],
-        )
+            raw, m.head, m.min_conf, m.iou, self.max_det, self._meta_f_d, lb, (rs, rs),
+            l0_per_px, n_valid=n, out=g.dets_d[k], counts=g.counts_d[k],
+        )  # fmt: skip
 
-    # --- one grid ----------------------------------------------------------------------------
-    def run_grid(self, grid, bar=None) -> dict[int, np.ndarray]:
-        """Detect on every tile of ``grid`` (a :class:`~trtwsi.plan.grid.TileGrid` at this
-        pipeline's input size). Returns ``{model position: (M, 6) float64}`` rows ``x1 y1 x2 y2
-        score class_id`` in level-0 px, per-tile NMS done, before cross-tile merging."""
-        return self.run_grids([grid], bar=bar)[0]
-
-    def run_grids(self, grids, bar=None) -> list[dict[int, np.ndarray]]:
-        """:meth:`run_grid` for several grids (e.g. the tissue sections of a slide) in one pass:
-        their chunks flow through one pipeline, so it fills and drains once, and a batch may mix
-        tiles of different grids. The grids must share read level and read/tile size (same
-        slide, input size and mpp: always true for one Predictor's sections); otherwise they run
-        one after another. Returns one ``run_grid`` result per grid, in order."""
+    def _warm_up(self) -> None:
+        """Run every engine and kernel once on the compute stream: CUDA-graph capture and the
+        kernels' compilation happen here, not inside a timed batch."""
         import torch
 
         from trtwsi.ops.reference import letterbox_params
 
-        grids = list(grids)
-        geometry = {(g.read_level, g.read_size, g.tile_l0) for g in grids}
-        if len(geometry) > 1:
-            return [self.run_grids([g], bar=bar)[0] for g in grids]
-        out: list[dict[int, list[np.ndarray]]] = [
-            {i: [] for i in range(len(self.models))} for _ in grids
-        ]
-        chunks = []  # (grid index, chunk)
-        for gi, g in enumerate(grids):
-            chunks += [(gi, c) for c in g.chunks(max_pixels=CHUNK_PIXELS)]
-        if not chunks:
-            return [{i: np.zeros((0, 6)) for i in range(len(self.models))} for _ in grids]
-        grid = grids[0]
-        level, rs = grid.read_level, grid.read_size
-        lb = letterbox_params(rs, rs, self.imgsz)
-        l0_per_px = grid.tile_l0 / rs
-        # Slots are sized for the largest chunk TileGrid.chunks() can make, not this grid's, so
-        # one set of buffers (and reader processes) serves every grid and run of this pipeline.
-        slot_bytes = max(
-            CHUNK_PIXELS * 3, max(c.read_size[0] * c.read_size[1] * 3 for _, c in chunks)
-        )
-        self._ensure_buffers(slot_bytes)
-        S = self.streams
-        timer, B = self.timer, self.batch
+        with torch.cuda.stream(self.streams.compute):
+            for g in self.groups:
+                rs = g.imgsz
+                self._meta_i_d.zero_()
+                self._meta_i_d[1].fill_(rs * 3)
+                self._meta_f_d.zero_()
+                self._preprocess(g, rs)
+                for k, eng in enumerate(g.engines):
+                    raw = eng.infer(g.input)
+                    self._postprocess(g, k, raw, self.batch, letterbox_params(rs, rs, g.imgsz), rs, 1.0)
+        self.streams.compute.synchronize()  # one-time setup, not the steady state
 
-        def read(i: int):
-            c = chunks[i][1]
-            buf = self._host[i % self.host_slots]
+    # --- streaming ---------------------------------------------------------------------------
+    def _items(self, runs):
+        """Every chunk of every slide, in order; marks a slide ``issued`` after its last."""
+        for run in runs:
+            if run is IDLE:
+                yield IDLE
+                continue
+            if run.error is None:
+                plan = run.plan
+                for gi, g in enumerate(self.groups):
+                    grids = plan.grids.get(g.imgsz, [])
+                    for (sec, _), grid, base in zip(
+                        plan.targets, grids, plan.tile_base.get(g.imgsz, []), strict=True
+                    ):
+                        for c in grid.chunks(max_pixels=CHUNK_PIXELS):
+                            yield _Item(run, gi, grid, c, sec, base)
+            yield run  # end marker of this slide
+
+    def run(self, runs, on_slide_done) -> None:
+        """Stream ``runs`` (an iterator of :class:`~trtwsi.runtime.gpu.ring.SlideRun`, each
+        with a ``plan`` or an ``error``) through the GPU; calls ``on_slide_done(run)`` (from
+        this thread) for each slide once all its detections are back (``run.rows``), in the
+        order the slides came."""
+        import torch
+
+        from trtwsi.ops.reference import letterbox_params
+
+        S = self.streams
+        tracker = SlideTracker(on_slide_done)
+        ring = ChunkRing(self.device_slots)
+        builder = BatchBuilder(self.batch)
+        inflight: deque = deque()
+        n_batches = 0
+        stream = self._items(runs)
+
+        def read(slot: int, item: _Item):
+            run = item.run
+            if run.error is not None:
+                return None
+            c, buf = item.chunk, self._host[slot]
             t0 = time.perf_counter()
             buf.wait_ready()  # the H2D of the chunk that used this slot before
             w, h = c.read_size
-            if self._reader is not None:
-                self._reader.read(i % self.host_slots, c.region[0], c.region[1], w, h, level)
-            else:
-                self.slide.read_region(
-                    c.region[0], c.region[1], w, h, level=level, out=buf.view((h, w, 3))
-                )
-            timer.add("read", time.perf_counter() - t0)
-            return i
+            try:
+                if self.pool is not None and process_readable(run.plan.slide):
+                    self.pool.read(slot, run.plan.slide, c.region[0], c.region[1], w, h, c.level)
+                else:
+                    run.plan.slide.read_region(
+                        c.region[0], c.region[1], w, h, level=c.level, out=buf.view((h, w, 3))
+                    )
+            except Exception as e:  # the slide fails alone
+                run.fail(e)
+            run.timer.add("read", time.perf_counter() - t0)
+            return None
 
-        h2d_done: list = [None] * self.device_slots  # event: chunk in slot is on the device
-        slot_free: list = [None] * self.device_slots  # event: last preprocess using slot done
-        slot_pending = [0] * self.device_slots  # tiles cut from the slot not yet preprocessed
-        pend_off: list[int] = []  # byte offsets in the arena of pending tiles
-        pend_stride: list[int] = []
-        pend_org: list[tuple[float, float]] = []
-        pend_slots: list[int] = []
-        pend_grid: list[int] = []  # grid index of each pending tile
-        inflight: deque[_Batch] = deque()
-        h2d_events: list = []  # (start, end) event pairs of chunk uploads, for timing
-        n_batches = 0
-
-        def collect(b: _Batch) -> None:
+        def collect(b) -> None:
             t0 = time.perf_counter()
             b.done.synchronize()
-            timer.add("wait_gpu", time.perf_counter() - t0)
-            if self.timing:
-                for stage, (e0, e1) in b.events.items():
-                    timer.add(f"gpu_{stage}", e0.elapsed_time(e1) / 1000)
-            for mi in range(len(self.models)):
-                counts = self._counts_h[b.out_slot][mi].numpy()[: b.n]
-                dets = self._dets_h[b.out_slot][mi].numpy()
-                for t in np.flatnonzero(counts):
-                    out[b.grid_ids[t]][mi].append(dets[t, : counts[t]].copy())
-            if bar is not None:
-                bar.update(b.n)
+            waited = time.perf_counter() - t0
+            g = self.groups[b.group]
+            share = b.share()
+            for run, frac in share.items():
+                run.timer.add("wait_gpu", waited * frac)
+                if self.timing:
+                    for stage, (e0, e1) in b.events.items():
+                        run.timer.add(f"gpu_{stage}", e0.elapsed_time(e1) / 1000 * frac)
+            tile_run = np.asarray(b.runs_index, dtype=np.int64)
+            for k, mi in enumerate(g.model_ids):
+                counts = g.counts_h[b.out_slot][k].numpy()[: b.n].astype(np.int64)
+                if not counts.any():
+                    continue
+                dets = g.dets_h[b.out_slot][k].numpy()[: b.n]
+                mask = np.arange(self.max_det)[None, :] < counts[:, None]
+                rows = dets[mask]
+                t_of_row = np.repeat(np.arange(b.n), counts)
+                extra = np.stack([b.sections[t_of_row], b.tiles[t_of_row]], 1).astype(np.float64)
+                rows = np.concatenate([rows, extra], 1)
+                owner = tile_run[t_of_row]
+                for ri, run in enumerate(b.runs):
+                    sel = rows[owner == ri]
+                    if len(sel):
+                        run.rows[mi].append(sel)
+            tracker.returned(b)
+            if self.bar is not None:
+                self.bar.update(b.n)
 
-        def flush() -> None:
+        def launch() -> None:
+            """Launch the builder's pending tiles as one padded batch."""
             nonlocal n_batches
-            n = len(pend_off)
-            if n == 0:
+            pb = builder.take()
+            if pb is None:
                 return
             t0 = time.perf_counter()
-            slot = n_batches % self.depth
-            # at most depth - 1 batches stay in flight, so none of them still uses ring slot
-            # ``slot`` (that was batch n_batches - depth)
-            while len(inflight) >= self.depth - 1:
+            out_slot = n_batches % self.depth
+            while len(inflight) >= self.depth - 1:  # so no batch in flight uses out_slot
                 collect(inflight.popleft())
-            mi_h, mf_h = self._meta_i_h[slot], self._meta_f_h[slot]
-            pad = B - n
-            mi_h[0, :n] = torch.as_tensor(pend_off)
-            mi_h[1, :n] = torch.as_tensor(pend_stride)
-            mf_h[:n] = torch.as_tensor(pend_org, dtype=torch.float64)
-            if pad:  # padding tiles repeat the last real tile; their results are ignored
+            g = self.groups[pb.group]
+            rs, l0_per_px = pb.geometry
+            lb = letterbox_params(rs, rs, g.imgsz)
+            n, B = pb.n, self.batch
+            mi_h, mf_h = self._meta_i_h[out_slot], self._meta_f_h[out_slot]
+            mi_h[0, :n] = torch.as_tensor(pb.offsets)
+            mi_h[1, :n] = torch.as_tensor(pb.strides)
+            mf_h[:n] = torch.as_tensor(pb.origins, dtype=torch.float64)
+            if n < B:  # padding tiles repeat the last real tile; their results are ignored
                 mi_h[:, n:] = mi_h[:, n - 1 : n]
                 mf_h[n:] = mf_h[n - 1]
             ev = {}
 
             def mark(stage=None, start=None):
-                """Record a timing event on the compute stream; close ``stage`` if named."""
                 if not self.timing:
                     return None
                 e1 = S.event(timing=True)
@@ -369,95 +341,137 @@ class GpuPipeline:
                     ev[stage] = (start, e1)
                 return e1
 
+            multi = len(g.engines) > 1
             with torch.cuda.stream(S.compute):
-                for d in set(pend_slots):
-                    S.compute.wait_event(h2d_done[d])
+                for d in set(pb.slots):
+                    S.compute.wait_event(ring.uploaded[d])
                 e = mark()
                 self._meta_i_d.copy_(mi_h, non_blocking=True)
                 self._meta_f_d.copy_(mf_h, non_blocking=True)
-                self._preprocess(rs)
+                self._preprocess(g, rs)
                 pre_done = S.event()
                 pre_done.record(S.compute)
                 e = mark("preprocess", e)
-                for d in set(pend_slots):
-                    slot_free[d] = pre_done
-                for k, eng in enumerate(self.engines):
-                    raw = eng.infer(self.input)
-                    e = mark(f"infer_{k}" if len(self.models) > 1 else "infer", e)
-                    self._postprocess(k, raw, n, lb, rs, l0_per_px)
-                    e = mark(f"postprocess_{k}" if len(self.models) > 1 else "postprocess", e)
-                    self._counts_h[slot][k].copy_(self._counts_d[k], non_blocking=True)
-                    self._dets_h[slot][k].copy_(self._dets_d[k], non_blocking=True)
+                ring.preprocessed(set(pb.slots), pre_done)
+                for k, eng in enumerate(g.engines):
+                    raw = eng.infer(g.input)
+                    e = mark(f"infer_{k}" if multi else "infer", e)
+                    self._postprocess(g, k, raw, n, lb, rs, l0_per_px)
+                    e = mark(f"postprocess_{k}" if multi else "postprocess", e)
+                    g.counts_h[out_slot][k].copy_(g.counts_d[k], non_blocking=True)
+                    g.dets_h[out_slot][k].copy_(g.dets_d[k], non_blocking=True)
                 done = S.event()
                 done.record(S.compute)
-            for d in pend_slots:
-                slot_pending[d] -= 1
-            inflight.append(
-                _Batch(n=n, done=done, out_slot=slot, events=ev, grid_ids=list(pend_grid))
-            )
+            pb.done, pb.out_slot, pb.events = done, out_slot, ev
+            tracker.launched(pb, ring)
+            inflight.append(pb)
             n_batches += 1
-            pend_off.clear()
-            pend_stride.clear()
-            pend_org.clear()
-            pend_slots.clear()
-            pend_grid.clear()
-            timer.add("launch", time.perf_counter() - t0)
+            for run, frac in pb.share().items():
+                run.timer.add("launch", (time.perf_counter() - t0) * frac)
 
-        self._warm_up(lb, rs, l0_per_px)
+        h2d_events: list = []
         with ThreadPoolExecutor(self.workers, thread_name_prefix="trtwsi-read") as pool:
-            futures = deque(pool.submit(read, i) for i in range(min(self.host_slots, len(chunks))))
-            for i, (gi, c) in enumerate(chunks):
+            ahead: deque = deque()  # (future, host slot, item | end-of-slide run)
+            k = 0
+
+            exhausted = False
+
+            def refill() -> None:
+                """Submit reads until the host ring is full, the stream is idle or ends."""
+                nonlocal k, exhausted
+                while not exhausted and len(ahead) < self.host_slots:
+                    item = next(stream, None)
+                    if item is None:
+                        exhausted = True
+                    elif item is IDLE:
+                        return
+                    elif isinstance(item, _Item):
+                        slot = k % self.host_slots
+                        k += 1
+                        ahead.append((pool.submit(read, slot, item), slot, item))
+                    else:
+                        ahead.append((None, None, item))
+                        tracker.add(item)
+
+            while True:
+                refill()
+                if not ahead:
+                    if exhausted:
+                        break
+                    launch()  # nothing to read yet: finish what is on the GPU meanwhile
+                    while inflight:
+                        collect(inflight.popleft())
+                    time.sleep(0.002)
+                    continue
+                fut, slot, item = ahead.popleft()
+                if fut is None:  # every chunk of this slide has been taken
+                    tracker.issued(item)
+                    continue
                 t0 = time.perf_counter()
-                futures.popleft().result()
-                timer.add("wait_read", time.perf_counter() - t0)
+                fut.result()
+                item.run.timer.add("wait_read", time.perf_counter() - t0)
+                if item.run.error is not None:
+                    continue
                 t0 = time.perf_counter()
-                d = i % self.device_slots
-                if slot_pending[d]:  # tiles still waiting in a partial batch: launch it now
-                    flush()
-                hbuf = self._host[i % self.host_slots]
+                c = item.chunk
+                geometry = (item.grid.read_size, item.grid.tile_l0 / item.grid.read_size)
+                if not builder.accepts(item.group, geometry):
+                    launch()
+                d = ring.next_slot()
+                if ring.pending[d]:  # tiles still wait in a partial batch: launch it now
+                    launch()
+                hbuf = self._host[slot]
                 w, h = c.read_size
                 nbytes = w * h * 3
-                base = d * self._slot_bytes
+                base = d * self.slot_bytes
                 with torch.cuda.stream(S.copy):
-                    if slot_free[d] is not None:
-                        S.copy.wait_event(slot_free[d])
+                    if ring.free[d] is not None:
+                        S.copy.wait_event(ring.free[d])
                     e0 = S.event(timing=True) if self.timing else None
                     if e0 is not None:
                         e0.record(S.copy)
                     self._arena[base : base + nbytes].copy_(hbuf.tensor[:nbytes], non_blocking=True)
                     e1 = S.event(timing=self.timing)
                     e1.record(S.copy)
-                h2d_done[d] = e1
+                ring.uploaded[d] = e1
                 hbuf.ready = e1
                 if e0 is not None:
-                    h2d_events.append((e0, e1))
-                if i + self.host_slots < len(chunks):
-                    futures.append(pool.submit(read, i + self.host_slots))
-                timer.add("launch", time.perf_counter() - t0)
+                    h2d_events.append((item.run, e0, e1))
+                item.run.timer.add("launch", time.perf_counter() - t0)
                 row = w * 3
+                tiles = item.grid.tiles
                 for t, (ox, oy) in zip(c.tile_indices, c.offsets, strict=True):
-                    pend_off.append(base + int(oy) * row + int(ox) * 3)
-                    pend_stride.append(row)
-                    x0, y0 = grids[gi].tiles[t, :2]
-                    pend_org.append((float(x0), float(y0)))
-                    pend_slots.append(d)
-                    pend_grid.append(gi)
-                    slot_pending[d] += 1
-                    if len(pend_off) == B:
-                        flush()
-            flush()
+                    x0, y0 = tiles[t, :2]
+                    builder.add(
+                        run=item.run, group=item.group, geometry=geometry, slot=d,
+                        offset=base + int(oy) * row + int(ox) * 3, stride=row,
+                        origin=(float(x0), float(y0)), section=item.section,
+                        tile=item.tile_base + int(t),
+                    )  # fmt: skip
+                    ring.pending[d] += 1
+                    item.run.pending += 1
+                    if builder.full():
+                        launch()
+                if self.timing:
+                    while h2d_events and h2d_events[0][2].query():
+                        run, e0, e1 = h2d_events.pop(0)
+                        run.timer.add("gpu_h2d", e0.elapsed_time(e1) / 1000)
+            launch()
             while inflight:
                 collect(inflight.popleft())
-        if self.timing:
-            for e0, e1 in h2d_events:
-                timer.add("gpu_h2d", e0.elapsed_time(e1) / 1000)
-        return [
-            {mi: (np.concatenate(v) if v else np.zeros((0, 6))) for mi, v in o.items()} for o in out
-        ]
+        for run, e0, e1 in h2d_events:
+            e1.synchronize()
+            run.timer.add("gpu_h2d", e0.elapsed_time(e1) / 1000)
+        tracker.drain()
+
+    bar = None  # set by the runtime: a tqdm-like object with update(n)
 
     def close(self) -> None:
-        """Stop reader processes and release the shared buffers (device memory goes with the
-        object)."""
-        if self._reader is not None:
-            self._reader.close()
-            self._reader = None
+        """Stop the reader processes and free the shared ring; device buffers go with the
+        object (the runtime drops it)."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+        self._host = []
+        self.groups = []
+        self._arena = None

@@ -1,0 +1,45 @@
+"""Spawned helper processes that do not re-run the user's script.
+
+``multiprocessing``'s ``spawn`` start method makes every child import the parent's ``__main__``
+module (as ``__mp_main__``). A user script without an ``if __name__ == "__main__":`` guard then
+runs again in each child, which tries to start children of its own and dies; the parent sees a
+broken pool. trtwsi's worker processes run functions of trtwsi modules only and never need the
+user's ``__main__``, so they are started with it hidden: no guard needed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+from collections.abc import Iterator
+
+__all__ = ["main_module_hidden"]
+
+_LOCK = threading.RLock()
+_MISSING = object()
+
+
+@contextlib.contextmanager
+def main_module_hidden() -> Iterator[None]:
+    """While active, processes started with ``spawn``/``forkserver`` do not import ``__main__``.
+
+    ``multiprocessing.spawn.get_preparation_data`` reads ``__main__.__spec__`` and
+    ``__main__.__file__`` when a process starts; both are hidden here and restored afterwards.
+    Start processes (``Process.start``, a pool's launch) inside, not lazily later.
+    """
+    main = sys.modules.get("__main__")
+    with _LOCK:
+        if main is None:
+            yield
+            return
+        saved = {k: getattr(main, k, _MISSING) for k in ("__spec__", "__file__")}
+        try:
+            main.__spec__ = None
+            if saved["__file__"] is not _MISSING:
+                del main.__file__
+            yield
+        finally:
+            for k, v in saved.items():
+                if v is not _MISSING:
+                    setattr(main, k, v)

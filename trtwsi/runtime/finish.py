@@ -1,0 +1,100 @@
+"""The end of one slide: merge its tiles' detections across seams and build its Results.
+
+Rows in: per model, ``(M, 8)`` float64 ``x1 y1 x2 y2 score class section tile`` in level-0 px
+(``tile``: the slide-wide tile id of :class:`~trtwsi.plan.SlidePlan`). Boxes of one tile were
+already de-duplicated by the model's own NMS, so the merge compares only boxes of different
+tiles.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from trtwsi.merge import merge_detections
+from trtwsi.results import Detections, Results
+
+__all__ = ["describe_model", "finish_slide", "merge_rows"]
+
+#: Columns of the per-model rows the runners hand to :func:`finish_slide`.
+ROW_COLUMNS = ("x1", "y1", "x2", "y2", "score", "class", "section", "tile")
+
+
+def merge_rows(per_model: Sequence[Sequence[np.ndarray]], models, merge_opts: dict) -> Detections:
+    """Merge duplicates across tile seams, per model; returns Detections."""
+    parts = []
+    for mi, rows in enumerate(per_model):
+        rows = [r for r in rows if len(r)]
+        if not rows:
+            continue
+        d = np.concatenate(rows)
+        merged = merge_detections(
+            d[:, :4],
+            d[:, 4],
+            d[:, 5].astype(np.int64),
+            tiles=d[:, 7].astype(np.int64),
+            **merge_opts,
+        )
+        parts.append((mi, merged, d[:, :7]))
+    return Detections.from_merged(parts, models=models)
+
+
+def describe_model(m, device: str) -> dict:
+    """The JSON description of a model in Results (name, weights, classes, backend …)."""
+    kind, reason = m.resolve_backend(device)
+    return {
+        "name": m.name,
+        "weights": str(m.weights),
+        "sha256": m.sha256,
+        "classes": list(m.names),
+        "head": m.head,
+        "imgsz": m.imgsz,
+        "min_conf": m.min_conf,
+        "iou": m.iou,
+        "backend": kind,
+        "reason": reason,
+    }
+
+
+def read_error_records(slide) -> list[dict]:
+    """The slide's recorded tile errors as JSON-ready dicts."""
+    return [
+        {
+            "type": type(e).__name__,
+            "message": str(e),
+            "level": e.level,
+            "tile": list(e.tile) if isinstance(e.tile, tuple) else e.tile,
+            "region": list(e.region) if e.region is not None else None,
+        }
+        for e in slide.read_errors
+    ]
+
+
+def finish_slide(
+    plan, per_model, models, *, timings: dict, params: dict, model_info: list[dict]
+) -> Results:
+    """Merge ``per_model`` rows of ``plan``'s slide and wrap everything in Results."""
+    import time
+
+    t0 = time.perf_counter()
+    detections = merge_rows(per_model, models, dict(plan.options.merge))
+    timings = dict(timings)
+    timings["merge"] = round(timings.get("merge", 0.0) + time.perf_counter() - t0, 6)
+    return Results(
+        detections=detections,
+        timings=timings,
+        errors=read_error_records(plan.slide),
+        slide=plan.slide.info().__dict__,
+        models=model_info,
+        params={
+            **params,
+            "overlap": plan.options.overlap,
+            "mpp": plan.options.mpp,
+            "section": plan.options.section,
+            "region": list(plan.options.region) if plan.options.region is not None else None,
+            "merge": dict(plan.options.merge),
+        },
+        sections=plan.sections,
+        n_tiles=plan.n_tiles,
+    )

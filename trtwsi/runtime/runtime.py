@@ -1,0 +1,413 @@
+"""Runtime: one per device, long-lived; slides stream through it.
+
+A :class:`Runtime` owns, from construction to :meth:`Runtime.close`, every piece of device and
+process state a run needs: the engines (and their CUDA graphs), the GPU pipeline's device
+rings and host ring, and its reader processes. A slide owns nothing on the device: it is a plan
+of tiles (:class:`~trtwsi.plan.SlidePlan`) that flows through.
+
+:meth:`Runtime.stream` takes slides (paths, open slides or :class:`SlideRequest`) and yields one
+:class:`SlideOutcome` per slide, in order. Opening and planning the next slides (tissue
+sections, tile grids) runs in planner threads ahead of the GPU; the next slide's reads start as
+soon as the current slide's reads end; merging and building a slide's Results runs in a
+finisher thread while the GPU works on the next slide. A slide that fails to open, plan or read
+fails alone (its outcome carries the error).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent import futures
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from trtwsi.errors import TrtwsiError
+from trtwsi.plan.slide_plan import SlideOptions, plan_slide
+from trtwsi.runtime.cpu import ReferenceRunner
+from trtwsi.runtime.finish import describe_model, finish_slide
+from trtwsi.runtime.gpu.ring import IDLE, SlideRun
+from trtwsi.slide import Slide, open_slide
+
+__all__ = ["Runtime", "SlideOutcome", "SlideRequest"]
+
+
+@dataclass
+class SlideRequest:
+    """A slide to stream: ``source`` (path, array or Slide), per-slide ``options`` (None: the
+    stream's), ``slide_mpp`` (override the file's µm/px), ``tag`` (returned with the outcome)."""
+
+    source: object
+    options: SlideOptions | None = None
+    slide_mpp: float | None = None
+    tag: object = None
+
+
+@dataclass
+class SlideOutcome:
+    """One slide's end: ``results`` (:class:`~trtwsi.results.Results`) or ``error``; ``index``
+    in the stream, the request's ``source`` and ``tag``, ``seconds`` from its planning start to
+    its Results."""
+
+    index: int
+    source: object
+    tag: object
+    results: object = None
+    error: BaseException | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class Runtime:
+    """Models on one device, ready to run any number of slides.
+
+    Args:
+        models: :class:`~trtwsi.engines.model.Model` objects or .pt paths.
+        device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        batch: tiles per forward (None: 32 on the GPU pipeline, 8 otherwise).
+        workers: reader threads (and reader processes on the GPU pipeline; default: CPUs).
+        gpu_pipeline: True / False / None (the pipeline whenever CUDA and CuPy are present).
+        readers: ``"auto"``, ``"threads"`` or ``"processes"`` (GPU pipeline reads).
+        max_det: per-tile cap on detections. ``timing``: per-stage times in Results.
+        engine_cache: a dict in which engines are shared with other runtimes of this process
+            (keyed by model, device, precision, batch); engines from it are not closed here.
+        planners: threads opening and planning slides ahead of the GPU.
+    """
+
+    def __init__(
+        self,
+        models: Sequence,
+        *,
+        device: str = "auto",
+        batch: int | None = None,
+        workers: int | None = None,
+        gpu_pipeline: bool | None = None,
+        readers: str = "auto",
+        max_det: int = 300,
+        timing: bool = True,
+        engine_cache: dict | None = None,
+        planners: int = 2,
+    ):
+        from trtwsi.engines.model import Model
+
+        if not models:
+            raise TrtwsiError("a Runtime needs at least one model (a trtwsi.Model or a .pt path)")
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+            raise TrtwsiError(f"batch must be a positive int, got {batch!r}")
+        self.models = [m if isinstance(m, Model) else Model(m) for m in models]
+        self.device = pick_device(device)
+        self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
+        self.batch = int(batch) if batch is not None else (32 if self.gpu_pipeline else 8)
+        self.workers = workers or os.cpu_count() or 1
+        self.max_det = int(max_det)
+        self.timing = timing
+        self.readers = readers
+        self.planners = max(1, int(planners))
+        self._cache = engine_cache
+        self._own: list = []
+        half = self.device.startswith("cuda")
+        bs = self.batch if self.gpu_pipeline else None
+        self.engines = [self._load(m, half, bs) for m in self.models]
+        self._model_info = [describe_model(m, self.device) for m in self.models]
+        self._pipe = None
+        self._ref = None
+        self._lock = threading.Lock()
+        if self.gpu_pipeline:
+            from trtwsi.runtime.gpu.pipeline import GpuPipeline
+
+            self._pipe = GpuPipeline(
+                self.models,
+                self.engines,
+                self.device,
+                batch=self.batch,
+                workers=self.workers,
+                max_det=self.max_det,
+                timing=self.timing,
+                readers=self.readers,
+            )
+        else:
+            self._ref = ReferenceRunner(
+                self.models, self.engines, batch=self.batch, workers=self.workers,
+                max_det=self.max_det,
+            )  # fmt: skip
+        self.closed = False
+
+    def _load(self, m, half: bool, batch_size: int | None):
+        if self._cache is None:
+            eng = m.load_engine(self.device, half=half, batch_size=batch_size)
+            self._own.append(eng)
+            return eng
+        key = (id(m), self.device, half, batch_size)
+        hit = self._cache.get(key)
+        if hit is None or hit[0] is not m:  # (the model is kept: its id cannot be reused)
+            hit = self._cache[key] = (m, m.load_engine(self.device, half=half, batch_size=batch_size))
+        return hit[1]
+
+    @property
+    def pipeline(self) -> str:
+        return "gpu" if self.gpu_pipeline else "reference"
+
+    @property
+    def reader_kind(self) -> str:
+        return self._pipe.readers if self._pipe is not None else "threads"
+
+    # --- lifetime ------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop reader processes, free the rings, close the engines this runtime loaded."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._pipe is not None:
+            self._pipe.close()
+            self._pipe = None
+        for e in self._own:
+            close = getattr(e, "close", None)
+            if close is not None:
+                close()
+        self._own.clear()
+        self.engines = []
+
+    def __enter__(self) -> Runtime:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- running -------------------------------------------------------------------------------
+    def run(self, slide, options: SlideOptions | None = None, *, progress: bool = False):
+        """One slide; returns its :class:`~trtwsi.results.Results` (raises its error)."""
+        out = next(iter(self.stream([slide], options, progress=progress)))
+        if out.error is not None:
+            raise out.error
+        return out.results
+
+    def stream(
+        self,
+        slides: Iterable,
+        options: SlideOptions | None = None,
+        *,
+        progress: bool = False,
+    ) -> Iterator[SlideOutcome]:
+        """Run ``slides`` back to back; yields one :class:`SlideOutcome` per slide, in order.
+
+        Each item is a path, an array, an open Slide (used as is, not closed) or a
+        :class:`SlideRequest`. ``progress``: a tqdm bar over tiles (its total grows as slides
+        are planned; with one slide it is known before the first tile).
+        """
+        if self.closed:
+            raise TrtwsiError("this Runtime is closed")
+        options = options or SlideOptions()
+        if not self._lock.acquire(blocking=False):
+            raise TrtwsiError("a Runtime runs one stream at a time; use one Runtime per thread")
+        try:
+            yield from self._stream(slides, options, progress)
+        finally:
+            self._lock.release()
+
+    def _stream(self, slides, options, progress) -> Iterator[SlideOutcome]:
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=0, unit="tile", desc="tiles", dynamic_ncols=True)
+        imgsizes = [m.imgsz for m in self.models]
+        planners = ThreadPoolExecutor(self.planners, thread_name_prefix="trtwsi-plan")
+        finisher = ThreadPoolExecutor(1, thread_name_prefix="trtwsi-finish")
+        done: list[Future] = []  # finisher futures, in slide order
+        opened: dict[int, Slide] = {}  # slides this stream opened (closed when finished)
+        stop = threading.Event()
+
+        def plan_one(index: int, item) -> SlideRun:
+            req = item if isinstance(item, SlideRequest) else SlideRequest(item)
+            run = SlideRun(index=index, source=req.source, tag=req.tag)
+            run.rows = [[] for _ in self.models]
+            run.t_start = time.perf_counter()
+            try:
+                if isinstance(req.source, Slide) and req.slide_mpp is None:
+                    slide = req.source
+                else:
+                    slide = open_slide(req.source, mpp=req.slide_mpp)
+                    opened[index] = slide
+                t0 = time.perf_counter()
+                run.plan = plan_slide(slide, imgsizes, req.options or options)
+                run.timer.add("open", t0 - run.t_start)
+                run.timer.add("sections", run.plan.seconds)
+            except Exception as e:
+                run.fail(e)
+            return run
+
+        planned: queue.Queue = queue.Queue(maxsize=self.planners + 1)
+
+        def feed() -> None:
+            """Planner driver: pulls slides (which may block, e.g. a worker waiting for its
+            next job) and queues their planning futures; None marks the end."""
+            try:
+                for index, item in enumerate(slides):
+                    if stop.is_set():
+                        break
+                    fut = planners.submit(plan_one, index, item)
+                    while not stop.is_set():
+                        try:
+                            planned.put(fut, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+            except BaseException as e:  # the slide source itself failed: end the stream
+                source_error.append(e)
+            finally:
+                planned.put(None)
+
+        source_error: list[BaseException] = []
+
+        def runs() -> Iterator:
+            """Planned slides in order; :data:`IDLE` while the next one is not ready, so the
+            pipeline can finish what it holds instead of blocking."""
+            while True:
+                try:
+                    fut = planned.get_nowait()
+                except queue.Empty:
+                    yield IDLE
+                    continue
+                if fut is None:
+                    return
+                while not fut.done():
+                    yield IDLE
+                run = fut.result()
+                if bar is not None and run.plan is not None:
+                    bar.total += run.plan.n_tiles
+                    bar.refresh()
+                yield run
+
+        def finish(run: SlideRun) -> SlideOutcome:
+            out = SlideOutcome(run.index, run.source, run.tag)
+            if run.error is None:
+                try:
+                    timings = run.timer.rounded() if self.timing else {}
+                    out.results = finish_slide(
+                        run.plan, run.rows, self.models, timings=timings,
+                        params=self._params(), model_info=self._model_info,
+                    )  # fmt: skip
+                except Exception as e:
+                    out.error = e
+            else:
+                out.error = run.error
+            slide = opened.pop(run.index, None)
+            if slide is not None:
+                slide.close()
+            out.seconds = time.perf_counter() - run.t_start
+            if out.results is not None:
+                out.results.timings["total"] = round(out.seconds, 6)
+            return out
+
+        def hand_on(run: SlideRun) -> None:
+            done.append(finisher.submit(finish, run))
+
+        feeder = threading.Thread(target=feed, name="trtwsi-feed", daemon=True)
+        feeder.start()
+        try:
+            if self._pipe is not None:
+                self._pipe.bar = bar
+                yield from self._drive(lambda: self._pipe.run(runs(), hand_on), done, stop)
+            else:
+                for run in runs():
+                    if run is IDLE:
+                        time.sleep(0.002)
+                        continue
+                    if run.error is None:
+                        try:
+                            run.rows = self._ref.run(run.plan, run.timer, bar)
+                        except Exception as e:
+                            run.fail(e)
+                    hand_on(run)
+                    while done and done[0].done():
+                        yield done.pop(0).result()
+                while done:
+                    yield done.pop(0).result()
+            if source_error:
+                raise source_error[0]
+        finally:
+            stop.set()
+            if self._pipe is not None:
+                self._pipe.bar = None
+            planners.shutdown(wait=True, cancel_futures=True)
+            finisher.shutdown(wait=True)
+            for slide in opened.values():
+                slide.close()
+            if bar is not None:
+                bar.close()
+
+    def _drive(self, work, done: list[Future], stop: threading.Event) -> Iterator[SlideOutcome]:
+        """Run the GPU stream (``work``) in a thread, yielding finished slides as they come."""
+        worker = ThreadPoolExecutor(1, thread_name_prefix="trtwsi-gpu")
+        fut = worker.submit(work)
+        try:
+            while True:
+                if done and done[0].done():
+                    yield done.pop(0).result()
+                    continue
+                if fut.done():
+                    fut.result()  # raise what stopped the stream
+                    while done:
+                        yield done.pop(0).result()
+                    return
+                futures.wait([fut, *done[:1]], timeout=0.1, return_when=futures.FIRST_COMPLETED)
+        finally:
+            stop.set()
+            worker.shutdown(wait=True)
+
+    def _params(self) -> dict:
+        return {
+            "batch": self.batch,
+            "device": self.device,
+            "pipeline": self.pipeline,
+            "readers": self.reader_kind,
+        }
+
+    def __repr__(self) -> str:
+        names = ", ".join(m.name for m in self.models)
+        return f"<Runtime {self.device} {self.pipeline} batch={self.batch} models=[{names}]>"
+
+
+def pick_device(device: str) -> str:
+    """``"auto"`` → ``"cuda"`` if torch sees a GPU, else ``"cpu"``; checks a CUDA request."""
+    import torch
+
+    if not isinstance(device, str) or not (
+        device in ("auto", "cpu", "cuda") or device.startswith("cuda:")
+    ):
+        raise TrtwsiError(
+            f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        )
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise TrtwsiError(
+                f"device={device!r} asked for, but torch sees no CUDA GPU; use device='cpu'"
+            )
+        index = device.partition(":")[2]
+        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
+            raise TrtwsiError(
+                f"device={device!r}: torch sees {torch.cuda.device_count()} GPU(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
+    return device
+
+
+def pick_pipeline(device: str, want: bool | None) -> bool:
+    """Whether the GPU pipeline runs (see :class:`Runtime`)."""
+    if not device.startswith("cuda"):
+        if want:
+            raise TrtwsiError(f"gpu_pipeline=True needs a CUDA device, but device={device!r}")
+        return False
+    from trtwsi.runtime.gpu.device import gpu_unavailable_reason
+
+    why = gpu_unavailable_reason()
+    if want and why is not None:
+        raise TrtwsiError(f"gpu_pipeline=True but the GPU pipeline cannot run: {why}")
+    return why is None if want is None else bool(want)
