@@ -95,6 +95,13 @@ def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=
         raise RuntimeError(f"{len(slides) - len(recs)} slide(s) failed: {s.failed}")
     pixels = sum(r["pixels"] for r in recs)
     busy = sum(r["seconds"] for r in recs)
+    stages: dict[str, float] = {}
+    for r in recs:
+        for k, v in (r.get("timings") or {}).items():
+            stages[k] = stages.get(k, 0.0) + float(v)
+    # compute-stream time from CUDA events (preprocess + model + decode/NMS) over the wall
+    # clock of all devices: the fraction of the batch each GPU was busy computing
+    gpu_s = sum(v for k, v in stages.items() if k.startswith(("gpu_pre", "gpu_infer", "gpu_post")))
     return {
         "devices": devices,
         "runner": "ray" if ray else "local",
@@ -107,6 +114,11 @@ def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=
         # the per-slide rate inside workers, without worker start-up and model load
         "gpx_per_s_in_workers": round(pixels / 1e9 / busy * len(devices), 4),
         "tiles": sum(r["n_tiles"] for r in recs),
+        "gpu_compute_s": round(gpu_s, 3),
+        "gpu_busy_fraction": round(gpu_s / (wall * len(devices)), 4),
+        # mean seconds per slide and stage (stages overlap: open/sections run ahead in planner
+        # threads, reads in reader processes, merge in the finisher thread)
+        "per_slide_s": {k: round(v / len(recs), 4) for k, v in sorted(stages.items())},
         # other work on the machine shows here (shared CI/VM cores)
         "load_average": {"before": load_before, "after": os.getloadavg()},
     }
@@ -144,7 +156,7 @@ def scaling(kind: str, counts: list[int], slides: list[Path], ray=False, threads
             f"{n} {kind}{' (ray)' if ray else ''}: {r['n_slides']} slides "
             f"{r['gigapixels']:.3f} Gpx in {r['wall_s']:.1f} s → {r['slides_per_hour']:.0f} "
             f"slides/h, {r['gpx_per_s']:.4f} Gpx/s (in workers {r['gpx_per_s_in_workers']:.4f}), "
-            f"×{r['speedup_vs_first']:.2f}",
+            f"×{r['speedup_vs_first']:.2f}, GPU busy {r['gpu_busy_fraction']:.1%}",
             flush=True,
         )
     return {"kind": kind, "rows": rows, "skipped": skipped}

@@ -5,17 +5,17 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from trtwsi.batch.jobs import BatchParams, SlideJob, _error_dict
 from trtwsi.errors import BatchError
+from trtwsi.plan.slide_plan import SlideOptions
 
 
 class SlideRunner:
-    """Loads the models once for ``device`` and runs slides one by one; each model's engine is
-    loaded by the first slide's Predictor and reused by the next ones (``engine_cache``).
+    """One :class:`~trtwsi.runtime.Runtime` for ``device``, held for the worker's whole life;
+    slides stream through it (:meth:`stream`), or run one at a time (calling it with a job).
 
     Args:
         specs: :func:`model_spec` dicts plus ``"sha256"`` (checked against the file).
@@ -23,16 +23,17 @@ class SlideRunner:
         device: ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         threads: torch intra-op threads (None: leave torch's default).
 
-    Calling it with a :class:`SlideJob` returns the slide record (``status`` ``done`` or
-    ``failed``, see the module docstring; ``run``/``time``/``v`` are added by the coordinator).
-    Exceptions of the slide become a ``failed`` record; KeyboardInterrupt/SystemExit remove the
-    outputs this attempt wrote and propagate.
+    Each job yields its slide record (``status`` ``done`` or ``failed``, see
+    :mod:`trtwsi.batch.coordinator`; ``run``/``time``/``v`` are added by the coordinator).
+    Exceptions of a slide become a ``failed`` record; KeyboardInterrupt/SystemExit remove the
+    outputs being written and propagate.
     """
 
     def __init__(self, specs: Sequence[Mapping], params: BatchParams, device: str, threads=None):
         import torch
 
         from trtwsi.engines.model import Model
+        from trtwsi.runtime import Runtime
 
         if threads:
             torch.set_num_threads(int(threads))
@@ -49,43 +50,70 @@ class SlideRunner:
                     f"(sha256 {m.sha256[:12]}…, expected {s['sha256'][:12]}…); rerun the batch"
                 )
             self.models.append(m)
-        self.engine_cache: dict = {}
+        self.runtime = Runtime(
+            self.models,
+            device=device,
+            batch=params.batch,
+            workers=params.workers or threads,
+        )
+        self.options = SlideOptions(
+            overlap=params.overlap, mpp=params.mpp, section=params.section, region=params.region
+        )
+
+    def close(self) -> None:
+        self.runtime.close()
 
     def __call__(self, job: SlideJob) -> dict:
+        return list(self.stream([job]))[0]
+
+    def stream(self, jobs: Iterable[SlideJob]) -> Iterator[dict]:
+        """Records of ``jobs``, in order; the runtime plans the next slides while the current
+        one runs."""
         from trtwsi._util.atomic import check_output_path
-        from trtwsi.predictor import Predictor
-        from trtwsi.slide import open_slide
+        from trtwsi.runtime import SlideRequest
 
         p = self.params
-        t0 = time.perf_counter()
-        base = job.record(host=socket.gethostname(), pid=os.getpid())
-        outputs = job.outputs(p.formats)
+        early: dict[int, dict] = {}  # jobs refused before running (outputs exist)
+
+        def requests():
+            for job in jobs:
+                base = job.record(host=socket.gethostname(), pid=os.getpid())
+                try:
+                    if not job.overwrite:
+                        for o in job.outputs(p.formats):
+                            check_output_path(o, overwrite=False)
+                except Exception as e:
+                    early[id(job)] = {**base, "status": "failed", "error": _error_dict(e)}
+                    yield SlideRequest(None, tag=(job, base))
+                    continue
+                yield SlideRequest(job.path, slide_mpp=p.slide_mpp, tag=(job, base))
+
+        for out in self.runtime.stream(requests(), self.options):
+            job, base = out.tag
+            if id(job) in early:
+                yield early.pop(id(job))
+                continue
+            if out.error is not None:
+                yield {**base, "status": "failed", "error": _error_dict(out.error)}
+                continue
+            yield self._write(job, base, out)
+
+    def _write(self, job: SlideJob, base: dict, out) -> dict:
+        res = out.results
+        outputs = job.outputs(self.params.formats)
         written: list[Path] = []
         try:
-            if not job.overwrite:
-                for o in outputs:
-                    check_output_path(o, overwrite=False)
-            slide = open_slide(job.path, mpp=p.slide_mpp, threads=p.workers or self.threads)
+            slide = None
+            if any(o.suffix.lower() in (".png", ".jpg", ".jpeg") for o in outputs):
+                from trtwsi.slide import open_slide  # the overlay draws on a thumbnail
+
+                slide = open_slide(job.path, mpp=self.params.slide_mpp)
             try:
-                pred = Predictor(
-                    slide,
-                    self.models,
-                    engine_cache=self.engine_cache,
-                    overlap=p.overlap,
-                    mpp=p.mpp,
-                    batch=p.batch,
-                    workers=p.workers or self.threads,
-                    device=self.device,
-                    progress=False,
-                )
-                try:
-                    res = pred.run(section=p.section, region=p.region)
-                finally:
-                    pred.close()  # the GPU pipeline's reader processes and buffers
                 for o in outputs:
                     written.append(res.save(o, overwrite=job.overwrite, slide=slide))
             finally:
-                slide.close()
+                if slide is not None:
+                    slide.close()
         except Exception as e:
             _remove(written)
             return {**base, "status": "failed", "error": _error_dict(e)}
@@ -101,7 +129,7 @@ class SlideRunner:
             "counts": det.counts(),
             "n_tiles": res.n_tiles,
             "pixels": int(res.slide.get("width", 0)) * int(res.slide.get("height", 0)),
-            "seconds": round(time.perf_counter() - t0, 4),
+            "seconds": round(out.seconds, 4),
             "timings": res.timings,
             "tile_errors": len(res.errors),
         }

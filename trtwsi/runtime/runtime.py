@@ -181,7 +181,7 @@ class Runtime:
     # --- running -------------------------------------------------------------------------------
     def run(self, slide, options: SlideOptions | None = None, *, progress: bool = False):
         """One slide; returns its :class:`~trtwsi.results.Results` (raises its error)."""
-        out = next(iter(self.stream([slide], options, progress=progress)))
+        (out,) = list(self.stream([slide], options, progress=progress))
         if out.error is not None:
             raise out.error
         return out.results

@@ -29,9 +29,11 @@ import contextlib
 import ctypes
 import multiprocessing as mp
 import os
+import queue
 import signal
 import socket
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 
@@ -100,6 +102,11 @@ def parse_devices(spec: str | Sequence[str] | None, cuda_count: int | None = Non
     return out
 
 
+#: Jobs handed to a worker at once: the one running and the next, which its runtime plans
+#: (opens the slide, finds the tissue) meanwhile.
+PREFETCH = 2
+
+
 def _default_threads(n_workers: int) -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, (cores or 1) // max(1, n_workers))
@@ -142,15 +149,32 @@ def _worker_main(conn, device: str, specs, params, threads, parent_pid: int) -> 
         conn.send(("init_failed", _error_dict(e)))
         return
     conn.send(("ready", os.getpid()))
-    while True:
-        try:
-            job = conn.recv()
-        except EOFError:
-            return
-        if job is None:
-            return
-        rec = runner(job)
-        conn.send(("result", rec))
+    # Jobs arrive while earlier ones run: a reader thread queues them, and the runtime plans the
+    # next slide while the current one is on the device (the coordinator keeps up to
+    # PREFETCH jobs handed to each worker).
+    jobs: queue.Queue = queue.Queue()
+
+    def receive() -> None:
+        while True:
+            try:
+                job = conn.recv()
+            except (EOFError, OSError):
+                job = None
+            jobs.put(job)
+            if job is None:
+                return
+
+    threading.Thread(target=receive, name="trtwsi-jobs", daemon=True).start()
+
+    def job_stream():
+        while (job := jobs.get()) is not None:
+            yield job
+
+    try:
+        for rec in runner.stream(job_stream()):
+            conn.send(("result", rec))
+    finally:
+        runner.close()
 
 
 # ------------------------------------------------------------------------------------------
@@ -163,7 +187,7 @@ class _Slot:
         self.proc = None
         self.conn = None
         self.pid = None
-        self.job = None
+        self.jobs: collections.deque = collections.deque()  # handed over, in order
         self.restarts = 0
         self.retired = False
         self.stopping = False
@@ -222,12 +246,14 @@ class LocalPool:
             finally:
                 child.close()
             slot.proc, slot.conn, slot.pid = proc, parent, proc.pid
-            slot.job, slot.stopping = None, False
+            slot.jobs.clear()
+            slot.stopping = False
 
         def give(slot: _Slot) -> None:
-            if pending:
+            """Keep PREFETCH jobs handed to the worker; None once nothing is left."""
+            while pending and len(slot.jobs) < PREFETCH:
                 job = pending.popleft()
-                slot.job = job
+                slot.jobs.append(job)
                 emit(
                     job.record(
                         status="running",
@@ -238,7 +264,7 @@ class LocalPool:
                     )
                 )
                 slot.conn.send(job)
-            else:
+            if not pending and not slot.jobs and not slot.stopping:
                 slot.stopping = True
                 with contextlib.suppress(OSError):
                     slot.conn.send(None)
@@ -248,7 +274,7 @@ class LocalPool:
             if kind == "ready":
                 give(slot)
             elif kind == "result":
-                slot.job = None
+                slot.jobs.popleft()
                 slot.restarts = 0
                 emit({**payload, "worker": slot.device, "slot": slot.index})
                 give(slot)
@@ -267,12 +293,15 @@ class LocalPool:
             code = slot.proc.exitcode
             slot.conn.close()
             slot.proc = None
-            job, slot.job = slot.job, None
-            if job is None:
+            if not slot.jobs:
                 if not slot.stopping and not slot.retired:
                     slot.retired = True  # exited without being asked: do not loop on it
                     init_errors.append(f"{slot.device}: worker exited with code {code}")
                 return
+            # the oldest job was running; later ones were queued in the worker: back in line
+            job, *queued = slot.jobs
+            slot.jobs.clear()
+            pending.extendleft(reversed(queued))
             why = (
                 f"signal {signal.Signals(-code).name}"
                 if code is not None and code < 0
@@ -308,7 +337,7 @@ class LocalPool:
             for slot in slots:
                 start(slot)
             while True:
-                busy = [s for s in slots if s.job is not None]
+                busy = [s for s in slots if s.jobs]
                 live = [s for s in slots if s.proc is not None]
                 if not pending and not busy:
                     break
@@ -349,7 +378,7 @@ def _stop(slots: Sequence[_Slot]) -> None:
     """Stop every worker still running: None to idle ones, SIGTERM to busy ones, then kill."""
     live = [s for s in slots if s.proc is not None]
     for s in live:
-        if s.job is None:
+        if not s.jobs:
             with contextlib.suppress(OSError, ValueError):
                 s.conn.send(None)
         else:

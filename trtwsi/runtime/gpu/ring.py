@@ -48,7 +48,7 @@ class ChunkRing:
             self.free[d] = event
 
 
-@dataclass
+@dataclass(eq=False)  # identity: runs are dict keys
 class SlideRun:
     """One slide in the stream: its ``plan`` (or the ``error`` that stopped it), per-model
     ``rows`` (lists of ``(M, 8)`` arrays), a :class:`~trtwsi._util.timer.Timer`, and counters

@@ -1,0 +1,176 @@
+"""Runtime: slides stream through one long-lived runtime; results per slide, in order; a bad
+slide fails alone; a slide's results do not depend on its neighbours in the stream."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import trtwsi
+from trtwsi.plan.slide_plan import SlideOptions
+from trtwsi.runtime import Runtime, SlideRequest
+from trtwsi.runtime.gpu.ring import BatchBuilder, ChunkRing, SlideRun, SlideTracker
+from trtwsi.synthetic import make_slide
+
+MODEL = Path(__file__).resolve().parents[2] / "models" / "demo-yolo11n.pt"
+
+
+@pytest.fixture(scope="module")
+def slides(tmp_path_factory):
+    d = tmp_path_factory.mktemp("rt")
+    out = []
+    for i, (w, h) in enumerate([(2400, 1800), (1800, 1400), (2600, 1600)]):
+        p = d / f"s{i}.tif"
+        make_slide(p, w, h, seed=40 + i, n_sections=1 + i % 2)
+        out.append(p)
+    bad = d / "bad.tif"
+    bad.write_bytes(b"II*\x00" + b"\x00" * 20)
+    return out, bad
+
+
+def _rows(res) -> np.ndarray:
+    return res.detections.to_numpy()
+
+
+def test_stream_equals_one_by_one_and_bad_slide_fails_alone(slides):
+    good, bad = slides
+    model = trtwsi.Model(MODEL)
+    with Runtime([model], device="cpu", batch=4, workers=1) as rt:
+        alone = [rt.run(p) for p in good]
+        outs = list(rt.stream([good[0], bad, good[1], SlideRequest(good[2], tag="x")]))
+    assert [o.index for o in outs] == [0, 1, 2, 3]
+    assert not outs[1].ok and isinstance(outs[1].error, trtwsi.TrtwsiError)
+    assert outs[3].tag == "x"
+    for a, o in zip(alone, [outs[0], outs[2], outs[3]], strict=True):
+        assert o.ok and len(a.detections) > 0
+        np.testing.assert_array_equal(_rows(a), _rows(o.results))
+        assert o.results.timings["total"] > 0 and "sections" in o.results.timings
+
+
+def test_predictor_is_a_facade_over_runtime(slides):
+    good, _ = slides
+    model = trtwsi.Model(MODEL)
+    with Runtime([model], device="cpu", batch=4, workers=1) as rt:
+        want = rt.run(good[0], SlideOptions(section=0))
+    with trtwsi.Predictor(good[0], [model], device="cpu", batch=4, workers=1) as p:
+        got = p.run(section=0)
+        assert p.runtime.pipeline == "reference"
+    np.testing.assert_array_equal(_rows(want), _rows(got))
+    assert got.params["pipeline"] == "reference" and got.params["section"] == 0
+
+
+def test_closed_runtime_refuses_to_run(slides):
+    rt = Runtime([trtwsi.Model(MODEL)], device="cpu")
+    rt.close()
+    rt.close()  # idempotent
+    with pytest.raises(trtwsi.TrtwsiError, match="closed"):
+        list(rt.stream(slides[0][:1]))
+
+
+def test_bad_device_is_named():
+    with pytest.raises(trtwsi.TrtwsiError, match="'gpu' is not a device"):
+        Runtime([trtwsi.Model(MODEL)], device="gpu")
+
+
+# --- bookkeeping of the GPU pipeline, driven without CUDA --------------------------------------
+def test_tracker_hands_slides_on_in_order_when_their_batches_are_back():
+    done: list[int] = []
+    tr = SlideTracker(lambda r: done.append(r.index))
+    ring = ChunkRing(2)
+    a, b, c = (SlideRun(index=i, source=i) for i in range(3))
+    for r in (a, b, c):
+        tr.add(r)
+    bb = BatchBuilder(3)
+    geo = (640, 1.0)
+    for run, n in ((a, 2), (b, 1)):
+        for _ in range(n):
+            d = 0
+            bb.add(run=run, group=0, geometry=geo, slot=d, offset=0, stride=1, origin=(0, 0),
+                   section=0, tile=0)  # fmt: skip
+            ring.pending[d] += 1
+            run.pending += 1
+    assert bb.full()
+    pb = bb.take()
+    assert pb.n == 3 and pb.runs == [a, b] and pb.share() == {a: 2 / 3, b: 1 / 3}
+    tr.launched(pb, ring)
+    assert ring.pending == [0, 0] and a.pending == 0 and a.inflight == 1
+    c.issued = True  # c failed to plan: finished at once, but must wait for a and b
+    tr.issued(c)
+    tr.issued(a)
+    assert done == []  # a's batch is still in flight
+    tr.returned(pb)
+    assert done == [0]
+    tr.issued(b)
+    assert done == [0, 1, 2]
+    tr.drain()
+
+
+def test_builder_refuses_mixing_geometries_and_tracker_catches_leftovers():
+    bb = BatchBuilder(4)
+    bb.add(run=1, group=0, geometry=(640, 1.0), slot=0, offset=0, stride=1, origin=(0, 0),
+           section=0, tile=0)  # fmt: skip
+    assert bb.accepts(0, (640, 1.0)) and not bb.accepts(0, (320, 2.0)) and not bb.accepts(1, (640, 1.0))
+    with pytest.raises(ValueError, match="take"):
+        bb.add(run=1, group=1, geometry=(640, 1.0), slot=0, offset=0, stride=1, origin=(0, 0),
+               section=0, tile=1)  # fmt: skip
+    tr = SlideTracker(lambda r: None)
+    tr.add(SlideRun(index=7, source=None))
+    with pytest.raises(RuntimeError, match=r"\[7\]"):
+        tr.drain()
+
+
+# --- GPU ----------------------------------------------------------------------------------------
+def _gpu_or_skip():
+    from trtwsi.runtime.gpu.device import gpu_unavailable_reason
+
+    why = gpu_unavailable_reason()
+    if why:
+        pytest.skip(f"GPU pipeline unavailable: {why}")
+
+
+@pytest.mark.gpu
+def test_gpu_stream_gives_each_slide_the_results_it_gets_alone(slides):
+    _gpu_or_skip()
+    good, bad = slides
+    model = trtwsi.Model(MODEL)
+    with Runtime([model], device="cuda", batch=8, workers=2, readers="processes") as rt:
+        alone = [rt.run(p) for p in good]
+        outs = list(rt.stream([good[2], good[0], bad, good[1], good[0]]))
+    assert [o.ok for o in outs] == [True, True, False, True, True]
+    for o, want in zip([outs[0], outs[1], outs[3], outs[4]], [alone[2], alone[0], alone[1], alone[0]], strict=True):
+        np.testing.assert_array_equal(_rows(o.results), _rows(want))
+
+
+@pytest.mark.gpu
+def test_gpu_runtime_memory_flat_over_100_slides_and_close_leaves_nothing(tmp_path):
+    _gpu_or_skip()
+    import glob
+    import os
+    import resource
+
+    import torch
+
+    small = []
+    for i in range(4):
+        p = tmp_path / f"m{i}.tif"
+        make_slide(p, 1500, 1100, seed=70 + i, n_sections=1)
+        small.append(p)
+    model = trtwsi.Model(MODEL)
+    before_shm = set(glob.glob("/dev/shm/trtwsi-ring-*"))
+    rt = Runtime([model], device="cuda", batch=8, workers=2, readers="processes")
+    pids = [p.pid for p in rt._pipe.pool._pool._processes.values()]
+    rss, gpu = [], []
+    for _ in range(5):
+        outs = list(rt.stream(small * 5))
+        assert all(o.ok for o in outs)
+        rss.append(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+        gpu.append(torch.cuda.memory_allocated())
+    rt.close()
+    assert gpu[-1] == gpu[1], gpu
+    assert rss[-1] - rss[1] < 200 * 1024, rss  # KiB: no growth beyond noise after warm-up
+    assert set(glob.glob("/dev/shm/trtwsi-ring-*")) == before_shm
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
