@@ -6,12 +6,11 @@ import warnings
 import numpy as np
 import pytest
 
+from tests.slide.test_bad_input import W, _corrupt
 from trtwsi.errors import TileReadError, TrtwsiError
 from trtwsi.read.processes import ReaderPool, process_readable
 from trtwsi.slide import open_slide
 from trtwsi.slide.tiff import TiffSlide
-
-from tests.slide.test_bad_input import W, _corrupt
 
 
 def test_process_reads_equal_direct_reads(svs_file):

@@ -77,6 +77,8 @@ class Runtime:
         engine_cache: a dict in which engines are shared with other runtimes of this process
             (keyed by model, device, precision, batch); engines from it are not closed here.
         planners: threads opening and planning slides ahead of the GPU.
+        pipeline_rings: ring sizes of the GPU pipeline (``host_slots``, ``device_slots``,
+            ``depth``; see :class:`~trtwsi.runtime.gpu.pipeline.GpuPipeline`), for tuning/tests.
     """
 
     def __init__(
@@ -92,6 +94,7 @@ class Runtime:
         timing: bool = True,
         engine_cache: dict | None = None,
         planners: int = 2,
+        pipeline_rings: dict | None = None,
     ):
         from trtwsi.engines.model import Model
 
@@ -129,6 +132,7 @@ class Runtime:
                 max_det=self.max_det,
                 timing=self.timing,
                 readers=self.readers,
+                **(pipeline_rings or {}),
             )
         else:
             self._ref = ReferenceRunner(
@@ -315,6 +319,8 @@ class Runtime:
                 yield from self._drive(lambda: self._pipe.run(runs(), hand_on), done, stop)
             else:
                 for run in runs():
+                    while done and done[0].done():
+                        yield done.pop(0).result()
                     if run is IDLE:
                         time.sleep(0.002)
                         continue

@@ -102,9 +102,9 @@ def parse_devices(spec: str | Sequence[str] | None, cuda_count: int | None = Non
     return out
 
 
-#: Jobs handed to a worker at once: the one running and the next, which its runtime plans
-#: (opens the slide, finds the tissue) meanwhile.
-PREFETCH = 2
+#: Jobs handed to a worker at once: the one running and the next ones, which its runtime plans
+#: (opens the slide, finds the tissue) meanwhile, in its planner threads.
+PREFETCH = 6
 
 
 def _default_threads(n_workers: int) -> int:
