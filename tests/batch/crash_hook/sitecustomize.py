@@ -16,13 +16,18 @@ if _HOOK:
 
     from trtwsi.batch import runner as _runner
 
-    _original = _runner.SlideRunner.__call__
+    _original = _runner.SlideRunner.stream
 
-    def _crash_once(self, job):
+    def _crash_once(self, jobs):
         name, _, marker = _HOOK.partition(":")
-        if job.name == name and marker and not os.path.exists(marker):
-            Path(marker).write_text(f"crashed pid {os.getpid()}\n")
-            os._exit(86)
-        return _original(self, job)
 
-    _runner.SlideRunner.__call__ = _crash_once
+        def checked():
+            for job in jobs:
+                if job.name == name and marker and not os.path.exists(marker):
+                    Path(marker).write_text(f"crashed pid {os.getpid()}\n")
+                    os._exit(86)  # the worker dies while its runtime holds this slide
+                yield job
+
+        return _original(self, checked())
+
+    _runner.SlideRunner.stream = _crash_once

@@ -298,34 +298,35 @@ class LocalPool:
                     slot.retired = True  # exited without being asked: do not loop on it
                     init_errors.append(f"{slot.device}: worker exited with code {code}")
                 return
-            # the oldest job was running; later ones were queued in the worker: back in line
-            job, *queued = slot.jobs
+            # Every job handed to the worker was in its runtime (running, or being opened and
+            # planned ahead): each gets a crash record and goes back in line, in order.
+            lost = list(slot.jobs)
             slot.jobs.clear()
-            pending.extendleft(reversed(queued))
             why = (
                 f"signal {signal.Signals(-code).name}"
                 if code is not None and code < 0
                 else f"exit code {code}"
             )
-            retry = job.attempt <= max_retries
-            emit(
-                job.record(
-                    status="crashed" if retry else "failed",
-                    worker=slot.device,
-                    slot=slot.index,
-                    host=socket.gethostname(),
-                    pid=slot.pid,
-                    retry=retry,
-                    error={
-                        "type": "WorkerCrash",
-                        "message": f"the worker process on {slot.device} died ({why}) while "
-                        f"running this slide (attempt {job.attempt} of {max_retries + 1})",
-                    },
+            for job in reversed(lost):
+                retry = job.attempt <= max_retries
+                emit(
+                    job.record(
+                        status="crashed" if retry else "failed",
+                        worker=slot.device,
+                        slot=slot.index,
+                        host=socket.gethostname(),
+                        pid=slot.pid,
+                        retry=retry,
+                        error={
+                            "type": "WorkerCrash",
+                            "message": f"the worker process on {slot.device} died ({why}) while "
+                            f"this slide was in it (attempt {job.attempt} of {max_retries + 1})",
+                        },
+                    )
                 )
-            )
-            if retry:
-                job.attempt += 1
-                pending.appendleft(job)
+                if retry:
+                    job.attempt += 1
+                    pending.appendleft(job)
             slot.restarts += 1
             if slot.restarts > self.max_restarts:
                 slot.retired = True
