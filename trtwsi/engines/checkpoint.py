@@ -35,16 +35,17 @@ that are rebuilt the same safe way:
 * model classes (NEWOBJ and BUILD only): every ``torch.nn.Module`` subclass defined in
   ``ultralytics.nn.modules.*``, ``ultralytics.nn.tasks`` (``DetectionModel`` …) and
   ``torch.nn.modules.*`` (``Conv2d``, ``BatchNorm2d``, ``SiLU``, ``Upsample`` …); the classes
-  of ``ultralytics.utils.loss`` and ``ultralytics.utils.tal`` (training checkpoints of
-  ultralytics 8.1 to 8.3 keep the loss object). Their ``__setstate__`` methods only fill in
-  attributes that older versions lacked.
+  of ``ultralytics.utils.loss`` and ``ultralytics.utils.tal`` (training checkpoints of older
+  ultralytics versions can keep the loss object; 8.4 strips it). Their ``__setstate__`` methods
+  only fill in attributes that older versions lacked.
 * data constructors (REDUCE allowed; they build values and run no user code): torch's tensor and
   parameter rebuild functions, ``torch.Size``, ``torch.device``, ``collections.OrderedDict``,
   ``builtins.set``, ``types.SimpleNamespace``, ``ultralytics.utils.IterableSimpleNamespace``
   (training arguments), ``numpy.dtype`` and numpy's scalar reconstructor (numpy floats in
   training metrics), ``_codecs.encode`` (protocol 2 writes each ``bytes`` as
-  ``encode(text, "latin1")``; codec names resolve only to the stdlib ``encodings`` package, all
-  data transforms), ``pathlib`` path classes (path objects only, no file access).
+  ``encode(text, "latin1")``; a codec name can only select an installed codec, e.g. from the
+  stdlib ``encodings`` package, and codecs transform data), ``pathlib`` path classes (path
+  objects only, no file access).
 * plain values, never called: torch storage types and dtypes.
 * names used by older ultralytics versions map to today's objects (``_LEGACY_MODULES``,
   ``_LEGACY_ATTRIBUTES``, the renames ultralytics' own loader applies).
