@@ -38,7 +38,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trtwsi.engines import config as _config
 from trtwsi.engines.checkpoint import head_task, load_checkpoint
 from trtwsi.engines.config import (
     BACKENDS,
@@ -49,6 +48,7 @@ from trtwsi.engines.config import (
     check_imgsz,
     check_model_args,
 )
+from trtwsi.engines.config import load_models_config as _load_models_config
 from trtwsi.errors import BackendError, ModelError, ModelNotFoundError
 
 if TYPE_CHECKING:
@@ -460,4 +460,4 @@ def load_models_config(path: str | os.PathLike, *, trust_weights: bool = False) 
             message names the file, the entry, the key, the value and what is allowed).
         ModelError: a model cannot be built (the message names the file and the entry).
     """
-    return _config.load_models_config(path, Model, trust_weights=trust_weights)
+    return _load_models_config(path, Model, trust_weights=trust_weights)

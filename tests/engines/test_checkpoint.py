@@ -180,11 +180,21 @@ def test_training_format_checkpoint(tmp_path, v11):
 
 
 @pytest.mark.slow
-def test_real_ultralytics_training_checkpoints(tmp_path):
+def test_real_ultralytics_training_checkpoints(tmp_path, monkeypatch):
     """One epoch of real ultralytics training (64-px images, CPU): its unstripped last.pt (as
     saved during training) and its final stripped best.pt both load safely."""
+    import socket
+
     import cv2
     from ultralytics import YOLO
+
+    attempts = []
+
+    def no_network(sock, address):
+        attempts.append(address)
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
 
     root = tmp_path / "ds"
     for split in ("train", "val"):
@@ -204,6 +214,7 @@ def test_real_ultralytics_training_checkpoints(tmp_path):
         data=str(root / "data.yaml"), epochs=1, imgsz=64, batch=2, workers=0, device="cpu",
         plots=False, amp=False, project=str(tmp_path / "runs"), name="r", verbose=False,
     )  # fmt: skip
+    assert attempts == []  # training stayed offline
     for path in (unstripped, tmp_path / "runs" / "r" / "weights" / "best.pt"):
         m = Model(path)
         assert (m.nc, m.imgsz, m.head) == (1, 64, "nms")
