@@ -106,3 +106,29 @@ class MergeError(TrtwsiError, ValueError):
 
 class ReaderStartError(TrtwsiError):
     """The slide reader processes could not start (the message says why and what to do)."""
+
+
+# --- model files and model configs (issue 12) ---------------------------------------------
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """The weights file (or the models TOML file) does not exist."""
+
+
+class UnsafeWeightsError(ModelError):
+    """A ``.pt`` was refused: its pickle would call or build something outside the allow-list.
+
+    Nothing from the file ran. Attributes: ``path`` (the file) and ``offending`` (tuple of the
+    refused globals / operations, e.g. ``"posix.system"``). The message names the explicit opt-in
+    for files the user trusts (``trust_weights=True``, ``trust_weights = true`` in models.toml,
+    ``trtwsi predict --trust-weights``).
+    """
+
+    def __init__(self, message: str, *, path=None, offending=()):
+        super().__init__(message)
+        self.path = path
+        self.offending = tuple(offending)
+
+
+class ModelConfigError(ModelError, ValueError):
+    """A model setting has the wrong type or is out of range (Model arguments, a models TOML
+    file, or a value read from a checkpoint); the message names the source, the key, the value
+    seen and what is allowed."""

@@ -289,7 +289,7 @@ def test_from_config(v11):
         (
             '[[model]]\nname = "m1"\nweights = "missing.pt"',
             ModelNotFoundError,
-            "model m1: model weights not found",
+            "model #1 'm1': model weights not found",
         ),
         (
             '[[model]]\nweights = "w.pt"\nclasess = ["a"]',

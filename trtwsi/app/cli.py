@@ -21,16 +21,16 @@ from trtwsi.plan.tissue import find_sections
 def _models_from_args(a) -> list:
     from trtwsi.engines.model import Model, load_models_config
 
-    models = []
+    models, trust = [], getattr(a, "trust_weights", False)
     if getattr(a, "models", None):
-        models += load_models_config(a.models)
+        models += load_models_config(a.models, trust_weights=trust)
     for w in a.model or []:
-        models.append(Model(w, min_conf=a.conf, iou=a.iou, backend=a.backend))
+        models.append(Model(w, min_conf=a.conf, iou=a.iou, backend=a.backend, trust_weights=trust))
     if not models:
         default = _default_models_config()
         if default is None:
             raise TrtwsiError("no model given: pass --model PATH.pt or --models models.toml")
-        models = load_models_config(default)
+        models = load_models_config(default, trust_weights=trust)
     return models
 
 
@@ -305,6 +305,11 @@ def _add_predict_opts(p: argparse.ArgumentParser) -> None:
         "--iou", type=float, default=0.45, help="per-tile NMS IoU for --model (default 0.45)"
     )
     p.add_argument("--backend", default="auto", choices=["auto", "torch", "tensorrt"])
+    p.add_argument(
+        "--trust-weights",
+        action="store_true",
+        help="unpickle the .pt files fully; a pickle can run code: only for files you trust",
+    )
     p.add_argument(
         "--section",
         type=int,

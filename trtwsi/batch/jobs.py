@@ -115,12 +115,14 @@ def model_spec(m) -> dict:
         "name": m.name,
         "head": m.head,
         "max_det": m.max_det,
+        "trust_weights": m.trust_weights,
     }
 
 
 def _model_key(m) -> dict:
     spec = model_spec(m)
-    del spec["weights"], spec["backend"], spec["fallback_to_pt"]  # the file's hash stands in
+    # the file's hash stands in for the path; how it may be loaded does not change results
+    del spec["weights"], spec["backend"], spec["fallback_to_pt"], spec["trust_weights"]
     return {**spec, "sha256": m.sha256}
 
 

@@ -4,10 +4,11 @@ A :class:`Model` is what users hand to the predictor, one per detector::
 
     Model("best.pt", classes=["nucleus", "metaphase"], min_conf=0.25, iou=0.45)
 
-It loads the local ``.pt`` checkpoint offline (never downloads, never installs), checks that it
-is a *detection* model, and exposes what the pipeline needs: class names, stride, input size,
-head kind, and the prepared ``torch.nn.Module``. Models can also come from a TOML file
-(:func:`load_models_config`).
+It loads the local ``.pt`` checkpoint offline (never downloads, never installs) and safely
+(nothing from the file runs unless ``trust_weights=True``: see :mod:`trtwsi.engines.checkpoint`),
+checks that it is a *detection* model, and exposes what the pipeline needs: class names, stride,
+input size, head kind, and the prepared ``torch.nn.Module``. Models can also come from a TOML file
+(:func:`load_models_config`, see :mod:`trtwsi.engines.config`).
 
 Head kinds (``Model.head``):
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import numbers
 import os
 import threading
 import warnings
@@ -38,7 +38,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from trtwsi.errors import BackendError, MissingDependencyError, ModelError, require
+from trtwsi.engines.checkpoint import head_task, load_checkpoint
+from trtwsi.engines.config import (
+    BACKENDS,
+    CONFIG_KEYS,
+    DEFAULT_IMGSZ,
+    DEFAULT_MAX_DET,
+    HEAD_KINDS,
+    check_imgsz,
+    check_model_args,
+)
+from trtwsi.engines.config import load_models_config as _load_models_config
+from trtwsi.errors import BackendError, ModelError, ModelNotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -46,125 +57,6 @@ if TYPE_CHECKING:
     from trtwsi.engines.base import Engine
 
 __all__ = ["BACKENDS", "HEAD_KINDS", "Model", "ModelNotFoundError", "load_models_config"]
-
-BACKENDS = ("auto", "torch", "tensorrt")
-HEAD_KINDS = ("nms", "end2end")
-DEFAULT_IMGSZ = 640
-DEFAULT_MAX_DET = 300
-
-#: Keys a ``[[model]]`` table of a models TOML file may have (the Model constructor's arguments).
-CONFIG_KEYS = (
-    "name",
-    "weights",
-    "classes",
-    "min_conf",
-    "iou",
-    "backend",
-    "fallback_to_pt",
-    "imgsz",
-    "head",
-    "max_det",
-)
-
-
-class ModelNotFoundError(ModelError, FileNotFoundError):
-    """The weights file does not exist."""
-
-
-# Old module paths in checkpoints written by older ultralytics versions (the same renames
-# ultralytics' own ``torch_safe_load`` applies).
-_LEGACY_MODULES = {
-    "ultralytics.yolo.utils": "ultralytics.utils",
-    "ultralytics.yolo.v8": "ultralytics.models.yolo",
-    "ultralytics.yolo.data": "ultralytics.data",
-}
-_LEGACY_ATTRIBUTES = {
-    "ultralytics.nn.modules.block.Silence": "torch.nn.Identity",
-    "ultralytics.nn.tasks.YOLOv10DetectionModel": "ultralytics.nn.tasks.DetectionModel",
-    "ultralytics.utils.loss.v10DetectLoss": "ultralytics.utils.loss.E2EDetectLoss",
-}
-
-
-def _describe(obj: Any) -> str:
-    """Short description of an unpickled object for error messages."""
-    if isinstance(obj, Mapping):
-        keys = list(obj)[:8]
-        more = f" … ({len(obj)} keys)" if len(obj) > 8 else ""
-        return f"a dict with keys {keys}{more}"
-    return f"an object of type {type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _load_checkpoint(path: Path) -> tuple[Any, dict]:
-    """Unpickle an ultralytics ``.pt`` offline; return ``(float32 module, checkpoint dict)``.
-
-    Unlike ``ultralytics.nn.tasks.load_checkpoint`` this never downloads a missing file and never
-    pip-installs a module the pickle names; every failure is a :class:`ModelError`.
-    """
-    torch = require("torch", "torch", "Loading a YOLO .pt model")
-    require("ultralytics", "torch", "Loading a YOLO .pt model")
-    from ultralytics.nn.tasks import temporary_modules
-
-    try:
-        with temporary_modules(modules=_LEGACY_MODULES, attributes=_LEGACY_ATTRIBUTES):
-            obj = torch.load(path, map_location="cpu", weights_only=False)
-    except ModuleNotFoundError as e:
-        raise ModelError(
-            f"cannot load {str(path)!r}: the checkpoint needs the Python module {e.name!r}, which is "
-            "not importable. A YOLOv5-era file (module 'models') is not an ultralytics 8.x model; "
-            "re-export or retrain it with the installed ultralytics."
-        ) from e
-    except Exception as e:
-        raise ModelError(
-            f"cannot load {str(path)!r}: not a readable PyTorch checkpoint (it may be truncated or "
-            f"corrupt, or not a .pt file at all): {type(e).__name__}: {e}. Re-download or re-export it."
-        ) from e
-
-    if isinstance(obj, torch.jit.ScriptModule):
-        raise ModelError(
-            f"{str(path)!r} is a TorchScript archive, not an ultralytics .pt checkpoint; "
-            "give the original .pt weights"
-        )
-    ckpt = obj if isinstance(obj, dict) else {"model": obj}
-    candidate = ckpt.get("ema") or ckpt.get("model")
-    from ultralytics.engine.model import Model as UltralyticsModel
-
-    if isinstance(candidate, UltralyticsModel):  # a YOLO(...) wrapper saved with torch.save
-        candidate = candidate.model
-    if not isinstance(candidate, torch.nn.Module) or not isinstance(
-        getattr(candidate, "model", None), torch.nn.Sequential
-    ):
-        raise ModelError(
-            f"{str(path)!r} is a torch file but not an ultralytics YOLO checkpoint: found "
-            f"{_describe(obj)} (expected a dict whose 'model' or 'ema' entry is an ultralytics model, "
-            "as written by ultralytics training or YOLO.save)"
-        )
-    if ckpt.get("modelopt"):  # QAT checkpoint: re-apply its fake quantization, as ultralytics does
-        from ultralytics.utils.torch_utils import restore_qat
-
-        restore_qat(candidate, ckpt["modelopt"])
-    return candidate.float(), ckpt
-
-
-def _head_task(head: Any, fallback: str | None) -> str:
-    """Name the task of a non-detect head for the error message."""
-    from ultralytics.nn.modules import head as H
-
-    kinds = [
-        ("Segment", "segment"),
-        ("Pose", "pose"),
-        ("OBB", "obb"),
-        ("Classify", "classify"),
-        ("SemanticSegment", "semantic"),
-        ("Depth", "depth"),
-        ("RTDETRDecoder", "detect (RT-DETR)"),
-        ("WorldDetect", "detect (open-vocabulary YOLO-World)"),
-        ("YOLOEDetect", "detect (open-vocabulary YOLOE)"),
-    ]
-    for cls_name, task in kinds:
-        cls = getattr(H, cls_name, None)
-        if cls is not None and isinstance(head, cls):
-            return task
-    return fallback or "unknown"
 
 
 def _as_imgsz(value: Any) -> int:
@@ -190,22 +82,33 @@ class Model:
         fallback_to_pt: with ``backend="auto"``, allow running the .pt with PyTorch when no
             TensorRT engine can be used; False makes that a :class:`BackendError`.
         imgsz: model input side in px (square). None: the checkpoint's training ``imgsz``, else
-            640. Must be a multiple of the model's stride.
+            640. Must be a multiple of the model's stride, in ``[32, 4096]`` (the checkpoint's
+            too).
         name: a label for results and logs; default the weights file's stem.
         head: ``None`` (the checkpoint's native head: ``"end2end"`` when it has a one-to-one
             branch, as YOLOv10/YOLO26, else ``"nms"``), or force ``"nms"`` / ``"end2end"``.
-        max_det: most detections kept per tile (after NMS; ``K`` of end-to-end heads).
+        max_det: most detections kept per tile (after NMS; ``K`` of end-to-end heads), in
+            ``[1, 10000]``.
+        trust_weights: False (default): load the ``.pt`` safely, refusing any file whose
+            pickle names something outside an allow-list of ultralytics/torch classes
+            (:class:`UnsafeWeightsError`, nothing from the file runs). True: unpickle it fully.
+            **A pickle can run any code when it loads**: pass True only for files you made
+            yourself or whose source you trust.
 
     Attributes:
         weights (Path), name (str), names (list[str], by class id), nc (int), stride (int, the
         largest), imgsz (int), head (``"nms"`` | ``"end2end"``), min_conf, iou, max_det,
-        backend, fallback_to_pt, sha256 (hex digest of the weights file, computed on first
-        use), module (the prepared ``torch.nn.Module``, built on first use).
+        backend, fallback_to_pt, trust_weights, sha256 (hex digest of the weights file,
+        computed on first use), module (the prepared ``torch.nn.Module``, built on first use).
 
     Raises:
         ModelNotFoundError: (a ModelError and FileNotFoundError) the weights file is missing.
+        UnsafeWeightsError: (a ModelError) the file's pickle would call or build something
+            outside the allow-list (``trust_weights=False``); nothing from it ran.
+        ModelConfigError: (a ModelError) an argument, or the checkpoint's ``imgsz``, has the
+            wrong type or is out of range (e.g. ``imgsz`` not a multiple of the stride).
         ModelError: the file is not a loadable ultralytics checkpoint, not a detection model,
-            the classes do not match ``nc``, or ``imgsz`` is not a multiple of the stride.
+            or the classes do not match ``nc``.
     """
 
     def __init__(
@@ -221,22 +124,16 @@ class Model:
         *,
         head: str | None = None,
         max_det: int = DEFAULT_MAX_DET,
+        trust_weights: bool = False,
     ):
         self.weights = Path(weights).expanduser()
         self.name = name or self.weights.stem
-        if backend not in BACKENDS:
-            raise ModelError(f"backend={backend!r} is not one of {BACKENDS}")
-        if head is not None and head not in HEAD_KINDS:
-            raise ModelError(
-                f"head={head!r} is not one of {HEAD_KINDS} (or None for the model's own)"
-            )
-        for label, v in (("min_conf", min_conf), ("iou", iou)):
-            if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
-                raise ModelError(f"{label} must be a number in [0, 1], got {v!r}")
-        if not (isinstance(max_det, int) and max_det > 0):
-            raise ModelError(f"max_det must be a positive int, got {max_det!r}")
-        self.min_conf, self.iou, self.max_det = float(min_conf), float(iou), max_det
-        self.backend, self.fallback_to_pt = backend, bool(fallback_to_pt)
+        args = {"min_conf": min_conf, "iou": iou, "backend": backend, "max_det": max_det}
+        args.update(fallback_to_pt=fallback_to_pt, trust_weights=trust_weights)
+        check_model_args(args if head is None else {**args, "head": head}, f"model {self.name!r}")
+        self.min_conf, self.iou, self.max_det = float(min_conf), float(iou), int(max_det)
+        self.backend, self.fallback_to_pt = backend, fallback_to_pt
+        self.trust_weights = trust_weights
 
         if not self.weights.exists():
             raise ModelNotFoundError(
@@ -245,7 +142,7 @@ class Model:
         if not self.weights.is_file():
             raise ModelError(f"model weights {str(self.weights)!r} is not a file")
 
-        net, ckpt = _load_checkpoint(self.weights)
+        net, ckpt = load_checkpoint(self.weights, trust_weights=trust_weights)
         detect = net.model[-1]
         train_args = ckpt.get("train_args") or {}
         model_args = getattr(net, "args", None)
@@ -255,7 +152,7 @@ class Model:
         from ultralytics.nn.modules.head import Detect, v10Detect
 
         if type(detect) not in (Detect, v10Detect) or ckpt_task not in (None, "detect"):
-            task = _head_task(detect, ckpt_task)
+            task = head_task(detect, ckpt_task)
             raise ModelError(
                 f"{str(self.weights)!r} is a {task!r} model (head {type(detect).__name__}, checkpoint "
                 f"task {ckpt_task!r}); trtwsi needs a detect model (an ultralytics Detect head, e.g. "
@@ -284,21 +181,12 @@ class Model:
             raw = train_args.get("imgsz", model_args.get("imgsz", DEFAULT_IMGSZ))
             try:
                 imgsz = _as_imgsz(raw)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 imgsz = DEFAULT_IMGSZ
-            where = "the checkpoint's imgsz"
+            where = f"the checkpoint's imgsz (in {str(self.weights)!r})"
         else:
             where = "imgsz"
-        if isinstance(imgsz, bool) or not isinstance(imgsz, numbers.Integral) or imgsz <= 0:
-            raise ModelError(f"{where}={imgsz!r} is not a positive int (model input side in px)")
-        if imgsz % self.stride:
-            near = max(self.stride, round(imgsz / self.stride) * self.stride)
-            raise ModelError(
-                f"{where}={imgsz} is not a multiple of the model stride {self.stride}; "
-                f"pass imgsz= a multiple of {self.stride}, e.g. {near}"
-            )
-        imgsz = int(imgsz)
-        self.imgsz = imgsz
+        self.imgsz = check_imgsz(imgsz, stride=self.stride, where=where)
 
         self._raw_module = net
         self._module = None
@@ -548,26 +436,9 @@ class Model:
         )
 
 
-def _read_toml(path: Path) -> dict:
-    try:
-        import tomllib  # Python 3.11+
-    except ImportError:  # pragma: no cover - Python 3.10
-        try:
-            import tomli as tomllib
-        except ImportError as e:
-            raise MissingDependencyError(
-                "reading a models TOML file on Python 3.10 needs the module 'tomli' "
-                "(pip install tomli)"
-            ) from e
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ModelError(f"models config {str(path)!r} is not valid TOML: {e}") from e
-
-
-def load_models_config(path: str | os.PathLike) -> list[Model]:
-    """Read a TOML file of ``[[model]]`` tables into Models.
+def load_models_config(path: str | os.PathLike, *, trust_weights: bool = False) -> list[Model]:
+    """Read a TOML file of ``[[model]]`` tables into Models (format and checks:
+    :mod:`trtwsi.engines.config`).
 
     Each table holds :class:`Model` arguments (``weights`` required, relative to the TOML file's
     folder)::
@@ -578,26 +449,15 @@ def load_models_config(path: str | os.PathLike) -> list[Model]:
         min_conf = 0.25
         iou = 0.45
         classes = ["nucleus", "metaphase"]   # optional
+        # trust_weights = true               # only for a .pt you made yourself
+
+    ``trust_weights=True`` (``trtwsi predict --trust-weights``) trusts every entry's weights.
 
     Raises:
         ModelNotFoundError: the TOML file (or a weights file) does not exist.
-        ModelError: invalid TOML, no ``[[model]]`` tables, or an invalid model entry (the message
-            names the entry).
+        ModelConfigError: not UTF-8, invalid TOML, no ``[[model]]`` tables, an unknown key, a
+            value of the wrong type or out of range, or two models with the same name (the
+            message names the file, the entry, the key, the value and what is allowed).
+        ModelError: a model cannot be built (the message names the file and the entry).
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ModelNotFoundError(f"models config not found: {str(path)!r}")
-    data = _read_toml(path)
-    entries = data.get("model")
-    if isinstance(entries, Mapping):
-        entries = [entries]
-    if not entries or not isinstance(entries, list):
-        raise ModelError(f"models config {str(path)!r} has no [[model]] tables")
-    models = []
-    for i, entry in enumerate(entries):
-        try:
-            models.append(Model.from_config(entry, base_dir=path.parent))
-        except ModelError as e:
-            label = entry.get("name", f"#{i + 1}") if isinstance(entry, Mapping) else f"#{i + 1}"
-            raise type(e)(f"models config {str(path)!r}, model {label}: {e}") from e
-    return models
+    return _load_models_config(path, Model, trust_weights=trust_weights)

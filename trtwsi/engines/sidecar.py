@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from trtwsi.engines.sidecar_check import check_sidecar, load_sidecar_json
 from trtwsi.errors import EngineMismatchError
 
 __all__ = [
@@ -117,6 +118,7 @@ class EngineMeta:
             raise EngineMismatchError(
                 f"{source}: missing keys {missing}; rebuild the engine with python -m export.build"
             )
+        check_sidecar(data, source)
         return cls(**{k: v for k, v in data.items() if k in fields})
 
     @property
@@ -155,10 +157,7 @@ def read_sidecar(engine: str | os.PathLike) -> EngineMeta:
             f"engine {str(engine)!r} has no sidecar {path.name!r} (trtwsi needs it to check the "
             "engine fits before loading it); rebuild it with python -m export.build"
         )
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise EngineMismatchError(f"sidecar {str(path)!r} is not readable JSON: {e}") from e
+    data = load_sidecar_json(path)
     return EngineMeta.from_dict(data, source=f"sidecar {str(path)!r}")
 
 
