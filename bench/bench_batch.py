@@ -115,6 +115,9 @@ def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=
         "gpx_per_s_in_workers": round(pixels / 1e9 / busy * len(devices), 4),
         "tiles": sum(r["n_tiles"] for r in recs),
         "gpu_compute_s": round(gpu_s, 3),
+        # the slowest worker's model load + runtime start, and the wall time after it
+        "worker_start_s": max(r.get("worker_start_s", 0.0) for r in recs),
+        "steady_wall_s": round(wall - max(r.get("worker_start_s", 0.0) for r in recs), 3),
         "gpu_busy_fraction": round(gpu_s / (wall * len(devices)), 4),
         # mean seconds per slide and stage (stages overlap: open/sections run ahead in planner
         # threads, reads in reader processes, merge in the finisher thread)
@@ -156,7 +159,8 @@ def scaling(kind: str, counts: list[int], slides: list[Path], ray=False, threads
             f"{n} {kind}{' (ray)' if ray else ''}: {r['n_slides']} slides "
             f"{r['gigapixels']:.3f} Gpx in {r['wall_s']:.1f} s → {r['slides_per_hour']:.0f} "
             f"slides/h, {r['gpx_per_s']:.4f} Gpx/s (in workers {r['gpx_per_s_in_workers']:.4f}), "
-            f"×{r['speedup_vs_first']:.2f}, GPU busy {r['gpu_busy_fraction']:.1%}",
+            f"×{r['speedup_vs_first']:.2f}, GPU busy {r['gpu_busy_fraction']:.1%}, "
+            f"worker start {r['worker_start_s']:.1f} s",
             flush=True,
         )
     return {"kind": kind, "rows": rows, "skipped": skipped}

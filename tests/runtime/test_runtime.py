@@ -61,6 +61,19 @@ def test_predictor_is_a_facade_over_runtime(slides):
     assert got.params["pipeline"] == "reference" and got.params["section"] == 0
 
 
+def test_tissue_in_planner_processes_equals_in_threads(slides):
+    good, _ = slides
+    model = trtwsi.Model(MODEL)
+    with Runtime([model], device="cpu", batch=4, workers=1, plan_processes=True) as rt:
+        assert rt._planner_pool is not None
+        outs = list(rt.stream(good[:2]))
+    with Runtime([model], device="cpu", batch=4, workers=1, plan_processes=False) as rt:
+        want = list(rt.stream(good[:2]))
+    for o, w in zip(outs, want, strict=True):
+        assert o.results.sections == w.results.sections
+        np.testing.assert_array_equal(_rows(o.results), _rows(w.results))
+
+
 def test_closed_runtime_refuses_to_run(slides):
     rt = Runtime([trtwsi.Model(MODEL)], device="cpu")
     rt.close()

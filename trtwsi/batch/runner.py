@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -39,6 +40,7 @@ class SlideRunner:
         from trtwsi.engines.model import Model
         from trtwsi.runtime import Runtime
 
+        t0 = time.perf_counter()
         if threads:
             torch.set_num_threads(int(threads))
         self.params = params
@@ -61,6 +63,8 @@ class SlideRunner:
             workers=params.workers or threads,
             planners=PLANNERS,
         )
+        #: seconds to load the models and start the runtime (engines, rings, reader processes)
+        self.start_seconds = round(time.perf_counter() - t0, 3)
         self.options = SlideOptions(
             overlap=params.overlap, mpp=params.mpp, section=params.section, region=params.region
         )
@@ -138,6 +142,7 @@ class SlideRunner:
             "seconds": round(out.seconds, 4),
             "timings": res.timings,
             "tile_errors": len(res.errors),
+            "worker_start_s": self.start_seconds,
         }
 
 

@@ -71,15 +71,17 @@ class SlidePlan:
         return sum(len(g) for grids in self.grids.values() for g in grids)
 
 
-def plan_slide(slide, imgsizes: Sequence[int], options: SlideOptions) -> SlidePlan:
+def plan_slide(
+    slide, imgsizes: Sequence[int], options: SlideOptions, sections: list[Section] | None = None
+) -> SlidePlan:
     """Plan ``slide`` (an open :class:`~trtwsi.slide.Slide`) for models of the given input
-    sizes. Raises a :class:`~trtwsi.errors.TrtwsiError` for a section that does not exist."""
+    sizes; ``sections``: the slide's tissue sections when already found elsewhere. Raises a :class:`~trtwsi.errors.TrtwsiError` for a section that does not exist."""
     t0 = time.perf_counter()
     if options.region is not None:
         targets: list = [(-1, options.region)]
         sections_info: list[dict] = []
     else:
-        found: list[Section] = find_sections(slide)
+        found: list[Section] = find_sections(slide) if sections is None else list(sections)
         sections_info = [
             {"index": s.index, "bbox": list(map(int, s.bbox)), "area": int(s.area)} for s in found
         ]

@@ -19,13 +19,15 @@ import os
 import queue
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from trtwsi.errors import TrtwsiError
+from trtwsi.errors import ReaderStartError, TrtwsiError
 from trtwsi.plan.slide_plan import SlideOptions, plan_slide
+from trtwsi.read.processes import process_readable
 from trtwsi.runtime.cpu import ReferenceRunner
 from trtwsi.runtime.finish import describe_model, finish_slide
 from trtwsi.runtime.gpu.ring import IDLE, SlideRun
@@ -77,6 +79,9 @@ class Runtime:
         engine_cache: a dict in which engines are shared with other runtimes of this process
             (keyed by model, device, precision, batch); engines from it are not closed here.
         planners: threads opening and planning slides ahead of the GPU.
+        plan_processes: find tissue sections in spawned processes (:mod:`~trtwsi.runtime.planning`;
+            one per planner thread) rather than in planner threads; None: on the GPU pipeline
+            on hosts with at least 8 CPUs (where planning bounds a batch of slides).
         pipeline_rings: ring sizes of the GPU pipeline (``host_slots``, ``device_slots``,
             ``depth``; see :class:`~trtwsi.runtime.gpu.pipeline.GpuPipeline`), for tuning/tests.
     """
@@ -94,6 +99,7 @@ class Runtime:
         timing: bool = True,
         engine_cache: dict | None = None,
         planners: int = 2,
+        plan_processes: bool | None = None,
         pipeline_rings: dict | None = None,
     ):
         from trtwsi.engines.model import Model
@@ -139,6 +145,16 @@ class Runtime:
                 self.models, self.engines, batch=self.batch, workers=self.workers,
                 max_det=self.max_det,
             )  # fmt: skip
+        self._planner_pool = None
+        if plan_processes is None:
+            plan_processes = self.gpu_pipeline and (os.cpu_count() or 1) >= 8
+        if plan_processes:
+            from trtwsi.runtime.planning import PlannerPool
+
+            try:
+                self._planner_pool = PlannerPool(self.planners)
+            except ReaderStartError as e:
+                warnings.warn(f"{e}; finding tissue in threads instead", RuntimeWarning, stacklevel=2)
         self.closed = False
 
     def _load(self, m, half: bool, batch_size: int | None):
@@ -169,6 +185,9 @@ class Runtime:
         if self._pipe is not None:
             self._pipe.close()
             self._pipe = None
+        if self._planner_pool is not None:
+            self._planner_pool.close()
+            self._planner_pool = None
         for e in self._own:
             close = getattr(e, "close", None)
             if close is not None:
@@ -238,9 +257,17 @@ class Runtime:
                     slide = open_slide(req.source, mpp=req.slide_mpp)
                     opened[index] = slide
                 t0 = time.perf_counter()
-                run.plan = plan_slide(slide, imgsizes, req.options or options)
+                opts = req.options or options
+                sections = None
+                if (
+                    self._planner_pool is not None
+                    and opts.region is None
+                    and process_readable(slide)
+                ):
+                    sections = self._planner_pool.sections(slide)
+                run.plan = plan_slide(slide, imgsizes, opts, sections)
                 run.timer.add("open", t0 - run.t_start)
-                run.timer.add("sections", run.plan.seconds)
+                run.timer.add("sections", time.perf_counter() - t0)  # tissue + tile grids
             except Exception as e:
                 run.fail(e)
             return run
