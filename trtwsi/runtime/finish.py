@@ -33,6 +33,7 @@ def merge_rows(per_model: Sequence[Sequence[np.ndarray]], models, merge_opts: di
             d[:, :4],
             d[:, 4],
             d[:, 5].astype(np.int64),
+            groups=d[:, 6].astype(np.int64),  # sections are never merged with each other
             tiles=d[:, 7].astype(np.int64),
             **merge_opts,
         )
