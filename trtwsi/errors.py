@@ -132,3 +132,15 @@ class ModelConfigError(ModelError, ValueError):
     """A model setting has the wrong type or is out of range (Model arguments, a models TOML
     file, or a value read from a checkpoint); the message names the source, the key, the value
     seen and what is allowed."""
+
+
+class UsageError(TrtwsiError, ValueError):
+    """An argument has a value that cannot work (the message names it and the valid values)."""
+
+
+class DeviceError(TrtwsiError):
+    """The device asked for is not there or cannot run this (no CUDA GPU, no CuPy, bad index)."""
+
+
+class RuntimeStateError(TrtwsiError):
+    """A Runtime or pool was used after ``close()``, or by two streams at once."""

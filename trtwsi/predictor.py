@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from trtwsi.errors import TrtwsiError
+from trtwsi.errors import UsageError
 from trtwsi.plan.slide_plan import SlideOptions
 from trtwsi.runtime import Runtime, pick_device, pick_pipeline
 from trtwsi.slide import Slide, open_slide
@@ -69,10 +69,10 @@ class Predictor:
 
         self.slide: Slide = open_slide(slide, mpp=slide_mpp)
         if not models:
-            raise TrtwsiError("Predictor needs at least one model (a trtwsi.Model or a .pt path)")
+            raise UsageError("Predictor needs at least one model (a trtwsi.Model or a .pt path)")
         self.models = [m if isinstance(m, Model) else Model(m) for m in models]
         if batch is not None and batch < 1:
-            raise TrtwsiError(f"batch must be >= 1, got {batch}")
+            raise UsageError(f"batch must be >= 1, got {batch}")
         self.overlap = overlap
         self.mpp = mpp
         self.merge_opts = dict(merge or {})

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from trtwsi.errors import TilingError, TrtwsiError
+from trtwsi.errors import TilingError, UsageError
 from trtwsi.plan.grid import TileGrid
 from trtwsi.plan.tissue import Section, find_sections
 
@@ -42,7 +42,7 @@ class SlideOptions:
 
     def __post_init__(self):
         if self.section is not None and self.region is not None:
-            raise TrtwsiError("give either section= or region=, not both")
+            raise UsageError("give either section= or region=, not both")
         if self.region is not None:
             x, y, w, h = (int(v) for v in self.region)
             if w <= 0 or h <= 0:
@@ -87,7 +87,7 @@ def plan_slide(
         ]
         if options.section is not None:
             if not 0 <= options.section < len(found):
-                raise TrtwsiError(
+                raise TilingError(
                     f"section {options.section} does not exist: this slide has {len(found)} "
                     f"tissue section(s) (0..{len(found) - 1}); run `trtwsi info` to list them"
                 )

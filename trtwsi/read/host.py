@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trtwsi.errors import TrtwsiError
+from trtwsi.errors import RegionError
 
 __all__ = ["HostSlot", "PinnedBuffer", "SharedBuffer"]
 
@@ -34,7 +34,7 @@ class HostSlot:
         """C-contiguous numpy view of the leading bytes, ``shape`` of ``dtype``."""
         n = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if n > self.nbytes:
-            raise TrtwsiError(f"host buffer of {self.nbytes} bytes cannot hold {shape} {dtype}")
+            raise RegionError(f"host buffer of {self.nbytes} bytes cannot hold {shape} {dtype}")
         return self._array[:n].view(dtype).reshape(shape)
 
     def wait_ready(self) -> None:

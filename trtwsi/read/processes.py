@@ -29,7 +29,12 @@ from typing import NamedTuple
 import numpy as np
 
 from trtwsi._util.spawn import main_module_hidden
-from trtwsi.errors import ReaderStartError, TileReadError, TrtwsiError
+from trtwsi.errors import (
+    ReaderStartError,
+    RegionError,
+    RuntimeStateError,
+    TileReadError,
+)
 from trtwsi.read.host import SharedBuffer
 
 __all__ = ["OPEN_SLIDES", "ReaderPool", "SlideRef", "process_readable"]
@@ -218,9 +223,9 @@ class ReaderPool:
         (``floor((y + r·ds) / ds) == floor(y / ds) + r``); otherwise the region is one task.
         """
         if w * h * 3 > self.slot_bytes:
-            raise TrtwsiError(f"region {w}x{h} does not fit a {self.slot_bytes}-byte slot")
+            raise RegionError(f"region {w}x{h} does not fit a {self.slot_bytes}-byte slot")
         if self._pool is None:
-            raise TrtwsiError("the reader pool is closed")
+            raise RuntimeStateError("the reader pool is closed")
         ref = SlideRef.of(slide)
         buf = self.buffers[slot]
         ds = float(slide.levels[level].downsample)

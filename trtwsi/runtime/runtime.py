@@ -25,7 +25,7 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from trtwsi.errors import ReaderStartError, TrtwsiError
+from trtwsi.errors import DeviceError, ReaderStartError, RuntimeStateError, UsageError
 from trtwsi.plan.slide_plan import SlideOptions, plan_slide
 from trtwsi.read.processes import process_readable
 from trtwsi.runtime.cpu import ReferenceRunner
@@ -105,9 +105,9 @@ class Runtime:
         from trtwsi.engines.model import Model
 
         if not models:
-            raise TrtwsiError("a Runtime needs at least one model (a trtwsi.Model or a .pt path)")
+            raise UsageError("a Runtime needs at least one model (a trtwsi.Model or a .pt path)")
         if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
-            raise TrtwsiError(f"batch must be a positive int, got {batch!r}")
+            raise UsageError(f"batch must be a positive int, got {batch!r}")
         self.models = [m if isinstance(m, Model) else Model(m) for m in models]
         self.device = pick_device(device)
         self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
@@ -223,10 +223,10 @@ class Runtime:
         are planned; with one slide it is known before the first tile).
         """
         if self.closed:
-            raise TrtwsiError("this Runtime is closed")
+            raise RuntimeStateError("this Runtime is closed")
         options = options or SlideOptions()
         if not self._lock.acquire(blocking=False):
-            raise TrtwsiError("a Runtime runs one stream at a time; use one Runtime per thread")
+            raise RuntimeStateError("a Runtime runs one stream at a time; use one Runtime per thread")
         try:
             yield from self._stream(slides, options, progress)
         finally:
@@ -413,19 +413,19 @@ def pick_device(device: str) -> str:
     if not isinstance(device, str) or not (
         device in ("auto", "cpu", "cuda") or device.startswith("cuda:")
     ):
-        raise TrtwsiError(
+        raise UsageError(
             f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
         )
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise TrtwsiError(
+            raise DeviceError(
                 f"device={device!r} asked for, but torch sees no CUDA GPU; use device='cpu'"
             )
         index = device.partition(":")[2]
         if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise TrtwsiError(
+            raise DeviceError(
                 f"device={device!r}: torch sees {torch.cuda.device_count()} GPU(s) "
                 f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
             )
@@ -436,11 +436,11 @@ def pick_pipeline(device: str, want: bool | None) -> bool:
     """Whether the GPU pipeline runs (see :class:`Runtime`)."""
     if not device.startswith("cuda"):
         if want:
-            raise TrtwsiError(f"gpu_pipeline=True needs a CUDA device, but device={device!r}")
+            raise DeviceError(f"gpu_pipeline=True needs a CUDA device, but device={device!r}")
         return False
     from trtwsi.runtime.gpu.device import gpu_unavailable_reason
 
     why = gpu_unavailable_reason()
     if want and why is not None:
-        raise TrtwsiError(f"gpu_pipeline=True but the GPU pipeline cannot run: {why}")
+        raise DeviceError(f"gpu_pipeline=True but the GPU pipeline cannot run: {why}")
     return why is None if want is None else bool(want)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import asdict, dataclass
 
-from trtwsi.errors import MissingDependencyError, TrtwsiError
+from trtwsi.errors import DeviceError, MissingDependencyError
 
 __all__ = [
     "DeviceInfo",
@@ -50,7 +50,7 @@ def _require_gpu(purpose: str) -> None:
     if why is not None:
         if "not installed" in why:
             raise MissingDependencyError(f"{purpose} needs a CUDA GPU with CuPy: {why}")
-        raise TrtwsiError(f"{purpose} needs a CUDA GPU: {why}; use device='cpu'")
+        raise DeviceError(f"{purpose} needs a CUDA GPU: {why}; use device='cpu'")
 
 
 @dataclass(frozen=True)
@@ -130,7 +130,7 @@ class GpuStreams:
         _require_gpu("the GPU pipeline")
         dev = torch.device(device if not isinstance(device, int) else f"cuda:{device}")
         if dev.type != "cuda":
-            raise TrtwsiError(f"GpuStreams needs a CUDA device, got {device!r}")
+            raise DeviceError(f"GpuStreams needs a CUDA device, got {device!r}")
         self.device = torch.device("cuda", dev.index if dev.index is not None else 0)
         with cupy.cuda.Device(self.device.index):
             self.copy_cupy = cupy.cuda.Stream(non_blocking=True)
