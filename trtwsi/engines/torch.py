@@ -26,12 +26,17 @@ class TorchEngine:
         half: compute in float16 (meant for CUDA; works but is slow on the CPU).
         batch_size: fixed batch size, or None for any.
 
+        channels_last: run the convolutions in NHWC memory layout (weights converted once, the
+            input converted inside the forward, or inside the CUDA graph). Same arithmetic,
+            faster kernels: on a 2-core x86 CPU the demo yolo11n ran 1.9× (batch 1) to 3.8×
+            (batch 8) more tiles/s (shared, noisy machine), and ultralytics does the same on x86
+            CPUs; the issue measured 1.17–1.23× on an H200. Default on.
         cuda_graph: on CUDA with a fixed ``batch_size``, capture one forward as a CUDA graph on
             the first :meth:`infer` and replay it afterwards (falls back to eager forwards, with
             a warning naming the error, if the capture fails).
 
-    On the CPU in float32 the model's shared module is used as is; on another device or dtype the
-    engine keeps its own copy. ``infer`` runs under ``torch.inference_mode`` and always returns
+    The engine keeps its own copy of the model's module (moved to its device, dtype and memory
+    layout); the Model's shared module is never changed. ``infer`` runs under ``torch.inference_mode`` and always returns
     float32.
 
     With a CUDA graph the engine owns a static input ``self.input`` ``(batch_size, 3, imgsz,
@@ -49,6 +54,7 @@ class TorchEngine:
         half: bool = False,
         batch_size: int | None = None,
         cuda_graph: bool = True,
+        channels_last: bool = True,
     ):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -61,9 +67,12 @@ class TorchEngine:
         self.batch_size = batch_size
         self.imgsz = model.imgsz
         self.head = model.head
+        self.channels_last = bool(channels_last)
         module = model.module
-        if device.type != "cpu" or half:
+        if device.type != "cpu" or half or self.channels_last:
             module = copy.deepcopy(module).to(device=device, dtype=self.dtype)
+        if self.channels_last:
+            module = module.to(memory_format=torch.channels_last)
         self.module = module
         self.input = None
         self._graph = None
@@ -76,6 +85,8 @@ class TorchEngine:
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """One eval forward; ultralytics heads return ``(y, extras)``, take ``y``."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         y = self.module(x)
         return y[0] if isinstance(y, (tuple, list)) else y
 
