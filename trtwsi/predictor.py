@@ -41,6 +41,7 @@ class Predictor:
         gpu_pipeline: use the GPU pipeline (True), the reference path (False), or the pipeline
             whenever the device is CUDA and CuPy is installed (None).
         readers: how the GPU pipeline reads: ``"auto"``, ``"threads"`` or ``"processes"``.
+        threads: torch intra-op threads (process-wide); None: torch's setting.
         engine_cache: a dict shared by several Predictors/Runtimes in which loaded engines are
             kept and reused (keyed by model, device, precision and batch size).
     """
@@ -64,6 +65,7 @@ class Predictor:
         gpu_pipeline: bool | None = None,
         readers: str = "auto",
         engine_cache: dict | None = None,
+        threads: int | None = None,
     ):
         from trtwsi.engines.model import Model
 
@@ -90,6 +92,7 @@ class Predictor:
             max_det=max_det,
             timing=timing,
             engine_cache=engine_cache,
+            threads=threads,
             planners=1,
         )
         self._runtime: Runtime | None = None

@@ -117,13 +117,15 @@ class ReferenceRunner:
         n_pending = 0
         chunks = grid.chunks()
         for chunk, img in prefetch(read, chunks, self.workers, depth=max(2, self.workers)):
-            t0 = time.perf_counter()
-            x = ref.preprocess(img, chunk.offsets, (rs, rs), imgsz)
-            timer.add("preprocess", time.perf_counter() - t0)
-            start = 0
-            while start < len(x):
-                take = min(self.batch - n_pending, len(x) - start)
-                pend_x.append(x[start : start + take])
+            # tiles are preprocessed a batch at a time, so float temporaries stay batch-sized
+            # (a whole chunk of up to ~56 tiles made ~275 MB of them at once)
+            start, n = 0, len(chunk.offsets)
+            while start < n:
+                take = min(self.batch - n_pending, n - start)
+                t0 = time.perf_counter()
+                x = ref.preprocess(img, chunk.offsets[start : start + take], (rs, rs), imgsz)
+                timer.add("preprocess", time.perf_counter() - t0)
+                pend_x.append(x)
                 pend_ids.append(chunk.tile_indices[start : start + take])
                 n_pending += take
                 start += take

@@ -72,7 +72,11 @@ class Runtime:
         models: :class:`~trtwsi.engines.model.Model` objects or .pt paths.
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         batch: tiles per forward (None: 32 on the GPU pipeline, 8 otherwise).
-        workers: reader threads (and reader processes on the GPU pipeline; default: CPUs).
+        workers: reader threads (and reader processes on the GPU pipeline; default: CPUs on the
+            GPU pipeline; 2 on the CPU path, where the model, not decoding, takes the time and
+            more reader threads only compete with torch's).
+        threads: torch intra-op threads (``torch.set_num_threads``, process-wide); None: leave
+            torch's setting.
         gpu_pipeline: True / False / None (the pipeline whenever CUDA and CuPy are present).
         readers: ``"auto"``, ``"threads"`` or ``"processes"`` (GPU pipeline reads).
         max_det: per-tile cap on detections. ``timing``: per-stage times in Results.
@@ -98,6 +102,7 @@ class Runtime:
         max_det: int = 300,
         timing: bool = True,
         engine_cache: dict | None = None,
+        threads: int | None = None,
         planners: int = 2,
         plan_processes: bool | None = None,
         pipeline_rings: dict | None = None,
@@ -112,7 +117,14 @@ class Runtime:
         self.device = pick_device(device)
         self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
         self.batch = int(batch) if batch is not None else (32 if self.gpu_pipeline else 8)
-        self.workers = workers or os.cpu_count() or 1
+        if threads is not None:
+            if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+                raise UsageError(f"threads must be a positive int, got {threads!r}")
+            import torch
+
+            torch.set_num_threads(threads)
+        cores = os.cpu_count() or 1
+        self.workers = workers or (cores if self.gpu_pipeline else min(2, cores))
         self.max_det = int(max_det)
         self.timing = timing
         self.readers = readers
