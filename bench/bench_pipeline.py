@@ -7,7 +7,7 @@ GPU only (every test skips with the reason elsewhere). Run on the GPU machine::
 It writes a summary to ``bench/results/pipeline-<device>.json`` (``$TRTWSI_BENCH_OUT`` overrides
 the path) holding the device, every number below, and the goals from the issue:
 
-- ``ceiling``: the model alone — the demo YOLO11n forward, fp16, batch ``BATCH``, replayed as a
+- ``ceiling``: the model alone — the demo YOLO11n forward, fp16, batch ``BATCH`` (``$TRTWSI_BENCH_BATCH``, default 32), replayed as a
   CUDA graph on a static input (what :class:`trtwsi.engines.torch.TorchEngine` runs), timed with
   CUDA events: tiles/s.
 - ``e2e_memory``: ``Predictor(...).run(region=whole image)`` on an in-memory synthetic image
@@ -43,7 +43,7 @@ from _machine import host_info  # noqa: E402
 from trtwsi.runtime.gpu.device import gpu_unavailable_reason  # noqa: E402
 
 MODEL = ROOT / "models" / "demo-yolo11n.pt"
-BATCH = 32
+BATCH = int(os.environ.get("TRTWSI_BENCH_BATCH", "32"))
 MEM_SIDE = int(os.environ.get("TRTWSI_BENCH_MEM_SIDE", 16384))
 N_ULTRA = 256
 SIZES = [float(v) for v in os.environ.get("TRTWSI_BENCH_SIZES", "0.25,1,4").split(",")]
