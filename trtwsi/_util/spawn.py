@@ -43,3 +43,36 @@ def main_module_hidden() -> Iterator[None]:
             for k, v in saved.items():
                 if v is not _MISSING:
                     setattr(main, k, v)
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def spawn_pool(processes: int, initializer=None, initargs: tuple = (), timeout: float = 120):
+    """A ``ProcessPoolExecutor`` of ``processes`` spawned workers, all started now (from this
+    thread, with ``__main__`` hidden) and each answering once; raises what stopped them
+    (``BrokenProcessPool``, ``OSError`` or ``TimeoutError``) after shutting the pool down."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(
+        max_workers=processes,
+        mp_context=mp.get_context("spawn"),
+        initializer=initializer,
+        initargs=initargs,
+    )
+    try:
+        with main_module_hidden():
+            launch = getattr(pool, "_launch_processes", None)
+            if launch is not None:  # start all now (CPython >= 3.9 spawns lazily otherwise)
+                launch()
+            pings = [pool.submit(_pid) for _ in range(processes)]
+        for f in pings:
+            f.result(timeout=timeout)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return pool

@@ -23,12 +23,11 @@ import os
 import tempfile
 import warnings
 from collections import OrderedDict
-from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
 
-from trtwsi._util.spawn import main_module_hidden
+from trtwsi._util.spawn import spawn_pool
 from trtwsi.errors import (
     ReaderStartError,
     RegionError,
@@ -82,10 +81,6 @@ def _worker_init(shm_path: str, size: int) -> None:
         os.close(fd)
     _W["array"] = np.frombuffer(_W["map"], dtype=np.uint8)
     _W["slides"] = OrderedDict()
-
-
-def _worker_ping() -> int:
-    return os.getpid()
 
 
 def _open(ref: SlideRef):
@@ -146,8 +141,6 @@ class ReaderPool:
     """
 
     def __init__(self, processes: int, slots: int, slot_bytes: int, pin: bool = True):
-        import multiprocessing as mp
-
         self.processes = max(1, int(processes))
         self.slot_bytes = int(slot_bytes)
         self.size = self.slot_bytes * int(slots)
@@ -166,26 +159,10 @@ class ReaderPool:
         ]
         if pin:
             self._pin()
-        self._pool = ProcessPoolExecutor(
-            max_workers=self.processes,
-            mp_context=mp.get_context("spawn"),
-            initializer=_worker_init,
-            initargs=(self.shm_path, self.size),
-        )
-        self._start()
-
-    def _start(self) -> None:
-        """Start every worker now, from this thread, and fail early with a clear error."""
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            with main_module_hidden():
-                launch = getattr(self._pool, "_launch_processes", None)
-                if launch is not None:  # start all now (CPython ≥ 3.9 spawns lazily otherwise)
-                    launch()
-                pings = [self._pool.submit(_worker_ping) for _ in range(self.processes)]
-            for f in pings:
-                f.result(timeout=120)
+            self._pool = spawn_pool(self.processes, _worker_init, (self.shm_path, self.size))
         except (BrokenProcessPool, OSError, TimeoutError) as e:
             self.close()
             raise ReaderStartError(

@@ -11,11 +11,9 @@ in-process detection: same code, same pixels.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections import OrderedDict
-from concurrent.futures import ProcessPoolExecutor
 
-from trtwsi._util.spawn import main_module_hidden
+from trtwsi._util.spawn import spawn_pool
 from trtwsi.errors import ReaderStartError
 from trtwsi.plan.tissue import Section, find_sections
 from trtwsi.read.processes import SlideRef
@@ -23,10 +21,6 @@ from trtwsi.read.processes import SlideRef
 __all__ = ["PlannerPool"]
 
 _SLIDES: OrderedDict = OrderedDict()
-
-
-def _ping() -> int:
-    return os.getpid()
 
 
 def _sections(ref: SlideRef) -> list[Section]:
@@ -54,21 +48,13 @@ class PlannerPool:
     """
 
     def __init__(self, processes: int):
-        import multiprocessing as mp
         from concurrent.futures.process import BrokenProcessPool
 
         self.processes = max(1, int(processes))
-        self._pool = ProcessPoolExecutor(self.processes, mp_context=mp.get_context("spawn"))
+        self._pool = None
         try:
-            with main_module_hidden():
-                launch = getattr(self._pool, "_launch_processes", None)
-                if launch is not None:
-                    launch()
-                pings = [self._pool.submit(_ping) for _ in range(self.processes)]
-            for f in pings:
-                f.result(timeout=120)
+            self._pool = spawn_pool(self.processes)
         except (BrokenProcessPool, OSError, TimeoutError) as e:
-            self.close()
             raise ReaderStartError(f"planner processes could not start ({type(e).__name__}: {e})") from e
 
     def sections(self, slide) -> list[Section]:
