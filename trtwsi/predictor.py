@@ -94,6 +94,9 @@ class Predictor:
             engine_cache=engine_cache,
             threads=threads,
             planners=1,
+            # One slide: nothing to plan ahead of, and a fresh planner process would reopen the
+            # slide on the critical path (measured +0.27 s on a 1 Gpx slide, H200 host).
+            plan_processes=False,
         )
         self._runtime: Runtime | None = None
 

@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from trtwsi._util.spawn import spawn_pool
+from trtwsi._util.spawn import preload_decoders, spawn_pool
 from trtwsi.errors import (
     ReaderStartError,
     RegionError,
@@ -81,6 +81,7 @@ def _worker_init(shm_path: str, size: int) -> None:
         os.close(fd)
     _W["array"] = np.frombuffer(_W["map"], dtype=np.uint8)
     _W["slides"] = OrderedDict()
+    preload_decoders()
 
 
 def _open(ref: SlideRef):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections import OrderedDict
 
-from trtwsi._util.spawn import spawn_pool
+from trtwsi._util.spawn import preload_decoders, spawn_pool
 from trtwsi.errors import ReaderStartError
 from trtwsi.plan.tissue import Section, find_sections
 from trtwsi.read.processes import SlideRef
@@ -53,7 +53,7 @@ class PlannerPool:
         self.processes = max(1, int(processes))
         self._pool = None
         try:
-            self._pool = spawn_pool(self.processes)
+            self._pool = spawn_pool(self.processes, preload_decoders)
         except (BrokenProcessPool, OSError, TimeoutError) as e:
             raise ReaderStartError(f"planner processes could not start ({type(e).__name__}: {e})") from e
 
