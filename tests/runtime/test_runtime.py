@@ -82,6 +82,20 @@ def test_closed_runtime_refuses_to_run(slides):
         list(rt.stream(slides[0][:1]))
 
 
+def test_tissue_option_is_checked(monkeypatch):
+    model = trtwsi.Model(MODEL)
+    with pytest.raises(trtwsi.TrtwsiError, match="tissue='gpu' needs the GPU pipeline"):
+        Runtime([model], device="cpu", tissue="gpu")
+    with pytest.raises(trtwsi.TrtwsiError, match="'sideways'"):
+        Runtime([model], device="cpu", tissue="sideways")
+    monkeypatch.setenv("TRTWSI_TISSUE", "nowhere")
+    with pytest.raises(trtwsi.TrtwsiError, match="'nowhere'"):
+        Runtime([model], device="cpu")
+    monkeypatch.setenv("TRTWSI_TISSUE", "cpu")
+    with Runtime([model], device="cpu") as rt:
+        assert rt.tissue == "cpu"
+
+
 def test_bad_device_is_named():
     with pytest.raises(trtwsi.TrtwsiError, match="'gpu' is not a device"):
         Runtime([trtwsi.Model(MODEL)], device="gpu")
@@ -187,3 +201,21 @@ def test_gpu_runtime_memory_flat_over_100_slides_and_close_leaves_nothing(tmp_pa
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+@pytest.mark.gpu
+def test_gpu_tissue_gives_the_sections_and_detections_of_cpu_tissue(slides):
+    _gpu_or_skip()
+    good, bad = slides
+    model = trtwsi.Model(MODEL)
+    kw = {"device": "cuda", "batch": 8, "workers": 2, "plan_processes": False}
+    with Runtime([model], tissue="gpu", **kw) as rt:
+        assert rt.tissue == "gpu"
+        outs = list(rt.stream([*good, bad]))
+        assert rt.tissue == "gpu"  # the bad slide failed alone, the GPU path stays on
+    with Runtime([model], tissue="cpu", **kw) as rt:
+        want = list(rt.stream(good))
+    assert not outs[-1].ok
+    for o, w in zip(outs, want, strict=False):
+        assert o.results.sections == w.results.sections
+        np.testing.assert_array_equal(_rows(o.results), _rows(w.results))

@@ -244,6 +244,7 @@ def find_sections(
     min_contrast: float = DEFAULT_MIN_CONTRAST,
     pad: float | None = None,
     merge_distance: float | None = None,
+    backend: str = "cv2",
 ) -> list[Section]:
     """Tissue sections of ``slide``, in reading order (:func:`reading_order`); [] for a blank slide.
 
@@ -264,11 +265,18 @@ def find_sections(
     6. bbox padded by ``pad`` level-0 px (default 25 µm, or 50 px without mpp, and at least two
        thumbnail pixels) and clipped to the slide; the mask is dilated by the same amount.
 
+    ``backend`` runs steps 1–4: "cv2" (OpenCV on the CPU, the reference), "cupy" (CuPy and
+    cupyx.scipy.ndimage on the current CUDA device) or "numpy" (that same code on the CPU, for
+    testing); see :mod:`trtwsi.plan.tissue_nd` for how they may differ. Steps 5–6 run on the
+    host.
+
     Raises :class:`~trtwsi.errors.TilingError` for a negative size or ``min_area_um2`` without
     a known mpp.
     """
     import cv2
 
+    if backend not in ("cv2", "numpy", "cupy"):
+        raise TilingError(f"backend must be 'cv2', 'numpy' or 'cupy', got {backend!r}")
     if max_size < 16:
         raise TilingError(f"max_size must be >= 16 thumbnail px, got {max_size}")
     mpp = slide.mpp
@@ -296,39 +304,18 @@ def find_sections(
     if pad is None:
         pad_px = max(pad_px, 2 * ds)
 
-    feat = cv2.medianBlur(tissue_feature(thumb), 5) if min(th, tw) >= 5 else tissue_feature(thumb)
-    if threshold is None:
-        # Otsu on √feature: glass is a narrow peak near 0, tissue a broad one whose spread grows
-        # with the stain; on the raw feature Otsu's split lands inside pale tissue, on the square
-        # root (variance-stabilised) it lands in the gap between the two
-        root = _SQRT_LUT[feat]
-        otsu, _ = cv2.threshold(root, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-        t = max((float(otsu) / 255.0) ** 2 * 255.0, float(min_contrast))
+    r = merge / 2 / ds  # merge radius, thumbnail px
+    if backend == "cv2":
+        parts = _components_cv2(thumb, threshold, min_contrast, r)
     else:
-        t = float(threshold)
-    mask = (feat > t).astype(np.uint8)
-    if not mask.any():
-        return []
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
-    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, k)
-    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, k)
-    mask = _fill_holes(mask)
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    if n <= 1:
-        return []
+        from trtwsi.plan.tissue_nd import components
 
-    # merge components closer than `merge`: grow by merge/2 (exact Euclidean, via a distance
-    # transform), components that fall in one grown blob form one section
-    r = merge / 2 / ds
-    if r > 0:
-        dist = cv2.distanceTransform((mask == 0).astype(np.uint8), cv2.DIST_L2, 5)
-        _, grown = cv2.connectedComponents((dist <= r).astype(np.uint8), connectivity=8)
-        fg = labels > 0
-        group_of = np.zeros(n, np.int64)
-        group_of[labels[fg]] = grown[fg]
-    else:
-        group_of = np.arange(n)
-    group_of[0] = -1
+        parts = components(
+            thumb, threshold=threshold, min_contrast=min_contrast, merge_radius=r, backend=backend
+        )
+    if parts is None:
+        return []
+    labels, stats, group_of = parts
 
     pad_t = pad_px / ds  # pad in thumbnail px
     found = []
@@ -368,6 +355,48 @@ def find_sections(
         Section(index=k, bbox=found[i][0], mask=found[i][1], mask_downsample=ds, area=found[i][2])
         for k, i in enumerate(order)
     ]
+
+
+def _components_cv2(thumb: np.ndarray, threshold, min_contrast: float, r: float):
+    """Steps 1-4 of :func:`find_sections` with OpenCV (the reference implementation):
+    a :class:`~trtwsi.plan.tissue_nd.Components` of host arrays, or None without tissue."""
+    import cv2
+
+    from trtwsi.plan.tissue_nd import Components
+
+    th, tw = thumb.shape[:2]
+    feat = cv2.medianBlur(tissue_feature(thumb), 5) if min(th, tw) >= 5 else tissue_feature(thumb)
+    if threshold is None:
+        # Otsu on √feature: glass is a narrow peak near 0, tissue a broad one whose spread grows
+        # with the stain; on the raw feature Otsu's split lands inside pale tissue, on the square
+        # root (variance-stabilised) it lands in the gap between the two
+        root = _SQRT_LUT[feat]
+        otsu, _ = cv2.threshold(root, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+        t = max((float(otsu) / 255.0) ** 2 * 255.0, float(min_contrast))
+    else:
+        t = float(threshold)
+    mask = (feat > t).astype(np.uint8)
+    if not mask.any():
+        return None
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    mask = cv2.morphologyEx(mask, cv2.MORPH_CLOSE, k)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, k)
+    mask = _fill_holes(mask)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    if n <= 1:
+        return None
+    # merge components closer than 2r: grow by r (Euclidean, via a distance transform),
+    # components that fall in one grown blob form one section
+    if r > 0:
+        dist = cv2.distanceTransform((mask == 0).astype(np.uint8), cv2.DIST_L2, 5)
+        _, grown = cv2.connectedComponents((dist <= r).astype(np.uint8), connectivity=8)
+        fg = labels > 0
+        group_of = np.zeros(n, np.int64)
+        group_of[labels[fg]] = grown[fg]
+    else:
+        group_of = np.arange(n, dtype=np.int64)
+    group_of[0] = -1
+    return Components(labels, stats.astype(np.int64), group_of)
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:

@@ -88,6 +88,11 @@ class Runtime:
             on hosts with at least 8 CPUs (where planning bounds a batch of slides).
         pipeline_rings: ring sizes of the GPU pipeline (``host_slots``, ``device_slots``,
             ``depth``; see :class:`~trtwsi.runtime.gpu.pipeline.GpuPipeline`), for tuning/tests.
+        tissue: where planner threads find tissue sections: ``"gpu"`` (CuPy on this runtime's
+            device, :mod:`~trtwsi.runtime.gpu.tissue`), ``"cpu"`` (OpenCV), or ``"auto"``
+            (default; ``$TRTWSI_TISSUE`` overrides it): the GPU on the GPU pipeline when
+            ``cupyx.scipy.ndimage`` imports. Planner processes (``plan_processes``) always use
+            the CPU; with GPU tissue, ``plan_processes`` defaults to False.
     """
 
     def __init__(
@@ -106,6 +111,7 @@ class Runtime:
         planners: int = 2,
         plan_processes: bool | None = None,
         pipeline_rings: dict | None = None,
+        tissue: str = "auto",
     ):
         from trtwsi.engines.model import Model
 
@@ -157,9 +163,12 @@ class Runtime:
                 self.models, self.engines, batch=self.batch, workers=self.workers,
                 max_det=self.max_det,
             )  # fmt: skip
+        self._gpu_tissue = self._pick_tissue(tissue)
         self._planner_pool = None
         if plan_processes is None:
-            plan_processes = self.gpu_pipeline and (os.cpu_count() or 1) >= 8
+            plan_processes = (
+                self.gpu_pipeline and self._gpu_tissue is None and (os.cpu_count() or 1) >= 8
+            )
         if plan_processes:
             from trtwsi.runtime.planning import PlannerPool
 
@@ -168,6 +177,30 @@ class Runtime:
             except ReaderStartError as e:
                 warnings.warn(f"{e}; finding tissue in threads instead", RuntimeWarning, stacklevel=2)
         self.closed = False
+
+    def _pick_tissue(self, tissue: str):
+        """The GpuTissue planner threads use, or None for OpenCV on the CPU."""
+        if tissue == "auto":
+            tissue = os.environ.get("TRTWSI_TISSUE", "auto")
+        if tissue not in ("auto", "gpu", "cpu"):
+            raise UsageError(f"tissue must be 'auto', 'gpu' or 'cpu', got {tissue!r}")
+        if tissue == "cpu" or not self.gpu_pipeline:
+            if tissue == "gpu":
+                raise UsageError(f"tissue='gpu' needs the GPU pipeline; this runtime is on {self.device}")
+            return None
+        from trtwsi.runtime.gpu.tissue import GpuTissue, gpu_tissue_available
+
+        if not gpu_tissue_available():
+            if tissue == "gpu":
+                raise UsageError("tissue='gpu' needs cupyx.scipy.ndimage (pip install 'trtwsi[gpu]')")
+            return None
+        return GpuTissue(int(self.device.partition(":")[2] or 0))
+
+    @property
+    def tissue(self) -> str:
+        """Where planner threads find tissue now: "gpu" or "cpu"."""
+        t = self._gpu_tissue
+        return "gpu" if t is not None and t.failed is None and self._planner_pool is None else "cpu"
 
     def _load(self, m, half: bool, batch_size: int | None):
         if self._cache is None:
@@ -277,6 +310,8 @@ class Runtime:
                     and process_readable(slide)
                 ):
                     sections = self._planner_pool.sections(slide)
+                elif self._gpu_tissue is not None and opts.region is None:
+                    sections = self._gpu_tissue.sections(slide)  # None: failed, CPU below
                 run.plan = plan_slide(slide, imgsizes, opts, sections)
                 run.timer.add("open", t0 - run.t_start)
                 run.timer.add("sections", time.perf_counter() - t0)  # tissue + tile grids

@@ -1,0 +1,103 @@
+"""trtwsi.plan.tissue_nd: the array-module tissue path (CuPy on the GPU) against OpenCV (the oracle).
+
+The "numpy" backend runs the very code the GPU runs, with NumPy/SciPy, so the CPU tests check the
+algorithm; the ``gpu`` tests check that CuPy gives the same sections as OpenCV.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from trtwsi.errors import TilingError
+from trtwsi.plan.tissue import find_sections
+from trtwsi.plan.tissue_nd import otsu_threshold
+from trtwsi.slide import ArraySlide
+from trtwsi.synthetic import Scene, make_array
+
+
+def _why_no_gpu() -> str | None:
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        import cupyx.scipy.ndimage  # noqa: F401
+    except Exception as e:
+        return f"needs CuPy and a CUDA GPU: {type(e).__name__}: {e}"
+    return None
+
+
+_NO_GPU = _why_no_gpu()
+gpu = pytest.mark.skipif(_NO_GPU is not None, reason=_NO_GPU or "")
+
+
+def _slides():
+    out = []
+    for seed, n in [(1, 3), (8, 6), (7, 2)]:
+        img, _ = make_array(3000, 2200, seed=seed, n_sections=n)
+        out.append(pytest.param(ArraySlide(img, mpp=0.5), id=f"seed{seed}-n{n}"))
+    # fragments: two 20 µm apart (one section), one far away; and pale glass only
+    glass = Scene(3000, 2000, seed=3, n_sections=0).render(0, 0, 3000, 2000)
+    frag = glass.copy()
+    for x0, x1 in [(300, 900), (940, 1400), (2000, 2600)]:
+        cv2.rectangle(frag, (x0, 500), (x1, 1400), (225, 170, 205), -1)
+    cv2.rectangle(frag, (500, 800), (600, 900), (245, 244, 247), -1)  # a hole to fill
+    out.append(pytest.param(ArraySlide(frag, mpp=0.5), id="fragments"))
+    out.append(pytest.param(ArraySlide(glass, mpp=0.5), id="glass"))
+    return out
+
+
+SLIDES = _slides()
+
+
+def _assert_same_sections(ref, got, min_iou=0.99):
+    assert len(got) == len(ref)
+    for a, b in zip(ref, got, strict=True):
+        assert a.index == b.index
+        assert np.allclose(a.bbox, b.bbox, atol=2 * a.mask_downsample)
+        assert a.mask_downsample == b.mask_downsample
+        assert abs(a.area - b.area) <= 0.01 * a.area
+        if a.mask.shape == b.mask.shape:
+            inter = np.logical_and(a.mask, b.mask).sum()
+            union = np.logical_or(a.mask, b.mask).sum()
+            assert inter / union >= min_iou
+
+
+@pytest.mark.parametrize("slide", SLIDES)
+@pytest.mark.parametrize("merge", [None, 0])
+def test_numpy_path_matches_opencv(slide, merge):
+    kw = {"max_size": 1024, "merge_distance": merge}
+    _assert_same_sections(find_sections(slide, **kw), find_sections(slide, backend="numpy", **kw))
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_otsu_matches_opencv(seed):
+    rng = np.random.default_rng(seed)
+    # bimodal, unimodal and sparse images
+    kind = seed % 3
+    if kind == 0:
+        img = np.concatenate([rng.normal(20, 5, 5000), rng.normal(120 + seed, 25, 3000)])
+    elif kind == 1:
+        img = rng.normal(128, 30 + seed, 8000)
+    else:
+        img = rng.choice([3, 17, 200 + seed], size=500, p=[0.5, 0.3, 0.2]).astype(float)
+    img = np.clip(np.rint(img), 0, 255).astype(np.uint8).reshape(1, -1)
+    t, _ = cv2.threshold(img, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    assert otsu_threshold(np.bincount(img.ravel(), minlength=256)) == int(t)
+
+
+def test_otsu_of_a_flat_image_is_zero():
+    assert otsu_threshold(np.bincount(np.full(100, 7), minlength=256)) == 0
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(TilingError, match="backend"):
+        find_sections(SLIDES[0].values[0], backend="opencl")
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("slide", SLIDES)
+def test_cupy_path_matches_opencv(slide):
+    _assert_same_sections(find_sections(slide), find_sections(slide, backend="cupy"))

@@ -1,0 +1,188 @@
+"""Tissue components with array-module ndimage operations: CuPy on the GPU, NumPy/SciPy on the CPU.
+
+:func:`components` computes, from a slide thumbnail, what :func:`trtwsi.plan.tissue.find_sections`
+needs before it assembles sections: the labelled tissue components and which ones merge into
+one section. It runs the same steps as the OpenCV implementation in :mod:`trtwsi.plan.tissue`
+(the oracle), written with ``xp`` (``numpy`` or ``cupy``) and ``ndi`` (``scipy.ndimage`` or
+``cupyx.scipy.ndimage``) so that one code path is tested on the CPU and run on the GPU.
+
+Differences from the OpenCV path, by design:
+
+- the merge distance uses the exact Euclidean distance transform, OpenCV's path its 5×5 mask
+  approximation (error up to ~2 % of the distance): components whose gap is within ~2 % of the
+  merge distance can group differently;
+- component numbering differs (it never reaches the caller: sections are put in reading order).
+
+Everything else (glass colour, feature, median, Otsu threshold, closing/opening with the same
+5×5 ellipse, hole filling, 8-connected components) gives the same pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = ["Components", "array_modules", "components", "otsu_threshold"]
+
+_FLT_EPSILON = float(np.finfo(np.float32).eps)
+
+
+class Components(NamedTuple):
+    """Host (NumPy) arrays describing the tissue components of a ``(th, tw)`` thumbnail.
+
+    ``labels``: int32 ``(th, tw)``, 0 = background, 1..n-1 = components (8-connected).
+    ``stats``: int64 ``(n, 5)``: left, top, width, height, area (thumbnail px), row 0 unused
+    (OpenCV's ``connectedComponentsWithStats`` layout). ``group_of``: int64 ``(n,)``, the merge
+    group of each component (-1 for row 0): components of one group form one section.
+    """
+
+    labels: np.ndarray
+    stats: np.ndarray
+    group_of: np.ndarray
+
+
+def array_modules(backend: str) -> tuple[Any, Any]:
+    """``(xp, ndi)`` for ``backend`` "numpy" or "cupy" (raises ImportError without CuPy)."""
+    if backend == "cupy":
+        import cupy
+        import cupyx.scipy.ndimage as ndi
+
+        return cupy, ndi
+    if backend == "numpy":
+        import scipy.ndimage as ndi
+
+        return np, ndi
+    raise ValueError(f"backend must be 'numpy' or 'cupy', got {backend!r}")
+
+
+def _host(a) -> np.ndarray:
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+def estimate_background(rgb, xp) -> np.ndarray:
+    """Glass colour (3,) float64 (host) of an RGB uint8 ``(h, w, 3)`` array of module ``xp``;
+    the same rule as :func:`trtwsi.plan.tissue.estimate_background`."""
+    px = rgb.reshape(-1, 3)
+    if len(px) > 1_000_000:
+        px = px[:: len(px) // 1_000_000]
+    r, g, b = (px[:, c] for c in range(3))  # uint8: max - min cannot overflow
+    mx = xp.maximum(xp.maximum(r, g), b)
+    mn = xp.minimum(xp.minimum(r, g), b)
+    cand = px[((mx - mn) <= 30) & (mn >= 170)]
+    if len(cand) < max(1, 0.005 * len(px)):
+        return np.array([255.0, 255.0, 255.0])
+    grey = cand.astype(xp.int32).sum(1)
+    bright = cand[grey >= xp.percentile(grey, 75)]
+    return _host(xp.median(bright, axis=0)).astype(np.float64)
+
+
+def tissue_feature(rgb, bg: np.ndarray, xp):
+    """uint8 ``(h, w)`` feature of :func:`trtwsi.plan.tissue.tissue_feature`, in module ``xp``."""
+    bgi = np.rint(bg).astype(np.int16)
+    d = [int(bgi[c]) - rgb[:, :, c].astype(xp.int16) for c in range(3)]
+    hi = xp.maximum(xp.maximum(d[0], d[1]), d[2])
+    lo = xp.minimum(xp.minimum(d[0], d[1]), d[2])
+    hi -= lo
+    return xp.minimum(hi, 255).astype(xp.uint8)
+
+
+def otsu_threshold(hist: np.ndarray) -> int:
+    """Otsu's threshold of a 256-bin histogram, as OpenCV computes it for 8-bit images (the
+    first level that maximises the between-class variance; classes ``<= t`` and ``> t``)."""
+    h = np.asarray(hist, np.float64)
+    n = h.sum()
+    if n <= 0:
+        return 0
+    p = h / n
+    i = np.arange(256, dtype=np.float64)
+    q1 = np.cumsum(p)
+    m1 = np.cumsum(i * p)
+    mu = m1[-1]
+    q2 = 1.0 - q1
+    ok = (np.minimum(q1, q2) >= _FLT_EPSILON) & (np.maximum(q1, q2) <= 1.0 - _FLT_EPSILON)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mu1 = m1 / q1
+        mu2 = (mu - q1 * mu1) / q2
+        sigma = q1 * q2 * (mu1 - mu2) ** 2
+    sigma = np.where(ok, sigma, 0.0)
+    best = float(sigma.max())
+    if best <= 0.0:
+        return 0
+    # the first level within rounding of the best (OpenCV's running max keeps the first)
+    return int(np.nonzero(sigma >= best * (1.0 - 1e-12))[0][0])
+
+
+def _ellipse5() -> np.ndarray:
+    import cv2
+
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)).astype(bool)
+
+
+def components(
+    thumb,
+    *,
+    threshold: float | None,
+    min_contrast: float,
+    merge_radius: float,
+    backend: str = "numpy",
+) -> Components | None:
+    """Tissue components of an RGB uint8 ``(th, tw, 3)`` thumbnail (host array), or None when
+    there is no tissue. ``merge_radius``: components closer than twice this (thumbnail px) are
+    one group; 0 = no merging. Steps as in :func:`trtwsi.plan.tissue.find_sections` 1–4."""
+    from trtwsi.plan.tissue import _SQRT_LUT
+
+    xp, ndi = array_modules(backend)
+    rgb = xp.asarray(thumb)
+    th, tw = rgb.shape[:2]
+    feat = tissue_feature(rgb, estimate_background(rgb, xp), xp)
+    if min(th, tw) >= 5:
+        feat = ndi.median_filter(feat, size=5, mode="nearest")  # = cv2.medianBlur's replicate
+    if threshold is None:
+        root = xp.asarray(_SQRT_LUT)[feat]
+        otsu = otsu_threshold(_host(xp.bincount(root.ravel(), minlength=256)))
+        t = max((otsu / 255.0) ** 2 * 255.0, float(min_contrast))
+    else:
+        t = float(threshold)
+    mask = feat > t
+    if not bool(mask.any()):
+        return None
+    k = xp.asarray(_ellipse5())
+    # OpenCV's morphology ignores the border: dilate pads with 0, erode with 1
+    mask = ndi.binary_erosion(ndi.binary_dilation(mask, k, border_value=0), k, border_value=1)
+    mask = ndi.binary_dilation(ndi.binary_erosion(mask, k, border_value=1), k, border_value=0)
+    # fill holes: background regions (4-connected) that do not touch the border
+    bg_lab, _ = ndi.label(~mask)
+    border = xp.concatenate([bg_lab[0], bg_lab[-1], bg_lab[:, 0], bg_lab[:, -1]])
+    inside = ~xp.isin(bg_lab, border)
+    mask |= inside & (bg_lab > 0)
+    eight = xp.ones((3, 3), dtype=bool)
+    labels, n = ndi.label(mask, structure=eight)
+    n = int(n) + 1
+    if n <= 1:
+        return None
+    fg = labels > 0
+    if merge_radius > 0:
+        dist = ndi.distance_transform_edt(~mask)
+        grown, _ = ndi.label(dist <= merge_radius, structure=eight)
+        group = xp.full(n, -1, dtype=xp.int64)
+        group[labels[fg]] = grown[fg]  # all pixels of a component lie in one grown blob
+        group_of = _host(group)
+    else:
+        group_of = np.arange(n, dtype=np.int64)
+    group_of[0] = -1
+    labels_h = _host(labels).astype(np.int32, copy=False)
+    return Components(labels_h, _stats(labels_h, n), group_of)
+
+
+def _stats(labels: np.ndarray, n: int) -> np.ndarray:
+    """OpenCV-layout stats (left, top, width, height, area) of labels 1..n-1 (host)."""
+    import scipy.ndimage as sndi
+
+    stats = np.zeros((n, 5), np.int64)
+    stats[:, 4] = np.bincount(labels.ravel(), minlength=n)[:n]
+    for i, sl in enumerate(sndi.find_objects(labels, max_label=n - 1), start=1):
+        if sl is not None:
+            ys, xs = sl
+            stats[i, :4] = (xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start)
+    return stats
