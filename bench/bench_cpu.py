@@ -15,7 +15,8 @@ conf 0.25 / NMS IoU 0.45 / max_det 300, 640-px tiles with 0.2 overlap = 512-px s
 - ``trtwsi-grid``: ``Predictor(slide).run(region=whole slide)``: the full grid, no skipping: the
   same tiles as the two baselines, so per-tile cost compares directly.
 - ``ultralytics``: read level 0 (trtwsi's TIFF reader), cut the same tiles,
-  ``YOLO.predict(tiles, stream=True, batch=...)``, shift boxes to slide px, merge across seams
+  ``YOLO.predict`` on chunks of ``batch`` tiles (a list is one forward pass, whatever its
+  length), shift boxes to slide px, merge across seams
   with ``trtwsi.merge.merge_detections`` (trtwsi's default: NMS, IoS 0.5, tile-aware). The
   reference of the agreement column.
 - ``sahi``: read level 0, ``sahi.predict.get_sliced_prediction`` (ultralytics model underneath,
@@ -126,9 +127,9 @@ def _run_ultralytics(slide_path: str, threads: int, batch: int) -> dict:
     from trtwsi.slide import open_slide
 
     yolo = YOLO(str(MODEL))
-    kw = dict(
-        imgsz=TILE, conf=CONF, iou=IOU, max_det=MAX_DET, device="cpu", verbose=False, batch=batch
-    )
+    # A list source is one forward pass over all of it (LoadPilAndNumpy: bs = len(list);
+    # ``batch=`` is ignored), so the tiles go in chunks of ``batch``.
+    kw = dict(imgsz=TILE, conf=CONF, iou=IOU, max_det=MAX_DET, device="cpu", verbose=False)
     slide = open_slide(slide_path)
     tiles = _grid_tiles(slide)
     warm = slide.read_region(0, 0, TILE, TILE)[..., ::-1]
@@ -139,14 +140,15 @@ def _run_ultralytics(slide_path: str, threads: int, batch: int) -> dict:
     t_read = time.perf_counter() - t0
     crops = [np.ascontiguousarray(img[y : y + th, x : x + tw, ::-1]) for x, y, tw, th in tiles]
     rows, tile_ids = [], []
-    for i, r in enumerate(yolo.predict(crops, stream=True, **kw)):
-        data = r.boxes.data.cpu().numpy().astype(np.float64)
-        if len(data):
-            x, y = tiles[i][:2]
-            data[:, [0, 2]] += x
-            data[:, [1, 3]] += y
-            rows.append(data)
-            tile_ids.append(np.full(len(data), i, np.int64))
+    for start in range(0, len(crops), batch):
+        for i, r in enumerate(yolo.predict(crops[start : start + batch], **kw), start):
+            data = r.boxes.data.cpu().numpy().astype(np.float64)
+            if len(data):
+                x, y = tiles[i][:2]
+                data[:, [0, 2]] += x
+                data[:, [1, 3]] += y
+                rows.append(data)
+                tile_ids.append(np.full(len(data), i, np.int64))
     t_pred = time.perf_counter() - t0 - t_read
     d = np.concatenate(rows) if rows else np.zeros((0, 6))
     tid = np.concatenate(tile_ids) if tile_ids else np.zeros(0, np.int64)
