@@ -1,7 +1,7 @@
 """bench/bench_cpu.py in smoke mode: a 1280×1024 slide (6 tiles), 1 thread, trtwsi batch 2.
 
 Every case is a fresh child process (torch + ultralytics imports: ~10 s each on 2 shared cores),
-so this module takes ~30–50 s; it runs the children once and checks the JSON it writes.
+so this module takes 45–90 s; it runs the children once and checks the JSON it writes.
 """
 
 from __future__ import annotations
