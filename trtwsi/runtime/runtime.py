@@ -230,6 +230,8 @@ class Runtime:
         if self._pipe is not None:
             self._pipe.close()
             self._pipe = None
+        if self._gpu_tissue is not None:
+            self._gpu_tissue.close()
         if self._planner_pool is not None:
             self._planner_pool.close()
             self._planner_pool = None

@@ -1,8 +1,9 @@
 """Tissue detection on the runtime's GPU, from planner threads.
 
 :class:`GpuTissue` runs :func:`~trtwsi.plan.find_sections` with ``backend="cupy"`` on the
-runtime's CUDA device, each planner thread on its own non-blocking stream (so it never waits
-for, or holds up, the tile pipeline's streams). The thumbnail is still read and decoded on the
+runtime's CUDA device on non-blocking streams (so it never waits for, or holds up, the tile
+pipeline's streams): one per concurrent caller, reused, so CuPy's per-stream memory pool does
+not grow with the number of planner threads a runtime starts over its life. The thumbnail is still read and decoded on the
 host; steps 1–4 of the detection run on the GPU, the section assembly on the host.
 
 If the CuPy path fails for a reason other than the slide (a CuPy without ``cupyx.scipy.ndimage``
@@ -36,7 +37,8 @@ class GpuTissue:
     def __init__(self, index: int):
         self.index = int(index)
         self.failed: str | None = None
-        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._streams: list = []  # idle streams
 
     def sections(self, slide) -> list[Section] | None:
         """The sections of ``slide`` (an open Slide), or None when the GPU path has failed (then
@@ -47,12 +49,17 @@ class GpuTissue:
             import cupy
 
             with cupy.cuda.Device(self.index):
-                stream = getattr(self._local, "stream", None)
+                with self._lock:
+                    stream = self._streams.pop() if self._streams else None
                 if stream is None:
-                    stream = self._local.stream = cupy.cuda.Stream(non_blocking=True)
-                with stream:
-                    found = find_sections(slide, backend="cupy")
-                stream.synchronize()
+                    stream = cupy.cuda.Stream(non_blocking=True)
+                try:
+                    with stream:
+                        found = find_sections(slide, backend="cupy")
+                    stream.synchronize()
+                finally:
+                    with self._lock:
+                        self._streams.append(stream)
                 return found
         except TrtwsiError:
             raise
@@ -65,3 +72,15 @@ class GpuTissue:
                 stacklevel=2,
             )
             return None
+
+    def close(self) -> None:
+        """Drop the streams and return CuPy's cached blocks of this device to the driver."""
+        with self._lock:
+            self._streams.clear()
+        try:
+            import cupy
+
+            with cupy.cuda.Device(self.index):
+                cupy.get_default_memory_pool().free_all_blocks()
+        except Exception:
+            pass
