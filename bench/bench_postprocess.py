@@ -15,7 +15,7 @@ the same CUDA head output for every contender:
 * ``torchvision``: a batched torch decode + one ``torchvision.ops.batched_nms`` over all tiles
   (tile and class folded into the group index), the fastest plain-torch way.
 
-Cases: ``realistic`` — the head output of the bundled ``models/demo-yolo11n.pt`` (fp16) on 32
+Cases: ``realistic`` — the head output of the bundled ``trtwsi/models/demo-yolo11n.pt`` (fp16) on 32
 640² tiles of a synthetic slide (``trtwsi.synthetic.Scene``), conf 0.25; ``dense`` — the same
 output at conf 0.001 (the trained demo model is confident: ~100 candidates per tile);
 ``all-anchors`` — its boxes with uniform random class scores, so all 8400 anchors of every tile

@@ -47,7 +47,7 @@ RESULTS: dict[str, dict] = {}
 
 
 def _weights() -> Path:
-    from trtwsi.app.demo import bundled_models_dir
+    from trtwsi._util.resources import bundled_models_dir
 
     return Path(WEIGHTS) if WEIGHTS else bundled_models_dir() / "demo-yolo11n.pt"
 

@@ -515,7 +515,7 @@ def parse_args(argv=None) -> BuildOptions:
 def _weights_list(opts: BuildOptions) -> list[Path]:
     if opts.model:
         return [Path(m) for m in opts.model]
-    from trtwsi.app.demo import bundled_models_dir
+    from trtwsi._util.resources import bundled_models_dir
 
     folder = Path(opts.models_dir) if opts.models_dir else bundled_models_dir()
     found = sorted(folder.glob("*.pt"))

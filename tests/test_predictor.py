@@ -1,5 +1,5 @@
 """End to end on the CPU with the bundled demo models and held-out synthetic slides (seeds < 1000;
-the demo models were trained on seeds >= 1000, see models/demo-*.json)."""
+the demo models were trained on seeds >= 1000, see trtwsi/models/demo-*.json)."""
 
 from pathlib import Path
 

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.app import doctor
 from trtwsi.app.cli import main
-from trtwsi.app.demo import bundled_models_dir
 from trtwsi.engines import tensorrt
 from trtwsi.engines.tensorrt import cuda_device_info
 

@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 
-from trtwsi.app.demo import bundled_models_dir
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.engines import sidecar, tensorrt
 from trtwsi.engines.model import Model
 from trtwsi.engines.sidecar import EngineMeta, RuntimeInfo, check_fit, engine_filename

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from trtwsi.app.demo import bundled_models_dir
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.engines.tensorrt import RTX_COMPUTE_CAPABILITIES, cuda_device_info, load_module
 
 pytestmark = pytest.mark.tensorrt

@@ -19,7 +19,7 @@ pytest.importorskip("onnxruntime", reason="export needs onnxruntime (pip install
 pytest.importorskip("onnxconverter_common", reason="pip install 'trtwsi[export]'")
 
 from export import build
-from trtwsi.app.demo import bundled_models_dir
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.engines import tensorrt as trt_adapter
 from trtwsi.engines.sidecar import engine_filename, find_engines, read_sidecar
 

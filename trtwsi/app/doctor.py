@@ -155,7 +155,7 @@ def collect(models_dir: str | os.PathLike | None = None) -> Report:
         r.add("export", "onnx, onnxruntime, onnxconverter-common installed")
     # --- engines ---
     if models_dir is None:
-        from trtwsi.app.demo import bundled_models_dir
+        from trtwsi._util.resources import bundled_models_dir
 
         models_dir = bundled_models_dir()
     models_dir = Path(models_dir)
