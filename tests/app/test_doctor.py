@@ -24,7 +24,7 @@ def test_doctor_without_gpu(capsys):
     for label in ("torch", "GPU", "NVIDIA driver", "CuPy", "TensorRT", "TensorRT-RTX", "export"):
         assert f"\n{label} " in "\n" + out
     assert "none visible to torch" in out
-    assert "demo-yolo11n.pt: no engine (python -m export.build --fp16 --model" in out
+    assert "demo-yolo11n.pt: no engine (python -m trtwsi.export.build --fp16 --model" in out
     assert "runs on the CPU" in out
 
 

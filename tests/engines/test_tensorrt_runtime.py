@@ -37,7 +37,7 @@ def _runnable():
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     mod, _ = _runnable()
-    from export import build
+    from trtwsi.export import build
 
     root = tmp_path_factory.mktemp("trt")
     out = {}

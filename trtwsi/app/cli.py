@@ -1,4 +1,4 @@
-"""The ``trtwsi`` command: info, predict, eval, demo, doctor, compare.
+"""The ``trtwsi`` command: info, predict, eval, demo, doctor, export, compare.
 
 Exit codes: 0 success, 1 a TrtwsiError (message printed, no traceback), 2 bad arguments,
 3 `eval` below --min-score, 4 a batch finished but some slides failed (see its manifest),
@@ -277,6 +277,13 @@ def cmd_doctor(a) -> int:
     return 0
 
 
+def cmd_export(a) -> int:
+    """`trtwsi export ARGS…` = `python -m trtwsi.export.build ARGS…`."""
+    from trtwsi.export.build import main as build_main
+
+    return build_main(a.args)
+
+
 def cmd_compare(a) -> int:
     """Engine vs .pt box agreement on sample tiles (exit 3 on FAIL)."""
     from trtwsi.app.compare import compare_engines
@@ -432,6 +439,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--models-dir", default=None, help="engines folder (default: bundled models/)")
     p.set_defaults(func=cmd_doctor)
+
+    # Every argument goes to python -m trtwsi.export.build (its --help too): no "-" options here.
+    p = sub.add_parser(
+        "export",
+        help="build TensorRT engines from .pt (= python -m trtwsi.export.build; --help)",
+        add_help=False,
+        prefix_chars="+",
+    )
+    p.add_argument("args", nargs="*", help="python -m trtwsi.export.build arguments")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="TensorRT engine vs its .pt: box agreement on sample tiles")
     p.add_argument("engine", help="the .engine file (its .engine.json sidecar next to it)")

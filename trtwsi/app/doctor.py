@@ -148,7 +148,7 @@ def collect(models_dir: str | os.PathLike | None = None) -> Report:
             r.fix(PIP["tensorrt_rtx"] + "  — enough to build engines for RTX GPUs on a CPU")
     for m in ("onnx", "onnxruntime", "onnxconverter_common"):
         if _version(m) is None:
-            r.add("export", f"{m} missing: python -m export.build will not run")
+            r.add("export", f"{m} missing: python -m trtwsi.export.build will not run")
             r.fix(PIP["export"])
             break
     else:
@@ -163,7 +163,7 @@ def collect(models_dir: str | os.PathLike | None = None) -> Report:
     for pt in sorted(models_dir.glob("*.pt")):
         engines = find_engines(pt)
         if not engines:
-            r.engines.append((pt.name, f"no engine (python -m export.build --fp16 --model {pt})"))
+            r.engines.append((pt.name, f"no engine (python -m trtwsi.export.build --fp16 --model {pt})"))
         sha = None
         for path, meta in engines:
             if isinstance(meta, Exception):
