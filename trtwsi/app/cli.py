@@ -273,7 +273,7 @@ def cmd_demo(a) -> int:
 def cmd_doctor(a) -> int:
     from trtwsi.app.doctor import collect, format_report
 
-    print(format_report(collect(a.models_dir)))
+    print(format_report(collect(a.models_dir, check_kernels=a.check_kernels)))
     return 0
 
 
@@ -438,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="GPU, driver, CUDA, torch, CuPy, TensorRT; which engines run here; fixes"
     )
     p.add_argument("--models-dir", default=None, help="engines folder (default: bundled models/)")
+    p.add_argument(
+        "--check-kernels", action="store_true", help="also compile the CUDA kernels (NVRTC/CuPy)"
+    )
     p.set_defaults(func=cmd_doctor)
 
     # Every argument goes to python -m trtwsi.export.build (its --help too): no "-" options here.
