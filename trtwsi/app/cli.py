@@ -303,7 +303,7 @@ def cmd_compare(a) -> int:
 def _add_predict_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", help=".pt weights (repeatable)")
     p.add_argument(
-        "--models", help="models config TOML naming several models (see models/models.toml)"
+        "--models", help="models config TOML naming several models (see trtwsi/models/models.toml)"
     )
     p.add_argument(
         "--conf", type=float, default=0.25, help="min confidence for --model (default 0.25)"
