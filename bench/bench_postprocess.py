@@ -65,7 +65,7 @@ if _NO_GPU is not None:
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
-WEIGHTS = ROOT / "models" / "demo-yolo11n.pt"
+WEIGHTS = ROOT / "trtwsi" / "models" / "demo-yolo11n.pt"  # the bundled demo model
 BATCH, TILE, IMGSZ = 32, 640, 640
 IOU, MAX_DET = 0.45, 300
 #: case -> (head output, conf): the model's output at its usual and at a very low threshold,
