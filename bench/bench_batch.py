@@ -33,7 +33,7 @@ from _machine import host_info, machine_name, update_results
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-MODEL = Path(__file__).resolve().parents[1] / "models" / "demo-yolo11n.pt"
+MODEL = Path(__file__).resolve().parents[1] / "trtwsi" / "models" / "demo-yolo11n.pt"
 
 
 def gpus() -> list[str]:

@@ -40,9 +40,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import host_info  # noqa: E402
 
+from trtwsi._util.resources import bundled_models_dir  # noqa: E402
 from trtwsi.runtime.gpu.device import gpu_unavailable_reason  # noqa: E402
 
-MODEL = ROOT / "models" / "demo-yolo11n.pt"
+MODEL = bundled_models_dir() / "demo-yolo11n.pt"
 BATCH = int(os.environ.get("TRTWSI_BENCH_BATCH", "32"))
 MEM_SIDE = int(os.environ.get("TRTWSI_BENCH_MEM_SIDE", 16384))
 N_ULTRA = 256

@@ -15,7 +15,7 @@ the same CUDA head output for every contender:
 * ``torchvision``: a batched torch decode + one ``torchvision.ops.batched_nms`` over all tiles
   (tile and class folded into the group index), the fastest plain-torch way.
 
-Cases: ``realistic`` — the head output of the bundled ``models/demo-yolo11n.pt`` (fp16) on 32
+Cases: ``realistic`` — the head output of the bundled ``trtwsi/models/demo-yolo11n.pt`` (fp16) on 32
 640² tiles of a synthetic slide (``trtwsi.synthetic.Scene``), conf 0.25; ``dense`` — the same
 output at conf 0.001 (the trained demo model is confident: ~100 candidates per tile);
 ``all-anchors`` — its boxes with uniform random class scores, so all 8400 anchors of every tile
@@ -65,7 +65,7 @@ if _NO_GPU is not None:
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
-WEIGHTS = ROOT / "models" / "demo-yolo11n.pt"
+WEIGHTS = ROOT / "trtwsi" / "models" / "demo-yolo11n.pt"  # the bundled demo model
 BATCH, TILE, IMGSZ = 32, 640, 640
 IOU, MAX_DET = 0.45, 300
 #: case -> (head output, conf): the model's output at its usual and at a very low threshold,

@@ -10,7 +10,7 @@ TensorRT-RTX only on compute capability 7.5–8.9 / 12.x)::
 What is timed, per call, on a batch of ``B`` letterboxed 640² tiles already on the GPU:
 
 * ``trtwsi-tensorrt``: ``TensorRTEngine.infer(engine.input)`` (FP16 engine from
-  ``python -m export.build``, fixed batch, CUDA graph replay) + a stream synchronize;
+  ``python -m trtwsi.export.build``, fixed batch, CUDA graph replay) + a stream synchronize;
 * ``trtwsi-torch``: ``TorchEngine.infer`` (the .pt in fp16 on CUDA) + synchronize;
 * ``ultralytics``: ``YOLO(weights).predict`` on the same ``B`` tiles as uint8 HWC arrays with
   ``half=True``, i.e. including ultralytics' own pre/post-processing (what users ran before).
@@ -47,7 +47,7 @@ RESULTS: dict[str, dict] = {}
 
 
 def _weights() -> Path:
-    from trtwsi.app.demo import bundled_models_dir
+    from trtwsi._util.resources import bundled_models_dir
 
     return Path(WEIGHTS) if WEIGHTS else bundled_models_dir() / "demo-yolo11n.pt"
 
@@ -102,7 +102,7 @@ def test_trtwsi_tensorrt(benchmark, tiles, tmp_path_factory):
         pytest.skip(f"no TensorRT module: {e}")
     if mod.flavour == "tensorrt_rtx" and cc not in RTX_COMPUTE_CAPABILITIES:
         pytest.skip(f"{mod.label} cannot run engines on {name} (compute capability {cc})")
-    from export import build
+    from trtwsi.export import build
 
     root = tmp_path_factory.mktemp("bench-trt")
     w = root / _weights().name

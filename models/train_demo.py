@@ -1,7 +1,7 @@
 """Train the bundled demo detectors on synthetic slides, reproducibly and offline.
 
-    python models/train_demo.py --arch yolo11n --out models/demo-yolo11n.pt   # NMS head
-    python models/train_demo.py --arch yolo26n --out models/demo-yolo26n.pt   # end-to-end head
+    python models/train_demo.py --arch yolo11n --out trtwsi/models/demo-yolo11n.pt   # NMS head
+    python models/train_demo.py --arch yolo26n --out trtwsi/models/demo-yolo26n.pt   # end-to-end head
 
 Data: 640×640 tiles cut from synthetic scenes (trtwsi.synthetic.Scene) with training seeds
 1000, 1001, … (the demo slide uses seed 0, tests use seeds < 1000, so evaluation is held out).

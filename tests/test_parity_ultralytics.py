@@ -7,7 +7,7 @@ defaults otherwise (e.g. channels_last on the CPU), boxes in tile px.
 
 Models: random-init yolo11n (``"nms"`` head), yolo26n through its end-to-end head (ultralytics
 ``nms=False``), the same yolo26n through its one-to-many head (``head="nms"``, ultralytics'
-default for YOLO26), plus every ``models/*.pt`` in the repository (trained demo models).
+default for YOLO26), plus every bundled ``trtwsi/models/*.pt`` (trained demo models).
 
 What is compared, and how strictly:
 
@@ -32,11 +32,11 @@ import torch
 
 from tests.conftest import synth_rgb
 from tests.ops.test_reference import ultralytics_input
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.engines.model import Model
 from trtwsi.ops import reference as ref
 
-REPO = Path(__file__).resolve().parents[1]
-EXTRA_MODELS = sorted((REPO / "models").glob("*.pt"))
+EXTRA_MODELS = sorted(bundled_models_dir().glob("*.pt"))
 
 BOX_TOL = 1.0  # px, tile frame, max |corner difference|
 SCORE_TOL = 1e-3

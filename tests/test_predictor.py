@@ -1,18 +1,18 @@
 """End to end on the CPU with the bundled demo models and held-out synthetic slides (seeds < 1000;
-the demo models were trained on seeds >= 1000, see models/demo-*.json)."""
+the demo models were trained on seeds >= 1000, see trtwsi/models/demo-*.json)."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import trtwsi
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.errors import OutputExistsError, TrtwsiError
 from trtwsi.ops.boxes import overlap_matrix
 from trtwsi.results.evaluate import precision_recall
 from trtwsi.synthetic import Scene, make_array, make_slide
 
-MODELS = Path(__file__).resolve().parent.parent / "models"
+MODELS = bundled_models_dir()
 NMS_MODEL = MODELS / "demo-yolo11n.pt"
 E2E_MODEL = MODELS / "demo-yolo26n.pt"
 

@@ -7,9 +7,9 @@ import shutil
 
 import pytest
 
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.app import doctor
 from trtwsi.app.cli import main
-from trtwsi.app.demo import bundled_models_dir
 from trtwsi.engines import tensorrt
 from trtwsi.engines.tensorrt import cuda_device_info
 
@@ -24,7 +24,7 @@ def test_doctor_without_gpu(capsys):
     for label in ("torch", "GPU", "NVIDIA driver", "CuPy", "TensorRT", "TensorRT-RTX", "export"):
         assert f"\n{label} " in "\n" + out
     assert "none visible to torch" in out
-    assert "demo-yolo11n.pt: no engine (python -m export.build --fp16 --model" in out
+    assert "demo-yolo11n.pt: no engine (python -m trtwsi.export.build --fp16 --model" in out
     assert "runs on the CPU" in out
 
 
@@ -56,3 +56,44 @@ def test_doctor_without_tensorrt(monkeypatch):
     assert "pip install --extra-index-url https://pypi.nvidia.com tensorrt-cu13" in text
     assert "pip install 'trtwsi[tensorrt-rtx]'" in text
     assert "tensorrt-rtx-cu13-libs tensorrt-rtx-cu13-bindings" in text
+
+
+def test_doctor_checks_kernels_and_models(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "preprocess.cu, postprocess.cu, common.cuh" in out  # the kernels row
+    assert "models.toml: demo-yolo11n.pt, demo-yolo26n.pt, all present" in out
+    assert "kernel compile" not in out  # only with --check-kernels
+
+
+def test_doctor_reports_missing_kernels_and_models(tmp_path, monkeypatch):
+    from trtwsi._util import resources
+
+    monkeypatch.setattr(resources, "kernels_dir", lambda: tmp_path / "no-kernels")
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "models.toml").write_text('[[model]]\nname = "x"\nweights = "gone.pt"\n')
+    monkeypatch.setenv("TRTWSI_MODELS", str(models))
+    text = doctor.format_report(doctor.collect(check_kernels=True))
+    assert "missing preprocess.cu, postprocess.cu, common.cuh" in text
+    assert "kernel compile  skipped: kernel sources missing" in text
+    assert "names weights that are not there: gone.pt" in text
+
+
+def test_doctor_without_models_toml_is_a_problem_only_for_the_default(tmp_path, monkeypatch):
+    text = doctor.format_report(doctor.collect(tmp_path))
+    assert "(0 .pt, no models.toml)" in text and "is missing" not in text
+    monkeypatch.setenv("TRTWSI_MODELS", str(tmp_path))
+    text = doctor.format_report(doctor.collect())
+    assert "models.toml is missing" in text
+
+
+def test_doctor_check_kernels(capsys):
+    from trtwsi.ops import nvrtc
+
+    assert main(["doctor", "--check-kernels"]) == 0
+    out = capsys.readouterr().out
+    if nvrtc.available():
+        assert "postprocess, preprocess compiled (NVRTC, compute_75)" in out
+    else:
+        assert "kernel compile  skipped" in out

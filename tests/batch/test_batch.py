@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.batch import (
     MANIFEST_NAME,
     BatchParams,
@@ -46,7 +47,7 @@ REPO = Path(__file__).resolve().parents[2]
 #: Folder whose sitecustomize.py injects one worker crash (TRTWSI_TEST_CRASH_ONCE=NAME:MARKER).
 CRASH_HOOK_DIR = Path(__file__).resolve().parent / "crash_hook"
 CRASH_HOOK_ENV = "TRTWSI_TEST_CRASH_ONCE"
-MODEL = REPO / "models" / "demo-yolo11n.pt"
+MODEL = bundled_models_dir() / "demo-yolo11n.pt"
 GOOD = ["s0", "s1", "s2", "s3"]
 BAD = ["corrupt", "notaslide"]
 FORMATS = (".geojson", ".csv")

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from trtwsi.app.demo import bundled_models_dir
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.engines import checkpoint
 from trtwsi.engines.checkpoint import CALL, CLASS, allowed_globals, load_checkpoint, scan_pickle
 from trtwsi.engines.model import Model

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from trtwsi.app.demo import bundled_models_dir
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.engines.config import (
     CONFIG_KEYS,
     MAX_CONFIG_BYTES,

@@ -182,7 +182,7 @@ def test_resolve_backend(v11):
     assert kind == "torch" and "backend='torch'" in reason
     kind, reason = Model(v11).resolve_backend("cuda")  # resolution only; nothing runs on the GPU
     assert kind == "torch" and "no TensorRT engine next to" in reason
-    assert "python -m export.build --fp16 --model" in reason
+    assert "python -m trtwsi.export.build --fp16 --model" in reason
 
 
 def test_resolve_backend_errors(v11):

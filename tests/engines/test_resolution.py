@@ -14,7 +14,7 @@ import warnings
 
 import pytest
 
-from trtwsi.app.demo import bundled_models_dir
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.engines import sidecar, tensorrt
 from trtwsi.engines.model import Model
 from trtwsi.engines.sidecar import EngineMeta, RuntimeInfo, check_fit, engine_filename
@@ -167,7 +167,7 @@ def test_engine_missing(pt, gpu):
     kind, reason = Model(pt).resolve_backend("cuda")
     assert kind == "torch"
     assert "no TensorRT engine next to demo-yolo11n.pt" in reason
-    assert f"python -m export.build --fp16 --model {pt}" in reason
+    assert f"python -m trtwsi.export.build --fp16 --model {pt}" in reason
 
 
 def test_wrong_compute_capability(pt, sha, gpu):
@@ -176,7 +176,7 @@ def test_wrong_compute_capability(pt, sha, gpu):
     kind, reason = Model(pt).resolve_backend("cuda")
     assert kind == "torch"
     assert "built for compute capability 8.6, this GPU is 9.0" in reason
-    assert "python -m export.build" in reason and "PyTorch" in reason
+    assert "python -m trtwsi.export.build" in reason and "PyTorch" in reason
 
 
 def test_wrong_version(pt, sha, gpu):
@@ -232,4 +232,4 @@ def test_fallback_warns_once_with_reason(pt, sha, gpu, monkeypatch):
     assert eng[0] == "torch-engine"
     assert len(w) == 1
     msg = str(w[0].message)
-    assert "this GPU is 9.0" in msg and "python -m export.build" in msg
+    assert "this GPU is 9.0" in msg and "python -m trtwsi.export.build" in msg

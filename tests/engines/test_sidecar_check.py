@@ -77,7 +77,7 @@ def test_bad_field(key, value, allowed):
         check_sidecar(data, source="sidecar 'x.engine.json'")
     msg = str(e.value)
     assert msg.startswith("sidecar 'x.engine.json': ") and f"{key} = " in msg
-    assert allowed in msg and "python -m export.build" in msg
+    assert allowed in msg and "python -m trtwsi.export.build" in msg
 
 
 def test_batch_order():

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-from trtwsi.app.demo import bundled_models_dir
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.engines.tensorrt import RTX_COMPUTE_CAPABILITIES, cuda_device_info, load_module
 
 pytestmark = pytest.mark.tensorrt
@@ -37,7 +37,7 @@ def _runnable():
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     mod, _ = _runnable()
-    from export import build
+    from trtwsi.export import build
 
     root = tmp_path_factory.mktemp("trt")
     out = {}

@@ -1,4 +1,4 @@
-"""export.build with the real TensorRT-RTX builder on the CPU, and the FP16 ONNX numerics.
+"""trtwsi.export.build with the real TensorRT-RTX builder on the CPU, and the FP16 ONNX numerics.
 
 Nothing is mocked: the demo models are exported to ONNX, converted to the mixed FP16 graph,
 checked with onnxruntime against the .pt, parsed and built by TensorRT-RTX for compute
@@ -18,10 +18,10 @@ from trtwsi.engines.model import Model
 pytest.importorskip("onnxruntime", reason="export needs onnxruntime (pip install 'trtwsi[export]')")
 pytest.importorskip("onnxconverter_common", reason="pip install 'trtwsi[export]'")
 
-from export import build
-from trtwsi.app.demo import bundled_models_dir
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.engines import tensorrt as trt_adapter
 from trtwsi.engines.sidecar import engine_filename, find_engines, read_sidecar
+from trtwsi.export import build
 
 ARGS = ["--fp16", "--imgsz", "320", "--batch-size", "4", "--opt-batch", "2"]
 ARGS += ["--compute-capability", "8.6", "--no-progress", "--keep-onnx"]
@@ -81,7 +81,7 @@ def test_fp16_onnx_graph(built):
     onnx = pytest.importorskip("onnx")
     from onnx import TensorProto
 
-    from export.fp16 import HEAD_BRANCHES
+    from trtwsi.export.fp16 import HEAD_BRANCHES
 
     _, engine = built["demo-yolo11n"]
     fp16 = engine.with_name(engine.name.removesuffix(".engine") + ".onnx")
@@ -100,8 +100,8 @@ def test_fp16_onnx_graph(built):
 
 def test_fp16_numerics_onnxruntime(built):
     """The FP16 ONNX vs the .pt with onnxruntime on the CPU, on 8 synthetic tiles."""
-    from export.fp16 import check_numerics
     from trtwsi.app.compare import sample_tiles
+    from trtwsi.export.fp16 import check_numerics
 
     for stem in ("demo-yolo11n", "demo-yolo26n"):
         weights, engine = built[stem]

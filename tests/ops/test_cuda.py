@@ -529,12 +529,11 @@ def test_real_model_head_output(weights, head):
     """Preprocess 4 tiles of a synthetic slide on the GPU, run the bundled demo model in fp16,
     postprocess on the GPU: equal to the reference ops on the same (fp16) head output."""
     pytest.importorskip("ultralytics", reason="the demo model needs ultralytics")
-    from pathlib import Path
-
+    from trtwsi._util.resources import bundled_models_dir
     from trtwsi.engines.model import Model
     from trtwsi.synthetic import Scene
 
-    path = Path(__file__).resolve().parents[2] / "models" / weights
+    path = bundled_models_dir() / weights
     if not path.exists():
         pytest.skip(f"{path} is not there")
     model = Model(path, head=head)

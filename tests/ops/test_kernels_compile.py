@@ -9,20 +9,15 @@ every kernel the wrappers launch is in the PTX. Skipped when ``cuda.bindings.nvr
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from trtwsi.ops import cuda
+from trtwsi.ops import cuda, nvrtc
 
 pytest.importorskip(
     "cuda.bindings.nvrtc", reason="cuda-bindings (NVRTC) is not installed; cannot compile kernels"
 )
-HELPER = Path(__file__).with_name("_nvrtc_compile.py")
 
 #: What cupy.RawModule adds to the options for NVRTC (CuPy 13-15): -ftz=true, the default
 #: execution space and the C++ standard; the -arch option is added per test.
@@ -30,24 +25,12 @@ CUPY_OPTIONS = ("-ftz=true", "--device-as-default-execution-space", "-std=c++17"
 
 
 def compile_ptx(source: str, name: str, options: tuple[str, ...]) -> tuple[str, str]:
-    """(PTX, compiler log) of ``source``; fails the test with the NVRTC log on error.
-
-    NVRTC runs in a child process: in-process, compiling these sources left this process's
-    torch unable to ``torch.load`` a checkpoint afterwards (seen with NVRTC 13.0 and torch
-    2.14.1 on the CPU CI machine; cause not pinned down), which broke unrelated later tests.
-    """
-    r = subprocess.run(
-        [sys.executable, str(HELPER)],
-        input=json.dumps({"source": source, "name": name, "options": list(options)}),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    if r.returncode != 0:
-        pytest.fail(f"NVRTC compile of {name} failed:\n{r.stdout}\n{r.stderr}")
-    out = json.loads(r.stdout)
-    return out["ptx"], out["log"]
+    """(PTX, compiler log) of ``source`` (NVRTC in a child process, see trtwsi.ops.nvrtc);
+    fails the test with the NVRTC log on error."""
+    try:
+        return nvrtc.compile_ptx(source, name, options)
+    except nvrtc.NvrtcError as e:
+        pytest.fail(str(e))
 
 
 @pytest.mark.parametrize("arch", ["compute_90", "compute_75"])

@@ -4,12 +4,12 @@ GPU tests (marker ``gpu``) skip with the reason unless torch sees a CUDA GPU and
 installed; the CPU tests check the pipeline's selection and errors where no GPU exists.
 """
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 import trtwsi
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.errors import TrtwsiError
 from trtwsi.ops.boxes import overlap_matrix
 from trtwsi.plan.slide_plan import SlideOptions
@@ -18,7 +18,7 @@ from trtwsi.runtime import Runtime
 from trtwsi.runtime.gpu.device import gpu_unavailable_reason
 from trtwsi.synthetic import make_array, make_slide
 
-MODELS = Path(__file__).resolve().parents[2] / "models"
+MODELS = bundled_models_dir()
 NMS_MODEL = MODELS / "demo-yolo11n.pt"
 E2E_MODEL = MODELS / "demo-yolo26n.pt"
 WHY = gpu_unavailable_reason()

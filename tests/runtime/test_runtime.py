@@ -3,18 +3,17 @@ slide fails alone; a slide's results do not depend on its neighbours in the stre
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import trtwsi
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.plan.slide_plan import SlideOptions
 from trtwsi.runtime import Runtime, SlideRequest
 from trtwsi.runtime.gpu.ring import BatchBuilder, ChunkRing, SlideRun, SlideTracker
 from trtwsi.synthetic import make_slide
 
-MODEL = Path(__file__).resolve().parents[2] / "models" / "demo-yolo11n.pt"
+MODEL = bundled_models_dir() / "demo-yolo11n.pt"
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The ``trtwsi`` command: info, predict, eval, demo, doctor, compare.
+"""The ``trtwsi`` command: info, predict, eval, demo, doctor, export, compare.
 
 Exit codes: 0 success, 1 a TrtwsiError (message printed, no traceback), 2 bad arguments,
 3 `eval` below --min-score, 4 a batch finished but some slides failed (see its manifest),
@@ -273,8 +273,15 @@ def cmd_demo(a) -> int:
 def cmd_doctor(a) -> int:
     from trtwsi.app.doctor import collect, format_report
 
-    print(format_report(collect(a.models_dir)))
+    print(format_report(collect(a.models_dir, check_kernels=a.check_kernels)))
     return 0
+
+
+def cmd_export(a) -> int:
+    """`trtwsi export ARGS…` = `python -m trtwsi.export.build ARGS…`."""
+    from trtwsi.export.build import main as build_main
+
+    return build_main(a.args)
 
 
 def cmd_compare(a) -> int:
@@ -296,7 +303,7 @@ def cmd_compare(a) -> int:
 def _add_predict_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", help=".pt weights (repeatable)")
     p.add_argument(
-        "--models", help="models config TOML naming several models (see models/models.toml)"
+        "--models", help="models config TOML naming several models (see trtwsi/models/models.toml)"
     )
     p.add_argument(
         "--conf", type=float, default=0.25, help="min confidence for --model (default 0.25)"
@@ -431,7 +438,20 @@ def build_parser() -> argparse.ArgumentParser:
         "doctor", help="GPU, driver, CUDA, torch, CuPy, TensorRT; which engines run here; fixes"
     )
     p.add_argument("--models-dir", default=None, help="engines folder (default: bundled models/)")
+    p.add_argument(
+        "--check-kernels", action="store_true", help="also compile the CUDA kernels (NVRTC/CuPy)"
+    )
     p.set_defaults(func=cmd_doctor)
+
+    # Every argument goes to python -m trtwsi.export.build (its --help too): no "-" options here.
+    p = sub.add_parser(
+        "export",
+        help="build TensorRT engines from .pt (= python -m trtwsi.export.build; --help)",
+        add_help=False,
+        prefix_chars="+",
+    )
+    p.add_argument("args", nargs="*", help="python -m trtwsi.export.build arguments")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("compare", help="TensorRT engine vs its .pt: box agreement on sample tiles")
     p.add_argument("engine", help="the .engine file (its .engine.json sidecar next to it)")

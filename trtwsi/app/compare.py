@@ -6,7 +6,7 @@ tile, greedily by descending reference score, to the unmatched detection of the 
 the highest IoU, a match needing IoU ≥ ``iou_match`` (0.9). Reported: matched fraction (matches
 / the larger of the two counts, so misses and extras both count), the largest and mean score
 difference and the largest corner difference (px, input frame) over matches. Used by
-``export.build`` (FP16 ONNX vs ``.pt`` before building; ``--validate``) and ``trtwsi compare``.
+``trtwsi.export.build`` (FP16 ONNX vs ``.pt`` before building; ``--validate``) and ``trtwsi compare``.
 """
 
 from __future__ import annotations

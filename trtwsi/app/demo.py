@@ -7,22 +7,16 @@ Writes into ``out_dir``: ``demo-slide.tif`` (+ ``demo-slide.gt.json`` ground tru
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.errors import ModelError
+
+__all__ = ["DEMO_SEED", "DEMO_SIZE", "bundled_models_dir", "run_demo"]
 
 DEMO_SEED = 0
 DEMO_SIZE = (6000, 4500)
-
-
-def bundled_models_dir() -> Path:
-    """The models/ folder: $TRTWSI_MODELS, else the one beside the trtwsi package (source checkout)."""
-    env = os.environ.get("TRTWSI_MODELS")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "models"
 
 
 def run_demo(
@@ -36,8 +30,8 @@ def run_demo(
     cfg = bundled_models_dir() / "models.toml"
     if not cfg.exists():
         raise ModelError(
-            f"the bundled demo models config {cfg} is missing: run from a source checkout installed "
-            "with `pip install -e .`, or set TRTWSI_MODELS to the repository's models/ folder"
+            f"the demo models config {cfg} is missing: reinstall trtwsi (the wheel ships "
+            "trtwsi/models/), or point TRTWSI_MODELS at a folder with models.toml and its .pt files"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
     slide_path = out_dir / "demo-slide.tif"

@@ -1,9 +1,10 @@
 """``trtwsi doctor``: what this machine can run, what does not fit, and how to fix it.
 
 Reports GPU, driver, CUDA runtime, torch, CuPy, TensorRT / TensorRT-RTX versions and whether
-they fit together; every engine in the models folder with "usable here" or why not; the pip
-commands that install what is missing. Works with no GPU, no CuPy and no TensorRT (each probe is
-guarded; a failing probe is reported, never raised).
+they fit together; whether the CUDA kernel sources and the models it points to are there (and,
+with ``--check-kernels``, whether the kernels compile with NVRTC); every engine in the models
+folder with "usable here" or why not; the pip commands that install what is missing. Works with no
+GPU, no CuPy and no TensorRT (each probe is guarded; a failing probe is reported, never raised).
 """
 
 from __future__ import annotations
@@ -68,8 +69,92 @@ def _driver() -> tuple[str | None, str | None]:
         return None, None
 
 
-def collect(models_dir: str | os.PathLike | None = None) -> Report:
-    """Probe the machine and the engines in ``models_dir`` (default: the bundled models)."""
+def _check_kernel_files(r: Report) -> bool:
+    """The "kernels" row: every kernel source trtwsi.ops.cuda compiles is in the package."""
+    from trtwsi._util.resources import kernels_dir
+    from trtwsi.ops.cuda import KERNEL_FAMILIES
+
+    folder = kernels_dir()
+    names = [src for src, _ in KERNEL_FAMILIES.values()] + ["common.cuh"]
+    missing = [n for n in names if not folder.joinpath(n).is_file()]
+    if missing:
+        r.add("kernels", f"{folder}: missing {', '.join(missing)}")
+        r.problems.append(
+            f"CUDA kernel sources {missing} are missing from {folder}: the GPU pipeline cannot "
+            "run; reinstall trtwsi"
+        )
+        return False
+    r.add("kernels", f"{folder} ({', '.join(names)})")
+    return True
+
+
+def _compile_kernels(r: Report, cc: str | None) -> None:
+    """``--check-kernels``: compile every kernel family as trtwsi.ops.cuda does, with NVRTC
+    (cuda-bindings, in a child process; no GPU needed), else with CuPy on the GPU."""
+    from trtwsi.ops import nvrtc
+    from trtwsi.ops.cuda import KERNEL_FAMILIES, NVRTC_OPTIONS, kernel_source
+
+    families = sorted(KERNEL_FAMILIES)
+    try:
+        if nvrtc.available():
+            arch = f"compute_{cc.replace('.', '')}" if cc else "compute_75"
+            options = (*NVRTC_OPTIONS, "-std=c++17", f"--gpu-architecture={arch}")
+            for fam in families:
+                nvrtc.compile_ptx(kernel_source(fam), KERNEL_FAMILIES[fam][0], options)
+            r.add("kernel compile", f"{', '.join(families)} compiled (NVRTC, {arch})")
+        elif _version("cupy") is not None and cc:
+            import cupy
+
+            for fam in families:
+                cupy.RawModule(code=kernel_source(fam), options=NVRTC_OPTIONS).compile()
+            r.add("kernel compile", f"{', '.join(families)} compiled (CuPy, sm {cc})")
+        else:
+            r.add(
+                "kernel compile",
+                "skipped: needs cuda-bindings (NVRTC) or CuPy with a GPU "
+                "(pip install 'trtwsi[gpu]')",
+            )
+    except Exception as e:
+        r.add("kernel compile", f"FAILED: {type(e).__name__}")
+        r.problems.append(f"the CUDA kernels do not compile here: {e}")
+
+
+def _check_models(r: Report, models_dir: Path, *, default: bool) -> None:
+    """The "models" row: the folder, its models.toml and every weights file that names."""
+    from trtwsi.engines.config import read_toml
+
+    if not models_dir.is_dir():
+        r.add("models", f"{models_dir}: no such folder")
+        r.problems.append(f"the models folder {models_dir} does not exist")
+        return
+    cfg = models_dir / "models.toml"
+    pts = sorted(p.name for p in models_dir.glob("*.pt"))
+    if not cfg.is_file():
+        r.add("models", f"{models_dir} ({len(pts)} .pt, no models.toml)")
+        if default:
+            r.problems.append(
+                f"{cfg} is missing: `trtwsi demo` and `trtwsi predict` without --model cannot "
+                "run; reinstall trtwsi or fix TRTWSI_MODELS"
+            )
+        return
+    try:
+        entries = read_toml(cfg).get("model", [])
+        weights = [str(e.get("weights", "")) for e in entries if isinstance(e, dict)]
+    except Exception as e:
+        r.add("models", f"{models_dir} (models.toml unreadable: {type(e).__name__})")
+        r.problems.append(f"{cfg} cannot be read: {e}")
+        return
+    missing = [w for w in weights if not (models_dir / w).expanduser().is_file()]
+    if missing:
+        r.add("models", f"{models_dir} (models.toml names missing weights: {', '.join(missing)})")
+        r.problems.append(f"{cfg} names weights that are not there: {', '.join(missing)}")
+    else:
+        r.add("models", f"{models_dir} (models.toml: {', '.join(weights)}, all present)")
+
+
+def collect(models_dir: str | os.PathLike | None = None, *, check_kernels: bool = False) -> Report:
+    """Probe the machine, the kernel sources and models trtwsi uses, and the engines in
+    ``models_dir`` (default: the bundled models). ``check_kernels``: also compile the kernels."""
     from trtwsi.engines.sidecar import FLAVOURS, check_fit, find_engines
     from trtwsi.engines.tensorrt import (
         RTX_COMPUTE_CAPABILITIES,
@@ -148,22 +233,30 @@ def collect(models_dir: str | os.PathLike | None = None) -> Report:
             r.fix(PIP["tensorrt_rtx"] + "  — enough to build engines for RTX GPUs on a CPU")
     for m in ("onnx", "onnxruntime", "onnxconverter_common"):
         if _version(m) is None:
-            r.add("export", f"{m} missing: python -m export.build will not run")
+            r.add("export", f"{m} missing: python -m trtwsi.export.build will not run")
             r.fix(PIP["export"])
             break
     else:
         r.add("export", "onnx, onnxruntime, onnxconverter-common installed")
-    # --- engines ---
+    # --- kernel sources, models ---
+    if _check_kernel_files(r) and check_kernels:
+        _compile_kernels(r, cc)
+    elif check_kernels:
+        r.add("kernel compile", "skipped: kernel sources missing")
+    default = models_dir is None
     if models_dir is None:
-        from trtwsi.app.demo import bundled_models_dir
+        from trtwsi._util.resources import bundled_models_dir
 
         models_dir = bundled_models_dir()
     models_dir = Path(models_dir)
-    r.add("models", str(models_dir))
+    _check_models(r, models_dir, default=default)
+    # --- engines ---
     for pt in sorted(models_dir.glob("*.pt")):
         engines = find_engines(pt)
         if not engines:
-            r.engines.append((pt.name, f"no engine (python -m export.build --fp16 --model {pt})"))
+            r.engines.append(
+                (pt.name, f"no engine (python -m trtwsi.export.build --fp16 --model {pt})")
+            )
         sha = None
         for path, meta in engines:
             if isinstance(meta, Exception):

@@ -22,7 +22,7 @@ Head kinds (``Model.head``):
   the end-to-end one).
 
 Backends: ``resolve_backend`` decides between TensorRT and PyTorch and says why: an engine built
-by ``python -m export.build`` next to the ``.pt`` whose sidecar fits this GPU, TensorRT version,
+by ``python -m trtwsi.export.build`` next to the ``.pt`` whose sidecar fits this GPU, TensorRT version,
 weights, imgsz, head and batch → ``"tensorrt"``; else ``"torch"`` with the reason and the command
 that builds a fitting engine (an error with ``fallback_to_pt=False`` or ``backend="tensorrt"``).
 """

@@ -2,7 +2,7 @@
 
 A TensorRT plan file says nothing trtwsi can read without deserializing it, and deserializing an
 engine built for another GPU or TensorRT version fails with a terse log line (or worse). So
-``python -m export.build`` writes next to every ``.engine`` a ``.engine.json`` sidecar
+``python -m trtwsi.export.build`` writes next to every ``.engine`` a ``.engine.json`` sidecar
 (:class:`EngineMeta`), and resolution and ``trtwsi doctor`` decide from the sidecar alone, before
 touching the plan, whether the engine can run here (:func:`check_fit`), with a reason and the
 command that fixes it.
@@ -105,7 +105,7 @@ class EngineMeta:
         if version != SIDECAR_VERSION:
             raise EngineMismatchError(
                 f"{source}: sidecar_version {version!r} is not {SIDECAR_VERSION} (written by "
-                "another trtwsi version); rebuild the engine with python -m export.build"
+                "another trtwsi version); rebuild the engine with python -m trtwsi.export.build"
             )
         fields = {f.name for f in dataclasses.fields(cls)}
         required = {
@@ -116,7 +116,7 @@ class EngineMeta:
         missing = sorted(required - set(data))
         if missing:
             raise EngineMismatchError(
-                f"{source}: missing keys {missing}; rebuild the engine with python -m export.build"
+                f"{source}: missing keys {missing}; rebuild the engine with python -m trtwsi.export.build"
             )
         check_sidecar(data, source)
         return cls(**{k: v for k, v in data.items() if k in fields})
@@ -155,7 +155,7 @@ def read_sidecar(engine: str | os.PathLike) -> EngineMeta:
     if not path.is_file():
         raise EngineMismatchError(
             f"engine {str(engine)!r} has no sidecar {path.name!r} (trtwsi needs it to check the "
-            "engine fits before loading it); rebuild it with python -m export.build"
+            "engine fits before loading it); rebuild it with python -m trtwsi.export.build"
         )
     data = load_sidecar_json(path)
     return EngineMeta.from_dict(data, source=f"sidecar {str(path)!r}")
@@ -199,8 +199,8 @@ def build_command(
     imgsz: int | None = None,
     head: str | None = None,
 ) -> str:
-    """The ``python -m export.build`` command line that builds an engine fitting these needs."""
-    cmd = f"python -m export.build --fp16 --model {weights}"
+    """The ``python -m trtwsi.export.build`` command line that builds an engine fitting these needs."""
+    cmd = f"python -m trtwsi.export.build --fp16 --model {weights}"
     if batch is not None and batch > 32:
         cmd += f" --batch-size {batch}"
     if imgsz is not None and imgsz != 640:

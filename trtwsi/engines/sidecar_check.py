@@ -41,7 +41,7 @@ __all__ = [
 MAX_SIDECAR_BYTES = 1 << 20
 #: Engine batch sizes: above this, one fp32 640-px input batch alone is > 20 GB.
 BATCH_RANGE = (1, 4096)
-_REBUILD = "rebuild the engine with python -m export.build"
+_REBUILD = "rebuild the engine with python -m trtwsi.export.build"
 
 
 def _int_in(lo: int, hi: int) -> Callable[[Any], bool]:

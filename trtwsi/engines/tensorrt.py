@@ -168,7 +168,7 @@ def _check(ok: Any, what: str, fix: str = "") -> None:
 
 
 class TensorRTEngine:
-    """A TensorRT / TensorRT-RTX plan built by ``python -m export.build``, as an
+    """A TensorRT / TensorRT-RTX plan built by ``python -m trtwsi.export.build``, as an
     :class:`~trtwsi.engines.base.Engine`.
 
     Args:
@@ -243,7 +243,7 @@ class TensorRTEngine:
                 raise EngineMismatchError(
                     f"engine {self.path.name}: {self.mod.label} could not deserialize it (see the "
                     "TensorRT log above: version or GPU mismatch, or a corrupt file); rebuild it "
-                    "with python -m export.build"
+                    "with python -m trtwsi.export.build"
                 )
             self._setup_io(torch)
             self._context = self._make_context(trt, torch)
@@ -262,7 +262,7 @@ class TensorRTEngine:
         if validity == self.mod.trt.EngineValidity.INVALID:
             raise EngineMismatchError(
                 f"engine {self.path.name}: {self.mod.label} reports it invalid here "
-                f"(diagnostics {diagnostics}); rebuild it with python -m export.build"
+                f"(diagnostics {diagnostics}); rebuild it with python -m trtwsi.export.build"
             )
 
     def _setup_io(self, torch) -> None:
@@ -273,7 +273,7 @@ class TensorRTEngine:
         if len(inputs) != 1 or len(outputs) != 1:
             raise EngineMismatchError(
                 f"engine {self.path.name}: expected 1 input and 1 output tensor, got inputs "
-                f"{inputs} and outputs {outputs}; build it with python -m export.build"
+                f"{inputs} and outputs {outputs}; build it with python -m trtwsi.export.build"
             )
         self.input_name, self.output_name = inputs[0], outputs[0]
         dtypes = {trt.float32: torch.float32, trt.float16: torch.float16}
@@ -281,7 +281,7 @@ class TensorRTEngine:
         if in_dt not in dtypes or out_dt != trt.float32:
             raise EngineMismatchError(
                 f"engine {self.path.name}: input dtype {in_dt} / output dtype {out_dt} (needs a "
-                "float input and a float32 output); build it with python -m export.build"
+                "float input and a float32 output); build it with python -m trtwsi.export.build"
             )
         self.dtype = dtypes[in_dt]
         lo, _, hi = (tuple(d) for d in eng.get_tensor_profile_shape(self.input_name, 0))
@@ -314,7 +314,7 @@ class TensorRTEngine:
             raise EngineMismatchError(
                 f"engine {self.path.name}: batch {batch} is outside its profile [{lo}, {hi}]"
                 + (f" / the fixed batch_size {self.batch_size}" if self.batch_size else "")
-                + "; rebuild with python -m export.build --batch-size N or pad the batch"
+                + "; rebuild with python -m trtwsi.export.build --batch-size N or pad the batch"
             )
         s, ctx = self.imgsz, self._context
         _check(
@@ -335,7 +335,7 @@ class TensorRTEngine:
         if got != want:
             raise EngineMismatchError(
                 f"engine {self.path.name}: output {self.output_name!r} has shape {got} for batch "
-                f"{batch}, the sidecar says {want}; rebuild it with python -m export.build"
+                f"{batch}, the sidecar says {want}; rebuild it with python -m trtwsi.export.build"
             )
         self._bound_batch = batch
 

@@ -1,4 +1,4 @@
-"""CUDA pre/post-processing: launch wrappers over the CuPy-compiled kernels in ``kernels/*.cu``.
+"""CUDA pre/post-processing: launch wrappers over the CuPy-compiled kernels in ``trtwsi/ops/kernels/*.cu``.
 
 Every op here computes exactly what its counterpart in :mod:`trtwsi.ops.reference` computes
 (bit for bit, see ``tests/ops/test_cuda.py``), for a whole batch of tiles, on the GPU:
@@ -26,32 +26,29 @@ from __future__ import annotations
 import functools
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 
+from trtwsi._util.resources import kernel_file_text, kernels_dir
 from trtwsi.errors import TilingError, require
 from trtwsi.ops import reference
 from trtwsi.ops.reference import HEAD_KINDS, PAD_VALUE, Letterbox
 
 __all__ = [
-    "KERNELS_DIR",
     "KERNEL_FAMILIES",
     "NVRTC_OPTIONS",
     "Candidates",
     "decode_nms_head",
     "kernel_source",
+    "kernels_dir",
     "mapping_params",
     "postprocess",
     "preprocess",
     "preprocess_chunk",
     "tile_byte_offsets",
 ]
-
-#: Directory of the CUDA sources (``kernels/`` at the top of the source tree / wheel).
-KERNELS_DIR = Path(__file__).resolve().parents[2] / "kernels"
 
 #: Kernel family → (source file, its ``extern "C"`` kernels).
 KERNEL_FAMILIES: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -83,15 +80,16 @@ _INCLUDE_COMMON = re.compile(r'^[ \t]*#[ \t]*include[ \t]+"common\.cuh"[ \t]*$',
 def kernel_source(family: str) -> str:
     """The compilable source of one kernel family: its ``.cu`` file with the line
     ``#include "common.cuh"`` replaced by that header's text (so NVRTC needs no include path and
-    CuPy's on-disk cache key covers the header too). Pure Python, no CuPy needed.
+    CuPy's on-disk cache key covers the header too), read from the package
+    (:func:`~trtwsi._util.resources.kernels_dir`). Pure Python, no CuPy needed.
 
     Raises:
         KeyError: unknown family (see :data:`KERNEL_FAMILIES`).
     """
     if family not in KERNEL_FAMILIES:
         raise KeyError(f"unknown kernel family {family!r}; expected one of {list(KERNEL_FAMILIES)}")
-    text = (KERNELS_DIR / KERNEL_FAMILIES[family][0]).read_text()
-    common = (KERNELS_DIR / "common.cuh").read_text()
+    text = kernel_file_text(KERNEL_FAMILIES[family][0])
+    common = kernel_file_text("common.cuh")
     return _INCLUDE_COMMON.sub(lambda _: common, text, count=1)
 
 
