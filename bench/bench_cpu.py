@@ -56,7 +56,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 from _machine import host_info, machine_name  # noqa: E402
 
-MODEL = ROOT / "models" / "demo-yolo11n.pt"
+MODEL = ROOT / "trtwsi" / "models" / "demo-yolo11n.pt"
 CONF, IOU, MAX_DET, TILE, OVERLAP = 0.25, 0.45, 300, 640, 0.2
 MODES = ("trtwsi-slide", "trtwsi-grid", "ultralytics", "sahi")
 TRTWSI_MODES = ("trtwsi-slide", "trtwsi-grid")
