@@ -7,7 +7,7 @@ runs the smoke mode). Usage::
     python bench/bench_cpu.py --smoke              # tiny slide, 1 thread, batch 2: a few seconds per case
     python bench/bench_cpu.py --modes trtwsi-grid,ultralytics --threads 2 --batches 4,8
 
-Modes (every one on the same synthetic JPEG pyramidal TIFF, same model ``models/demo-yolo11n.pt``,
+Modes (every one on the same synthetic JPEG pyramidal TIFF, same model ``trtwsi/models/demo-yolo11n.pt``,
 conf 0.25 / NMS IoU 0.45 / max_det 300, 640-px tiles with 0.2 overlap = 512-px stride):
 
 - ``trtwsi-slide``: ``Predictor(slide).run()``: tissue sections found, glass tiles skipped,
