@@ -144,3 +144,30 @@ class DeviceError(TrtwsiError):
 
 class RuntimeStateError(TrtwsiError):
     """A Runtime or pool was used after ``close()``, or by two streams at once."""
+
+
+# --- slide hardening ----------------------------------------------------------------------
+class NotARegularFileError(UnsupportedFormatError):
+    """The slide path is a directory, named pipe (FIFO), socket or device, not a regular file:
+    reading it could block forever or never end. Give the path of the slide file itself."""
+
+
+class IFDChainError(CorruptSlideError):
+    """The TIFF's chain of image directories (IFDs) loops back on itself, points outside the file,
+    or is absurdly long: the file is damaged (or hostile) and cannot be walked to its end."""
+
+
+class ImageTooLargeError(SlideError):
+    """The image would have to be decoded whole into memory and is over the size limit.
+
+    The message gives the declared size and the limit, and how to convert the image into a tiled
+    pyramidal TIFF that is read tile by tile."""
+
+
+class TruncatedImageError(CorruptSlideError):
+    """An ordinary image file (JPEG, PNG) ends before its end marker (JPEG EOI, PNG IEND): it was
+    cut short (interrupted copy or download), and decoding it would return partly blank pixels."""
+
+
+class InvalidDimensionsError(CorruptSlideError):
+    """An image directory declares an empty (zero) width or height."""

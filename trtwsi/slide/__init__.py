@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trtwsi.errors import SlideNotFoundError, UnsupportedFormatError
+from trtwsi.errors import UnsupportedFormatError
 from trtwsi.slide.array import ArraySlide
 from trtwsi.slide.base import Level, OnError, Slide, SlideInfo
+from trtwsi.slide.files import check_regular_file
 
 __all__ = ["ArraySlide", "Level", "Slide", "SlideInfo", "open_slide"]
 
@@ -51,13 +52,7 @@ def open_slide(
         return src
     if isinstance(src, np.ndarray):
         return ArraySlide(src, mpp=mpp, on_error=on_error)
-    path = Path(src)
-    if not path.exists():
-        raise SlideNotFoundError(f"slide file not found: {str(path)!r} (check the path)")
-    if path.is_dir():
-        raise UnsupportedFormatError(
-            f"{str(path)!r} is a directory; give the slide file itself (for .mrxs, the .mrxs file)"
-        )
+    path = check_regular_file(src)
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return ArraySlide.from_file(path, mpp=mpp, on_error=on_error)

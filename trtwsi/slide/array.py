@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from trtwsi.errors import CorruptSlideError, UnsupportedFormatError
-from trtwsi.slide.base import Level, OnError, Slide
+from trtwsi.slide.base import Level, OnError, Slide, level_downsample
 from trtwsi.slide.color import to_rgb_uint8
 
 #: Largest image held in memory by ArraySlide (RGB bytes = 3 × this).
@@ -42,7 +42,8 @@ class ArraySlide(Slide):
             nh, nw = max(1, prev.shape[0] // 4), max(1, prev.shape[1] // 4)
             small = cv2.resize(prev, (nw, nh), interpolation=cv2.INTER_AREA)
             self._images.append(small)
-            self.levels.append(Level(nw, nh, self.levels[0].width / nw))
+            lv0 = self.levels[0]
+            self.levels.append(Level(nw, nh, level_downsample(lv0.width, lv0.height, nw, nh)))
         self.mpp = mpp
         self.path = path
         self.format = format

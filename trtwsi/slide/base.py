@@ -36,9 +36,16 @@ MAX_REGION_PIXELS = 1 << 31
 THUMBNAIL_LEVEL_SLACK = 0.9
 
 
+def level_downsample(w0: int, h0: int, w: int, h: int) -> float:
+    """Downsample of a ``w``×``h`` level under a ``w0``×``h0`` level 0, as OpenSlide computes it:
+    the mean of the width and height ratios, ``(w0 / w + h0 / h) / 2``."""
+    return (w0 / w + h0 / h) / 2.0
+
+
 @dataclass(frozen=True)
 class Level:
-    """One pyramid level. ``downsample`` = level-0 width / this level's width (OpenSlide's way)."""
+    """One pyramid level. ``downsample``: level-0 px per level px, the mean of the width and
+    height ratios (OpenSlide's way, :func:`level_downsample`)."""
 
     width: int
     height: int

@@ -51,9 +51,17 @@ from pathlib import Path
 
 import numpy as np
 
-from trtwsi.errors import CorruptSlideError, SlideError, TileReadError, UnsupportedFormatError
-from trtwsi.slide.base import Level, OnError, Slide
+from trtwsi.errors import (
+    CorruptSlideError,
+    ImageTooLargeError,
+    SlideError,
+    TileReadError,
+    UnsupportedFormatError,
+)
+from trtwsi.slide.array import MAX_ARRAY_PIXELS
+from trtwsi.slide.base import Level, OnError, Slide, level_downsample
 from trtwsi.slide.color import to_rgb_uint8
+from trtwsi.slide.tiff_ifd import MAX_IFDS, walk_ifd_chain
 
 #: Series names (tifffile's) that are never the slide image.
 ASSOCIATED_SERIES = frozenset({"label", "macro", "thumbnail", "map", "overview"})
@@ -178,13 +186,24 @@ class TiffSlide(Slide):
                 "b'II*\\x00' or b'MM\\x00*' (BigTIFF: '+'). Check the file, or open other formats "
                 "with OpenSlide (pip install 'trtwsi[openslide]')"
             )
+        chain = walk_ifd_chain(path)  # bounded: cycles / endless chains raise IFDChainError
         try:
             tif = tifffile.TiffFile(path)
             self._tif = tif
+            ome_ignored = _absurd_ome(tif)
+            if ome_ignored:  # e.g. SizeT=1e9: tifffile would allocate a list per plane
+                tif.close()
+                tif = tifffile.TiffFile(path, is_ome=False)
+                self._tif = tif
             series = self._main_series(tif)
             pages = [self._as_page(lvl.pages[0]) for lvl in series.levels]
-        except (SlideError, MemoryError):
+        except SlideError:
             raise
+        except MemoryError as e:
+            raise CorruptSlideError(
+                f"{str(path)!r}: parsing the TIFF structure ran out of memory ({e!r}); its "
+                "metadata declares absurd sizes — the file is damaged"
+            ) from e
         except Exception as e:
             raise CorruptSlideError(
                 f"{str(path)!r}: the TIFF structure cannot be parsed ({type(e).__name__}: {e}); "
@@ -192,7 +211,7 @@ class TiffSlide(Slide):
             ) from e
 
         self._io: list[_LevelIO] = []
-        w0 = pages[0].imagewidth
+        w0, h0 = pages[0].imagewidth, pages[0].imagelength
         self.levels = []
         for i, page in enumerate(pages):
             if self.levels and page.imagewidth >= self.levels[-1].width:
@@ -203,7 +222,7 @@ class TiffSlide(Slide):
                 Level(
                     width=io.width,
                     height=io.height,
-                    downsample=w0 / io.width,
+                    downsample=level_downsample(w0, h0, io.width, io.height),
                     tile_width=io.seg_w if io.tiled else None,
                     tile_height=io.seg_h if io.tiled else None,
                 )
@@ -221,6 +240,9 @@ class TiffSlide(Slide):
             self.format = "tiff"
 
         self.properties = self._read_properties(tif, series, pages[0])
+        self.properties["tiff.ifd_count"] = len(chain.offsets)
+        if ome_ignored:
+            self.properties["ome_ignored"] = ome_ignored
         file_mpp = self.properties.get("mpp_x")
         self.mpp = float(mpp) if mpp is not None else file_mpp
 
@@ -363,6 +385,12 @@ class TiffSlide(Slide):
                 f"{seg_bytes} bytes decoded) stored in at most {max_count} bytes per {what[:-1]} — "
                 "absurd header dimensions; the file is corrupt"
             )
+        elif (not tiled or comp != 1) and seg_w * seg_h > MAX_ARRAY_PIXELS:
+            raise ImageTooLargeError(
+                f"{where}: one {'compressed ' if comp != 1 else ''}{what[:-1]} of {seg_w}x{seg_h} "
+                f"= {seg_w * seg_h} px would have to be decoded whole, over the limit of "
+                f"{MAX_ARRAY_PIXELS} px (trtwsi.slide.array.MAX_ARRAY_PIXELS); {_CONVERT_HINT}"
+            )
         elif seg_bytes > MAX_SEGMENT_BYTES:
             raise UnsupportedFormatError(
                 f"{where}: one compressed {what[:-1]} decodes to {seg_bytes} bytes "
@@ -462,7 +490,7 @@ class TiffSlide(Slide):
                 meta = {}
             for k, v in meta.items():
                 props[f"aperio.{k}"] = v if isinstance(v, (int, float, str)) else str(v)
-            mpp_x = _positive(meta.get("MPP"))
+            mpp_x = _plausible_mpp(meta.get("MPP"), props)
             mpp_y = mpp_x
             mag = _positive(meta.get("AppMag"))
         elif tif.is_ndpi:
@@ -477,6 +505,8 @@ class TiffSlide(Slide):
         elif tif.is_ome:
             props["vendor"] = "ome"
             mpp_x, mpp_y, mag = self._ome_metadata(tif, props)
+            mpp_x = _plausible_mpp(mpp_x, props)
+            mpp_y = _plausible_mpp(mpp_y, props) if mpp_x is not None else None
         if mpp_x is None:
             mpp_x, mpp_y = _resolution_mpp(page0)
         if mpp_x is not None:
@@ -807,6 +837,47 @@ def _short_read(want: int, got: int, offset: int) -> OSError:
 
 
 # --- metadata helpers ------------------------------------------------------------------------
+def _plausible_mpp(v, props: dict) -> float | None:
+    """``v`` as µm/px when inside :data:`PLAUSIBLE_MPP`; else None, recording a present but absurd
+    value (e.g. ``MPP = 1e308``) as ``props["mpp_ignored"]`` (str) so it is treated as unknown."""
+    f = _positive(v)
+    lo, hi = PLAUSIBLE_MPP
+    if f is not None and lo <= f <= hi:
+        return f
+    if v is not None:
+        props["mpp_ignored"] = str(v)[:64]
+    return None
+
+
+def _absurd_ome(tif) -> str | None:
+    """A description of why the OME-XML of ``tif`` must be ignored, or None when it is sane.
+
+    Absurd: an Image whose ``SizeZ × SizeC × SizeT`` planes exceed :data:`MAX_IFDS` (tifffile
+    would allocate one list slot per declared plane: SizeT = 10⁹ → MemoryError)."""
+    if not tif.is_ome:
+        return None
+    try:
+        root = ET.fromstring(tif.ome_metadata)
+    except Exception:
+        return None  # tifffile copes with unparsable OME-XML itself
+    for e in root.iter():
+        if not (e.tag.endswith("}Pixels") or e.tag == "Pixels"):
+            continue
+        planes = 1
+        for k in ("SizeZ", "SizeC", "SizeT"):
+            try:
+                v = int(e.get(k, "1"))
+            except ValueError:
+                return f"OME-XML Pixels {k}={e.get(k)!r} is not an integer"
+            planes *= max(v, 1)
+        if planes > MAX_IFDS:
+            return (
+                f"OME-XML declares {planes} planes (SizeZ={e.get('SizeZ')} SizeC={e.get('SizeC')} "
+                f"SizeT={e.get('SizeT')}), more than {MAX_IFDS}; read as a plain TIFF"
+            )
+    return None
+
+
 def _positive(v) -> float | None:
     try:
         f = float(v)
