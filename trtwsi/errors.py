@@ -157,7 +157,7 @@ class IFDChainError(CorruptSlideError):
     or is absurdly long: the file is damaged (or hostile) and cannot be walked to its end."""
 
 
-class ImageTooLargeError(SlideError):
+class ImageTooLargeError(UnsupportedFormatError):
     """The image would have to be decoded whole into memory and is over the size limit.
 
     The message gives the declared size and the limit, and how to convert the image into a tiled

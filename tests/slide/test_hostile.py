@@ -263,3 +263,120 @@ def test_level_downsample_matches_openslide(tmp_path):
     with openslide.OpenSlide(str(path)) as o:
         assert o.level_dimensions == ((1001, 777), (333, 259), (111, 86))
         assert ours == pytest.approx(list(o.level_downsamples), rel=1e-9)
+
+
+# --- memory: declared sizes checked from headers before decoding ----------------------------
+def _jpeg_declaring(path: Path, w: int, h: int) -> Path:
+    """A real 16x16 OpenCV JPEG whose SOF is patched to declare ``w`` x ``h`` (~630 bytes)."""
+    import cv2
+
+    b = bytearray(cv2.imencode(".jpg", np.full((16, 16, 3), 128, np.uint8))[1].tobytes())
+    i = 2
+    while b[i + 1] not in (0xC0, 0xC2):
+        i += 2 + struct.unpack(">H", b[i + 2 : i + 4])[0]
+    struct.pack_into(">HH", b, i + 5, h, w)
+    path.write_bytes(bytes(b))
+    return path
+
+
+@pytest.fixture(scope="module")
+def huge_png(tmp_path_factory) -> Path:
+    """libvips: a real 25000x25000 RGB PNG (black; ~18 MB at compression 1)."""
+    import pyvips
+
+    path = tmp_path_factory.mktemp("huge") / "huge.png"
+    pyvips.Image.black(25000, 25000, bands=3).pngsave(str(path), compression=1)
+    return path
+
+
+def _strip_tiff_declaring(path: Path, side: int) -> Path:
+    """tifffile: a 4096^2 deflate TIFF in one strip, patched to declare ``side``^2 in one strip."""
+    from tests.slide.conftest import patch_tag
+
+    tifffile.imwrite(
+        path, np.zeros((4096, 4096, 3), np.uint8), rowsperstrip=4096, compression="zlib"
+    )
+    for tag in ("ImageWidth", "ImageLength", "RowsPerStrip"):
+        patch_tag(path, tag, side)
+    return path
+
+
+def test_huge_declared_images_refused_from_header(tmp_path, huge_png):
+    from trtwsi.errors import ImageTooLargeError
+
+    jpg = _jpeg_declaring(tmp_path / "huge.jpg", 30000, 30000)
+    assert jpg.stat().st_size < 1000
+    with pytest.raises(ImageTooLargeError, match="30000x30000"):
+        open_slide(jpg)
+    with pytest.raises(ImageTooLargeError, match="25000x25000"):
+        open_slide(huge_png)
+    with pytest.raises(ImageTooLargeError, match="17000x17000"):
+        open_slide(_strip_tiff_declaring(tmp_path / "strip.tif", 17000))
+
+
+_RLIMIT_CHILD = """
+import resource, sys
+import cv2, numpy
+from trtwsi.slide import open_slide
+import trtwsi.slide.tiff
+def vm_kib():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmSize:'):
+            return int(line.split()[1])
+limit = vm_kib() * 1024 + 384 * 2**20
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+for path in sys.argv[1:]:
+    try:
+        open_slide(path)
+        print('OK', path)
+    except Exception as e:
+        print('ERR', type(e).__name__, path)
+"""
+
+
+def test_huge_declared_images_under_address_space_limit(tmp_path, huge_png):
+    """In a child capped at baseline + 384 MiB of address space (RLIMIT_AS), every case ends in a
+    typed ImageTooLargeError; before the header checks, OpenCV allocated 2.5 GiB / 1.7 GiB."""
+    paths = [
+        _jpeg_declaring(tmp_path / "huge.jpg", 30000, 30000),
+        huge_png,
+        _strip_tiff_declaring(tmp_path / "strip.tif", 17000),
+    ]
+    r = subprocess.run(
+        [sys.executable, "-c", _RLIMIT_CHILD, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    lines = r.stdout.split("\n")
+    assert r.returncode == 0, r.stderr[-3000:]
+    for p in paths:
+        assert f"ERR ImageTooLargeError {p}" in lines, r.stdout + r.stderr[-2000:]
+
+
+# --- truncated ordinary images --------------------------------------------------------------
+@pytest.mark.parametrize(("suffix", "keep"), [(".jpg", 0.02), (".jpg", 0.9), (".png", 0.5)])
+def test_truncated_images_raise(tmp_path, suffix, keep):
+    import cv2
+
+    from trtwsi.errors import TruncatedImageError
+
+    img = texture(600, 400)
+    full = tmp_path / f"full{suffix}"
+    assert cv2.imwrite(str(full), img)
+    data = full.read_bytes()
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(TruncatedImageError, match="truncated"):
+        open_slide(cut)
+    assert open_slide(full).dimensions == (400, 600)  # the whole file still opens
+
+
+def test_jpeg_with_trailing_bytes_still_opens(tmp_path):
+    import cv2
+
+    p = tmp_path / "trail.jpg"
+    assert cv2.imwrite(str(p), texture(64, 64))
+    p.write_bytes(p.read_bytes() + b"\x00" * 100)
+    assert open_slide(p).dimensions == (64, 64)

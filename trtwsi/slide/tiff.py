@@ -385,7 +385,7 @@ class TiffSlide(Slide):
                 f"{seg_bytes} bytes decoded) stored in at most {max_count} bytes per {what[:-1]} — "
                 "absurd header dimensions; the file is corrupt"
             )
-        elif (not tiled or comp != 1) and seg_w * seg_h > MAX_ARRAY_PIXELS:
+        elif seg_w * seg_h > MAX_ARRAY_PIXELS:
             raise ImageTooLargeError(
                 f"{where}: one {'compressed ' if comp != 1 else ''}{what[:-1]} of {seg_w}x{seg_h} "
                 f"= {seg_w * seg_h} px would have to be decoded whole, over the limit of "
