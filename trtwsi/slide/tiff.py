@@ -187,7 +187,7 @@ class TiffSlide(Slide):
                 "with OpenSlide (pip install 'trtwsi[openslide]')"
             )
         chain = walk_ifd_chain(path)  # bounded: cycles / endless chains raise IFDChainError
-        try:
+        with _corrupt_on_error(path, self._filesize):
             tif = tifffile.TiffFile(path)
             self._tif = tif
             ome_ignored = _absurd_ome(tif)
@@ -197,19 +197,20 @@ class TiffSlide(Slide):
                 self._tif = tif
             series = self._main_series(tif)
             pages = [self._as_page(lvl.pages[0]) for lvl in series.levels]
-        except SlideError:
-            raise
-        except MemoryError as e:
-            raise CorruptSlideError(
-                f"{str(path)!r}: parsing the TIFF structure ran out of memory ({e!r}); its "
-                "metadata declares absurd sizes — the file is damaged"
-            ) from e
-        except Exception as e:
-            raise CorruptSlideError(
-                f"{str(path)!r}: the TIFF structure cannot be parsed ({type(e).__name__}: {e}); "
-                f"the file ({self._filesize} bytes) is truncated or damaged — copy or export it again"
-            ) from e
+        # a damaged IFD can carry values of any type (bytes, tuples, huge ints): whatever
+        # breaks while the levels and properties are built is a corrupt file, not a bug
+        with _corrupt_on_error(path, self._filesize):
+            self._build(tif, series, pages, chain, ome_ignored)
+        file_mpp = self.properties.get("mpp_x")
+        self.mpp = float(mpp) if mpp is not None else file_mpp
 
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._pread = getattr(os, "pread", None)
+        if self._pread is None:  # pragma: no cover - Windows
+            self._seek_lock = threading.Lock()
+
+    def _build(self, tif, series, pages, chain, ome_ignored) -> None:
+        """Levels, format and properties from the parsed pages (``pages``: level 0 first)."""
         self._io: list[_LevelIO] = []
         w0, h0 = pages[0].imagewidth, pages[0].imagelength
         self.levels = []
@@ -243,13 +244,6 @@ class TiffSlide(Slide):
         self.properties["tiff.ifd_count"] = len(chain.offsets)
         if ome_ignored:
             self.properties["ome_ignored"] = ome_ignored
-        file_mpp = self.properties.get("mpp_x")
-        self.mpp = float(mpp) if mpp is not None else file_mpp
-
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        self._pread = getattr(os, "pread", None)
-        if self._pread is None:  # pragma: no cover - Windows
-            self._seek_lock = threading.Lock()
 
     @staticmethod
     def _as_page(page):
@@ -830,6 +824,22 @@ class TiffSlide(Slide):
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
+
+
+@contextlib.contextmanager
+def _corrupt_on_error(path, filesize: int):
+    """Turn any non-trtwsi exception raised while parsing a TIFF into CorruptSlideError
+    (MemoryError included: absurd declared sizes)."""
+    try:
+        yield
+    except SlideError:
+        raise
+    except (Exception, MemoryError) as e:
+        raise CorruptSlideError(
+            f"{str(path)!r}: the TIFF structure cannot be parsed ({type(e).__name__}: "
+            f"{str(e)[:300]}); the file ({filesize} bytes) is truncated or damaged — copy or "
+            "export it again"
+        ) from e
 
 
 def _short_read(want: int, got: int, offset: int) -> OSError:
