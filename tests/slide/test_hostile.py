@@ -380,3 +380,20 @@ def test_jpeg_with_trailing_bytes_still_opens(tmp_path):
     assert cv2.imwrite(str(p), texture(64, 64))
     p.write_bytes(p.read_bytes() + b"\x00" * 100)
     assert open_slide(p).dimensions == (64, 64)
+
+
+def test_images_over_opencv_limit_are_typed(tmp_path):
+    """Over 2**30 px OpenCV raised an untyped cv2.error; the header check now refuses first."""
+    import cv2
+
+    from trtwsi.errors import ImageTooLargeError
+
+    jpg = _jpeg_declaring(tmp_path / "max.jpg", 65535, 65535)
+    with pytest.raises(ImageTooLargeError, match="65535x65535"):
+        open_slide(jpg)
+    b = bytearray(cv2.imencode(".bmp", np.zeros((4, 4, 3), np.uint8))[1].tobytes())
+    struct.pack_into("<ii", b, 18, 40000, 40000)  # BITMAPINFOHEADER width, height
+    bmp = tmp_path / "huge.bmp"
+    bmp.write_bytes(bytes(b))
+    with pytest.raises(ImageTooLargeError, match="40000x40000"):
+        open_slide(bmp)

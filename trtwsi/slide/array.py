@@ -79,10 +79,13 @@ class ArraySlide(Slide):
         try:
             img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
         except cv2.error as e:  # e.g. over OpenCV's own 2**30 px limit (formats not probed)
-            raise ImageTooLargeError(
-                f"{path}: OpenCV refused to decode this image ({str(e).strip()[-300:]}); "
-                f"convert it to a tiled pyramidal TIFF ({_CONVERT})"
-            ) from e
+            msg = str(e).strip()[-300:]
+            if "CV_IO_MAX_IMAGE_PIXELS" in msg or "validateInputImageSize" in msg:
+                raise ImageTooLargeError(
+                    f"{path}: the image is over OpenCV's size limit for decoding ({msg}); "
+                    f"convert it to a tiled pyramidal TIFF: {_CONVERT}"
+                ) from e
+            raise CorruptSlideError(f"{path}: OpenCV failed to decode this image ({msg})") from e
         if img is None:
             raise UnsupportedFormatError(
                 f"{path}: OpenCV could not decode this file as an image (corrupt or not an image)"
