@@ -397,3 +397,16 @@ def test_images_over_opencv_limit_are_typed(tmp_path):
     bmp.write_bytes(bytes(b))
     with pytest.raises(ImageTooLargeError, match="40000x40000"):
         open_slide(bmp)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs os.mkfifo")
+def test_fifo_refused_by_readers_directly(tmp_path):
+    from trtwsi.slide import ArraySlide
+    from trtwsi.slide.tiff import TiffSlide
+
+    fifo = tmp_path / "p.tif"
+    os.mkfifo(fifo)
+    with pytest.raises(NotARegularFileError):
+        TiffSlide(fifo)
+    with pytest.raises(NotARegularFileError):
+        ArraySlide.from_file(fifo)

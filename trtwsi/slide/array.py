@@ -9,6 +9,7 @@ import numpy as np
 from trtwsi.errors import CorruptSlideError, ImageTooLargeError, UnsupportedFormatError
 from trtwsi.slide.base import Level, OnError, Slide, level_downsample
 from trtwsi.slide.color import to_rgb_uint8
+from trtwsi.slide.files import check_regular_file
 from trtwsi.slide.image_header import probe_image
 
 #: Largest image decoded whole into memory: ordinary images (JPEG/PNG/BMP…) opened by
@@ -69,10 +70,15 @@ class ArraySlide(Slide):
 
     @classmethod
     def from_file(cls, path: str | Path, mpp: float | None = None, on_error: OnError = "record"):
-        """Open a PNG/JPEG/BMP/... with OpenCV (16-bit and alpha are converted by to_rgb_uint8)."""
+        """Open a PNG/JPEG/BMP/... with OpenCV (16-bit and alpha are converted by to_rgb_uint8).
+
+        Before decoding, the header's declared size is checked against :data:`MAX_ARRAY_PIXELS`
+        (:class:`ImageTooLargeError`) and a JPEG without EOI / PNG without IEND is refused
+        (:class:`~trtwsi.errors.TruncatedImageError`); see :mod:`trtwsi.slide.image_header`.
+        """
         import cv2
 
-        path = Path(path)
+        path = check_regular_file(path)
         header = probe_image(path)  # raises TruncatedImageError for a cut-short JPEG/PNG
         if header is not None:
             check_decode_size(path, header.width, header.height, header.kind.upper())

@@ -26,7 +26,12 @@ Layouts
     - volumetric tiles (``TileDepth > 1``) fall back to tifffile's ``asarray`` of the page
       (refused above ``FALLBACK_MAX_BYTES``).
 
-Errors (decided at open, never by allocating): a file that is not a TIFF →
+Errors (decided at open, never by allocating): a path that is not a regular file (FIFO,
+device, directory) → :class:`NotARegularFileError`; an IFD chain that loops or runs past
+:data:`~trtwsi.slide.tiff_ifd.MAX_IFDS` pages (walked from the header before tifffile parses it)
+→ :class:`IFDChainError`; IFD 0 declaring a zero width/height → :class:`InvalidDimensionsError`;
+a strip or tile that would decode to more than :data:`~trtwsi.slide.array.MAX_ARRAY_PIXELS` px →
+:class:`ImageTooLargeError`; a file that is not a TIFF →
 :class:`UnsupportedFormatError`; a broken structure (truncated file: tile data past the end of
 the file; tile/strip offsets that do not match the declared dimensions; absurd dimensions such as
 10⁷ × 10⁷ px declared over a few kilobytes of data) → :class:`CorruptSlideError`; a compression
@@ -61,6 +66,7 @@ from trtwsi.errors import (
 from trtwsi.slide.array import MAX_ARRAY_PIXELS
 from trtwsi.slide.base import Level, OnError, Slide, level_downsample
 from trtwsi.slide.color import to_rgb_uint8
+from trtwsi.slide.files import check_regular_file
 from trtwsi.slide.tiff_ifd import walk_ifd_chain
 from trtwsi.slide.tiff_meta import (
     PLAUSIBLE_MPP,  # noqa: F401 - re-exported (openslide_reader, users)
@@ -176,13 +182,8 @@ class TiffSlide(Slide):
     def _open(self, mpp: float | None) -> None:
         import tifffile
 
-        path = self.path
-        try:
-            self._filesize = path.stat().st_size
-        except FileNotFoundError as e:
-            from trtwsi.errors import SlideNotFoundError
-
-            raise SlideNotFoundError(f"slide file not found: {str(path)!r} (check the path)") from e
+        path = check_regular_file(self.path)  # a FIFO would block the first read forever
+        self._filesize = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
         if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
