@@ -142,10 +142,12 @@ class TiffSlide(Slide):
             :data:`DEFAULT_MAX_THREADS`; 1: no pool, tiles decoded in the calling thread).
 
     Attributes: ``format`` is one of ``'aperio-svs'``, ``'hamamatsu-ndpi'``, ``'ome-tiff'``,
-    ``'pyramidal-tiff'``, ``'tiff'``; ``levels`` (level 0 first; ``downsample`` = level-0 width /
-    level width); ``mpp`` (µm per level-0 pixel or None); ``properties`` (str keys, JSON-able values:
-    ``vendor``, ``objective_power``, ``mpp_x``, ``mpp_y``, ``tiff.*`` tags, ``aperio.*``,
-    ``hamamatsu.*``, ``ome.*``).
+    ``'pyramidal-tiff'``, ``'tiff'``; ``levels`` (level 0 first; ``downsample`` = mean of the
+    level-0/level width and height ratios, as OpenSlide computes it); ``mpp`` (µm per level-0
+    pixel or None); ``properties`` (str keys, JSON-able values: ``vendor``, ``objective_power``,
+    ``mpp_x``, ``mpp_y``, ``mpp_ignored`` (an absurd MPP in the file, treated as unknown),
+    ``ome_ignored`` (why absurd OME-XML was not used), ``tiff.ifd_count``, ``tiff.*`` tags,
+    ``aperio.*``, ``hamamatsu.*``, ``ome.*``).
     """
 
     def __init__(
