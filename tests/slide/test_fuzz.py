@@ -2,7 +2,8 @@
 
 Seed files are written by real writers: a tiled-JPEG SVS-like TIFF (tifffile, Aperio
 description, thumbnail strip page, reduced level), a big-endian BigTIFF (tifffile, deflate
-tiles, SubIFD level), a stripped LZW TIFF (tifffile), a JPEG and a PNG (OpenCV). Each case
+tiles, SubIFD level), a stripped LZW TIFF (tifffile), a JPEG and a PNG (OpenCV), and a
+Hamamatsu NDPI (the conftest NDPI writer around OpenCV JPEGs with restart markers). Each case
 mutates one seed deterministically (``random.Random(case index)``): header bytes, IFD-chain
 pointers, IFD entry values / types / counts, tile data bytes, truncation.
 
@@ -44,7 +45,7 @@ def write_seeds(d: Path) -> list[Path]:
     import cv2
     import tifffile
 
-    from tests.slide.conftest import downsample, texture
+    from tests.slide.conftest import downsample, jpeg_with_restarts, texture, write_ndpi
 
     img = texture(256, 384, seed=11)
     img[40:200, 60:300] //= 2  # a darker "tissue" block for sections()
@@ -92,11 +93,27 @@ def write_seeds(d: Path) -> list[Path]:
     tifffile.imwrite(
         strip, img[:100, :150], rowsperstrip=16, compression="lzw", photometric="rgb", metadata=None
     )
+    ndpi = d / "seed.ndpi"  # Hamamatsu layout: 64-bit next-IFD offsets, restart-marker JPEG
+    small = img[:128, :192]
+    pages = []
+    for level, interval in ((small, 8), (downsample(small, 4), 2)):
+        jpeg, starts = jpeg_with_restarts(level, interval)
+        pages.append(
+            {
+                "jpeg": jpeg,
+                "width": level.shape[1],
+                "height": level.shape[0],
+                "mcustarts": starts,
+                "mag": 20.0,
+                "xres": 45454.5,
+            }
+        )
+    write_ndpi(ndpi, pages)
     jpg = d / "seed.jpg"
     cv2.imwrite(str(jpg), img[:90, :120, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 80])
     png = d / "seed.png"
     cv2.imwrite(str(png), img[:90, :120, ::-1])
-    return [svs, big, strip, jpg, png]
+    return [svs, big, strip, jpg, png, ndpi]
 
 
 # --- mutations -------------------------------------------------------------------------------

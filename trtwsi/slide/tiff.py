@@ -354,7 +354,9 @@ class TiffSlide(Slide):
             )
         nonempty = (offsets > 0) & (counts > 0)
         if nonempty.any():
-            end = int((offsets + counts)[nonempty].max())
+            # each bound first: a huge offset + count would wrap around in int64
+            big = max(int(offsets[nonempty].max()), int(counts[nonempty].max()))
+            end = big if big > self._filesize else int((offsets + counts)[nonempty].max())
             if end > self._filesize:
                 raise CorruptSlideError(
                     f"{where}: tile data runs to byte {end} but the file has only "
