@@ -424,3 +424,46 @@ def test_huge_tile_byte_count_does_not_wrap(tmp_path):
     path.write_bytes(bytes(b))
     with pytest.raises(CorruptSlideError, match="truncated"):
         open_slide(path)
+
+
+def test_many_size_changes_refused_before_tifffile(tmp_path):
+    """tifffile's series detection is quadratic in the number of series (1000 pages of distinct
+    sizes: 18 s, 4000: 110 s); the walk refuses more than MAX_SIZE_CHANGES size changes."""
+    from trtwsi.slide.tiff_ifd import MAX_SIZE_CHANGES
+
+    path = tmp_path / "shapes.tif"
+    with tifffile.TiffWriter(path) as tw:
+        for i in range(MAX_SIZE_CHANGES + 20):
+            tw.write(
+                np.zeros((8 + i % 50, 8 + i // 50, 3), np.uint8), photometric="rgb", metadata=None
+            )
+    t0 = time.monotonic()
+    with pytest.raises(IFDChainError, match="size changes"):
+        open_slide(path)
+    assert time.monotonic() - t0 < 2
+
+
+def test_many_tagless_ifds_refused_before_tifffile(tmp_path):
+    """A real tifffile page followed by 2000 one-tag IFDs (36 KB): tifffile took ~1 s per 2000
+    and 18 s per 8000 of them; the walk stops after MAX_BAD_IFDS."""
+    path = _pages(tmp_path / "bad.tif", 1)
+    b = bytearray(path.read_bytes())
+    off = struct.unpack_from("<I", b, 4)[0]
+    n = struct.unpack_from("<H", b, off)[0]
+    struct.pack_into("<I", b, off + 2 + 12 * n, len(b))
+    for i in range(2000):
+        o = len(b)
+        b += struct.pack("<HHHII", 1, 256, 4, 1, 16)  # only ImageWidth = 16
+        b += struct.pack("<I", o + 18 if i < 1999 else 0)
+    path.write_bytes(bytes(b))
+    t0 = time.monotonic()
+    with pytest.raises(IFDChainError, match="without image size"):
+        open_slide(path)
+    assert time.monotonic() - t0 < 2
+
+
+def test_thousands_of_uniform_pages_still_open(tmp_path):
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, np.zeros((3000, 16, 16, 3), np.uint8), photometric="rgb", metadata=None)
+    s = open_slide(path)
+    assert s.dimensions == (16, 16) and s.properties["tiff.ifd_count"] == 3000

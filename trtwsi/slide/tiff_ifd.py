@@ -20,8 +20,18 @@ from dataclasses import dataclass
 from trtwsi.errors import IFDChainError, InvalidDimensionsError, UnsupportedFormatError
 
 #: Longest IFD chain accepted (main pages; SubIFDs are not part of the chain). Real slides have
-#: a handful of pages; OME-TIFF time series may have tens of thousands.
-MAX_IFDS = 1 << 17
+#: a handful of pages; OME-TIFF stacks a few thousand (tifffile opens 8000 uniform pages in
+#: ~1.4 s on one core, so this bounds the parse to seconds).
+MAX_IFDS = 1 << 15
+
+#: Most changes of image size along the chain. tifffile's generic series detection
+#: (``pyramidize_series``) is quadratic in the number of series: 1000 pages of distinct sizes
+#: take 18 s, 4000 take 110 s. Real slides change size a few dozen times at most.
+MAX_SIZE_CHANGES = 128
+
+#: Most IFDs in the chain that lack ImageWidth, ImageLength or data offsets (tifffile rejects
+#: each one slowly: 8000 such IFDs took 18 s). A damaged file has a few; more is hostile.
+MAX_BAD_IFDS = 16
 
 #: Largest number of entries in one IFD that tifffile accepts (it treats more as corruption).
 MAX_IFD_ENTRIES = 4096
@@ -46,8 +56,9 @@ class IFDChain:
     height0: int | None
 
 
-def _ifd0_tags(f, bo: str, off: int, n: int, bigtiff: bool) -> dict[int, int]:
-    """Scalar SHORT/LONG/LONG8 values of IFD 0 stored inline (tag code → value)."""
+def _ifd_tags(f, bo: str, off: int, n: int, bigtiff: bool) -> dict[int, int]:
+    """Tags of the IFD at ``off`` with ``n`` entries: code → its inline scalar SHORT/LONG/LONG8
+    value, or -1 for any other tag (arrays, out-of-line or other types)."""
     esize = 20 if bigtiff else 12
     f.seek(off + (8 if bigtiff else 2))
     raw = f.read(min(n, MAX_IFD_ENTRIES) * esize)
@@ -77,8 +88,10 @@ def _ifd0_tags(f, bo: str, off: int, n: int, bigtiff: bool) -> dict[int, int]:
 def walk_ifd_chain(path: str | os.PathLike, max_ifds: int = MAX_IFDS) -> IFDChain:
     """Follow the IFD chain of the TIFF at ``path`` from its header, reading only IFD headers.
 
-    Raises :class:`IFDChainError` when an IFD points back to one already visited (a cycle) or
-    the chain is longer than ``max_ifds``; :class:`InvalidDimensionsError` when IFD 0 declares
+    Raises :class:`IFDChainError` when an IFD points back to one already visited (a cycle), the
+    chain is longer than ``max_ifds``, has more than :data:`MAX_BAD_IFDS` IFDs without size or
+    data tags, or changes image size more than :data:`MAX_SIZE_CHANGES` times (each would make
+    tifffile's parse take minutes to hours); :class:`InvalidDimensionsError` when IFD 0 declares
     a zero width or height (the next IFD would otherwise silently become the slide);
     :class:`UnsupportedFormatError` when the file does not start with a TIFF header.
     A pointer past the end of the file, or a short read, ends the chain (tifffile then reports
@@ -113,6 +126,8 @@ def walk_ifd_chain(path: str | os.PathLike, max_ifds: int = MAX_IFDS) -> IFDChai
         seen: set[int] = set()
         ndpi = False
         width0 = height0 = None
+        bad = changes = 0
+        last_size = None
         off = first
         while off and off + csize <= size:
             if off in seen:
@@ -134,8 +149,25 @@ def walk_ifd_chain(path: str | os.PathLike, max_ifds: int = MAX_IFDS) -> IFDChai
             n = struct.unpack(cfmt, raw)[0]
             if n > MAX_IFD_ENTRIES:
                 break  # tifffile stops at such an IFD as corrupt; so do we
+            tags = _ifd_tags(f, bo, off, n, bigtiff)
+            size_now = (tags.get(256), tags.get(257))
+            if size_now[0] is None or size_now[1] is None or not (273 in tags or 324 in tags):
+                bad += 1
+                if bad > MAX_BAD_IFDS:
+                    raise IFDChainError(
+                        f"{str(path)!r}: more than {MAX_BAD_IFDS} image directories without "
+                        "image size or data offsets in the chain — the file is damaged or hostile"
+                    )
+            elif size_now != last_size:
+                changes += 1
+                last_size = size_now
+                if changes > MAX_SIZE_CHANGES:
+                    raise IFDChainError(
+                        f"{str(path)!r}: the image size changes more than {MAX_SIZE_CHANGES} "
+                        "times along the image directory chain (real slides: a few dozen "
+                        "images at most) — the file is damaged or hostile"
+                    )
             if not offsets:
-                tags = _ifd0_tags(f, bo, off, n, bigtiff)
                 ndpi = not bigtiff and bo == "<" and _NDPI_TAG in tags
                 width0, height0 = tags.get(256), tags.get(257)
                 if width0 == 0 or height0 == 0:
