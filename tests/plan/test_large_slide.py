@@ -51,7 +51,7 @@ def write_disc_slide(path: Path, side: int) -> Path:
 
 
 _CHILD = """
-import resource, sys, time
+import sys, time
 from trtwsi.slide import open_slide
 from trtwsi.plan.tissue import find_sections
 t0 = time.time()
@@ -59,7 +59,9 @@ s = open_slide(sys.argv[1])
 secs = find_sections(s)
 print("N", len(secs), "BBOX", *secs[0].bbox if secs else (), "ERR", len(s.read_errors))
 print("SECS", round(time.time() - t0, 1))
-print("RSS_MIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+# VmHWM: peak RSS of this process image (ru_maxrss would include the parent's RSS at fork)
+hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+print("RSS_MIB", hwm // 1024)
 """
 
 
