@@ -1,9 +1,12 @@
 """Open any whole-slide file (or array) as a :class:`Slide`.
 
-Dispatch of :func:`open_slide`:
+Dispatch of :func:`open_slide` (a path that is not a regular file — FIFO, device,
+directory — raises ``NotARegularFileError`` before anything is read):
 
 - ``numpy.ndarray`` → :class:`ArraySlide`
-- ``.png .jpg .jpeg .bmp .webp`` → :class:`ArraySlide` (decoded whole with OpenCV; small images only)
+- ``.png .jpg .jpeg .bmp .webp`` → :class:`ArraySlide` (decoded whole with OpenCV; small images
+  only: the size declared in the header is checked first, ``ImageTooLargeError`` over
+  :data:`~trtwsi.slide.array.MAX_ARRAY_PIXELS`, ``TruncatedImageError`` for a cut-short file)
 - ``.svs .tif .tiff .ndpi .scn .bif .btf .tf8 .qptiff`` (and anything whose header is TIFF/BigTIFF)
   → :class:`TiffSlide` (tifffile + imagecodecs, tile-parallel reads)
 - anything else, or a TIFF tifffile cannot read → :class:`OpenSlideSlide` when the ``openslide``
