@@ -643,7 +643,7 @@ class TiffSlide(Slide):
                     result[i] = (
                         memoryview(data) if len(data) == cnt else _short_read(cnt, len(data), off)
                     )
-        except OSError as e:
+        except (OSError, MemoryError, OverflowError) as e:  # absurd count: a bad tile, not a crash
             for i in np.flatnonzero(present):
                 result[i] = e
         return result
