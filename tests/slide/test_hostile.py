@@ -467,3 +467,43 @@ def test_thousands_of_uniform_pages_still_open(tmp_path):
     tifffile.imwrite(path, np.zeros((3000, 16, 16, 3), np.uint8), photometric="rgb", metadata=None)
     s = open_slide(path)
     assert s.dimensions == (16, 16) and s.properties["tiff.ifd_count"] == 3000
+
+
+def test_svs_level_downsample_matches_openslide(tmp_path):
+    openslide = pytest.importorskip("openslide")
+    import cv2
+
+    base = texture(777, 1001)
+    head = "Aperio Image Library v12.0.15\r\n"
+    path = tmp_path / "odd.svs"
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(
+            base,
+            tile=(64, 64),
+            compression="jpeg",
+            photometric="rgb",
+            metadata=None,
+            description=head + "1001x777 [0,0 1001x777] (64x64) JPEG/RGB Q=70|MPP = 0.5",
+        )
+        tw.write(
+            cv2.resize(base, (120, 93)),
+            compression="jpeg",
+            photometric="rgb",
+            metadata=None,
+            description=head + "1001x777 -> 120x93",
+        )
+        tw.write(
+            cv2.resize(base, (333, 259), interpolation=cv2.INTER_AREA),
+            tile=(64, 64),
+            compression="jpeg",
+            photometric="rgb",
+            metadata=None,
+            description=head + "333x259",
+        )
+    s = open_slide(path)
+    assert s.format == "aperio-svs"
+    with openslide.OpenSlide(str(path)) as o:
+        assert o.level_dimensions == ((1001, 777), (333, 259))
+        assert [lv.downsample for lv in s.levels] == pytest.approx(
+            list(o.level_downsamples), rel=1e-9
+        )
