@@ -153,12 +153,16 @@ class NotARegularFileError(UnsupportedFormatError):
 
 
 class IFDChainError(CorruptSlideError):
-    """The TIFF's chain of image directories (IFDs) loops back on itself, points outside the file,
-    or is absurdly long: the file is damaged (or hostile) and cannot be walked to its end."""
+    """The TIFF's chain of image directories (IFDs) loops back on itself, is absurdly long, or
+    holds so many size changes / tagless IFDs that parsing it would take minutes: the file is
+    damaged (or hostile). Raised by :func:`trtwsi.slide.tiff_ifd.walk_ifd_chain`."""
 
 
 class ImageTooLargeError(UnsupportedFormatError):
-    """The image would have to be decoded whole into memory and is over the size limit.
+    """The image would have to be decoded whole into memory and is over the size limit
+    (:data:`trtwsi.slide.array.MAX_ARRAY_PIXELS`): a JPEG/PNG/BMP whose header declares more, or a
+    TIFF strip/tile that decodes to more. A subclass of UnsupportedFormatError: the layout, not
+    the file, is the problem.
 
     The message gives the declared size and the limit, and how to convert the image into a tiled
     pyramidal TIFF that is read tile by tile."""
