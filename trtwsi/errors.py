@@ -144,3 +144,34 @@ class DeviceError(TrtwsiError):
 
 class RuntimeStateError(TrtwsiError):
     """A Runtime or pool was used after ``close()``, or by two streams at once."""
+
+
+# --- slide hardening ----------------------------------------------------------------------
+class NotARegularFileError(UnsupportedFormatError):
+    """The slide path is a directory, named pipe (FIFO), socket or device, not a regular file:
+    reading it could block forever or never end. Give the path of the slide file itself."""
+
+
+class IFDChainError(CorruptSlideError):
+    """The TIFF's chain of image directories (IFDs) loops back on itself, is absurdly long, or
+    holds so many size changes / tagless IFDs that parsing it would take minutes: the file is
+    damaged (or hostile). Raised by :func:`trtwsi.slide.tiff_ifd.walk_ifd_chain`."""
+
+
+class ImageTooLargeError(UnsupportedFormatError):
+    """The image would have to be decoded whole into memory and is over the size limit
+    (:data:`trtwsi.slide.array.MAX_ARRAY_PIXELS`): a JPEG/PNG/BMP whose header declares more, or a
+    TIFF strip/tile that decodes to more. A subclass of UnsupportedFormatError: the layout, not
+    the file, is the problem.
+
+    The message gives the declared size and the limit, and how to convert the image into a tiled
+    pyramidal TIFF that is read tile by tile."""
+
+
+class TruncatedImageError(CorruptSlideError):
+    """An ordinary image file (JPEG, PNG) ends before its end marker (JPEG EOI, PNG IEND): it was
+    cut short (interrupted copy or download), and decoding it would return partly blank pixels."""
+
+
+class InvalidDimensionsError(CorruptSlideError):
+    """An image directory declares an empty (zero) width or height."""

@@ -1,9 +1,12 @@
 """Open any whole-slide file (or array) as a :class:`Slide`.
 
-Dispatch of :func:`open_slide`:
+Dispatch of :func:`open_slide` (a path that is not a regular file — FIFO, device,
+directory — raises ``NotARegularFileError`` before anything is read):
 
 - ``numpy.ndarray`` → :class:`ArraySlide`
-- ``.png .jpg .jpeg .bmp .webp`` → :class:`ArraySlide` (decoded whole with OpenCV; small images only)
+- ``.png .jpg .jpeg .bmp .webp`` → :class:`ArraySlide` (decoded whole with OpenCV; small images
+  only: the size declared in the header is checked first, ``ImageTooLargeError`` over
+  :data:`~trtwsi.slide.array.MAX_ARRAY_PIXELS`, ``TruncatedImageError`` for a cut-short file)
 - ``.svs .tif .tiff .ndpi .scn .bif .btf .tf8 .qptiff`` (and anything whose header is TIFF/BigTIFF)
   → :class:`TiffSlide` (tifffile + imagecodecs, tile-parallel reads)
 - anything else, or a TIFF tifffile cannot read → :class:`OpenSlideSlide` when the ``openslide``
@@ -17,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from trtwsi.errors import SlideNotFoundError, UnsupportedFormatError
+from trtwsi.errors import UnsupportedFormatError
 from trtwsi.slide.array import ArraySlide
 from trtwsi.slide.base import Level, OnError, Slide, SlideInfo
+from trtwsi.slide.files import check_regular_file
 
 __all__ = ["ArraySlide", "Level", "Slide", "SlideInfo", "open_slide"]
 
@@ -51,13 +55,7 @@ def open_slide(
         return src
     if isinstance(src, np.ndarray):
         return ArraySlide(src, mpp=mpp, on_error=on_error)
-    path = Path(src)
-    if not path.exists():
-        raise SlideNotFoundError(f"slide file not found: {str(path)!r} (check the path)")
-    if path.is_dir():
-        raise UnsupportedFormatError(
-            f"{str(path)!r} is a directory; give the slide file itself (for .mrxs, the .mrxs file)"
-        )
+    path = check_regular_file(src)
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return ArraySlide.from_file(path, mpp=mpp, on_error=on_error)

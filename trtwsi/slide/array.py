@@ -6,12 +6,32 @@ from pathlib import Path
 
 import numpy as np
 
-from trtwsi.errors import CorruptSlideError, UnsupportedFormatError
-from trtwsi.slide.base import Level, OnError, Slide
+from trtwsi.errors import CorruptSlideError, ImageTooLargeError, UnsupportedFormatError
+from trtwsi.slide.base import Level, OnError, Slide, level_downsample
 from trtwsi.slide.color import to_rgb_uint8
+from trtwsi.slide.files import check_regular_file
+from trtwsi.slide.image_header import probe_image
 
-#: Largest image held in memory by ArraySlide (RGB bytes = 3 × this).
-MAX_ARRAY_PIXELS = 1 << 31
+#: Largest image decoded whole into memory: ordinary images (JPEG/PNG/BMP…) opened by
+#: :meth:`ArraySlide.from_file`, and untiled (strip) or single-tile TIFF segments that must be
+#: decoded in one piece. 2**28 px = 768 MiB as RGB uint8 (16384 × 16384); the declared size is
+#: checked from the file header before anything is decoded.
+MAX_ARRAY_PIXELS = 1 << 28
+
+
+_CONVERT = "vips tiffsave IN OUT.tif --tile --pyramid --compression jpeg --Q 90"
+
+
+def check_decode_size(path, width: int, height: int, what: str = "image") -> None:
+    """Raise :class:`ImageTooLargeError` when a ``width`` × ``height`` image (declared in a
+    header) is over :data:`MAX_ARRAY_PIXELS`, the limit for decoding an image whole."""
+    if width * height > MAX_ARRAY_PIXELS:
+        raise ImageTooLargeError(
+            f"{path}: {what} of {width}x{height} = {width * height} px is over the "
+            f"{MAX_ARRAY_PIXELS} px limit for an image decoded whole into memory "
+            f"(trtwsi.slide.array.MAX_ARRAY_PIXELS; {3 * width * height / 2**30:.1f} GiB as RGB). "
+            f"Convert it to a tiled pyramidal TIFF, which is read tile by tile: {_CONVERT}"
+        )
 
 
 class ArraySlide(Slide):
@@ -42,18 +62,36 @@ class ArraySlide(Slide):
             nh, nw = max(1, prev.shape[0] // 4), max(1, prev.shape[1] // 4)
             small = cv2.resize(prev, (nw, nh), interpolation=cv2.INTER_AREA)
             self._images.append(small)
-            self.levels.append(Level(nw, nh, self.levels[0].width / nw))
+            lv0 = self.levels[0]
+            self.levels.append(Level(nw, nh, level_downsample(lv0.width, lv0.height, nw, nh)))
         self.mpp = mpp
         self.path = path
         self.format = format
 
     @classmethod
     def from_file(cls, path: str | Path, mpp: float | None = None, on_error: OnError = "record"):
-        """Open a PNG/JPEG/BMP/... with OpenCV (16-bit and alpha are converted by to_rgb_uint8)."""
+        """Open a PNG/JPEG/BMP/... with OpenCV (16-bit and alpha are converted by to_rgb_uint8).
+
+        Before decoding, the header's declared size is checked against :data:`MAX_ARRAY_PIXELS`
+        (:class:`ImageTooLargeError`) and a JPEG without EOI / PNG without IEND is refused
+        (:class:`~trtwsi.errors.TruncatedImageError`); see :mod:`trtwsi.slide.image_header`.
+        """
         import cv2
 
-        path = Path(path)
-        img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        path = check_regular_file(path)
+        header = probe_image(path)  # raises TruncatedImageError for a cut-short JPEG/PNG
+        if header is not None:
+            check_decode_size(path, header.width, header.height, header.kind.upper())
+        try:
+            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        except cv2.error as e:  # e.g. over OpenCV's own 2**30 px limit (formats not probed)
+            msg = str(e).strip()[-300:]
+            if "CV_IO_MAX_IMAGE_PIXELS" in msg or "validateInputImageSize" in msg:
+                raise ImageTooLargeError(
+                    f"{path}: the image is over OpenCV's size limit for decoding ({msg}); "
+                    f"convert it to a tiled pyramidal TIFF: {_CONVERT}"
+                ) from e
+            raise CorruptSlideError(f"{path}: OpenCV failed to decode this image ({msg})") from e
         if img is None:
             raise UnsupportedFormatError(
                 f"{path}: OpenCV could not decode this file as an image (corrupt or not an image)"

@@ -35,10 +35,25 @@ MAX_REGION_PIXELS = 1 << 31
 #: (and enlarge it) instead of decoding a level up to 4x larger in each dimension.
 THUMBNAIL_LEVEL_SLACK = 0.9
 
+#: A thumbnail source level over this many pixels is reduced block by block
+#: (:meth:`Slide._reduced_level`) instead of being read whole: a tiled 40000² slide without a
+#: pyramid peaked at 4.7 GB, a 100000² one raised RegionError.
+THUMBNAIL_DIRECT_PIXELS = 1 << 24
+
+#: Side (level px) of the blocks :meth:`Slide._reduced_level` reads: 2048² RGB = 12 MiB.
+THUMBNAIL_BLOCK = 2048
+
+
+def level_downsample(w0: int, h0: int, w: int, h: int) -> float:
+    """Downsample of a ``w``×``h`` level under a ``w0``×``h0`` level 0, as OpenSlide computes it:
+    the mean of the width and height ratios, ``(w0 / w + h0 / h) / 2``."""
+    return (w0 / w + h0 / h) / 2.0
+
 
 @dataclass(frozen=True)
 class Level:
-    """One pyramid level. ``downsample`` = level-0 width / this level's width (OpenSlide's way)."""
+    """One pyramid level. ``downsample``: level-0 px per level px, the mean of the width and
+    height ratios (OpenSlide's way, :func:`level_downsample`)."""
 
     width: int
     height: int
@@ -177,7 +192,9 @@ class Slide(ABC):
         """RGB uint8 image of the whole slide whose longer side is at most ``max_size``.
 
         Reads the smallest level that is at least :data:`THUMBNAIL_LEVEL_SLACK` (90 %) of the
-        thumbnail's size, then resizes it to the thumbnail size: area averaging when shrinking,
+        thumbnail's size (a level over :data:`THUMBNAIL_DIRECT_PIXELS` is first reduced by an
+        integer factor block by block, so memory stays bounded on slides without a pyramid),
+        then resizes it to the thumbnail size: area averaging when shrinking,
         bilinear for the few percent a slightly smaller level is enlarged. The slack matters for
         speed: a 31744² slide with levels 7936² and 1984² gives a 2048² thumbnail from the
         1984² level (4 Mpx to decode) rather than the 7936² one (63 Mpx).
@@ -194,13 +211,48 @@ class Slide(ABC):
             if lv.width >= THUMBNAIL_LEVEL_SLACK * tw and lv.height >= THUMBNAIL_LEVEL_SLACK * th:
                 level = i
         lv = self.levels[level]
-        img = self.read_region(0, 0, lv.width, lv.height, level=level)
-        if (lv.width, lv.height) == (tw, th):
+        if lv.width * lv.height > THUMBNAIL_DIRECT_PIXELS:
+            img = self._reduced_level(level, max(1, min(lv.width // tw, lv.height // th)))
+        else:
+            img = self.read_region(0, 0, lv.width, lv.height, level=level)
+        if (img.shape[1], img.shape[0]) == (tw, th):
             return img
-        shrink = lv.width >= tw and lv.height >= th
+        shrink = img.shape[1] >= tw and img.shape[0] >= th
         return cv2.resize(
             img, (tw, th), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         )
+
+    def _reduced_level(self, level: int, factor: int) -> np.ndarray:
+        """Level ``level`` reduced ``factor`` times by area averaging, block by block.
+
+        Returns RGB uint8 ``(ceil(H / factor), ceil(W / factor), 3)`` for a ``W``×``H`` level.
+        Blocks of at most about :data:`THUMBNAIL_BLOCK` level px square (a multiple of
+        ``factor``) are read with :meth:`_read_level` into one reused buffer and each reduced
+        with ``cv2.INTER_AREA`` into its place, so peak memory is the output plus one block
+        (~12 MiB), not the whole level. A partial last block of ``b`` px becomes
+        ``ceil(b / factor)`` px.
+        """
+        import cv2
+
+        lv = self.levels[level]
+        f = max(1, int(factor))
+        block = f * max(1, THUMBNAIL_BLOCK // f)
+        out = np.empty((-(-lv.height // f), -(-lv.width // f), 3), np.uint8)
+        buf = np.empty((min(block, lv.height), min(block, lv.width), 3), np.uint8)
+        for y in range(0, lv.height, block):
+            bh = min(block, lv.height - y)
+            for x in range(0, lv.width, block):
+                bw = min(block, lv.width - x)
+                view = buf[:bh, :bw]
+                self._read_level(level, x, y, bw, bh, view)
+                oy, ox = y // f, x // f
+                oh, ow = -(-bh // f), -(-bw // f)
+                dst = out[oy : oy + oh, ox : ox + ow]
+                if f == 1:
+                    dst[...] = view
+                else:
+                    dst[...] = cv2.resize(view, (ow, oh), interpolation=cv2.INTER_AREA)
+        return out
 
     # --- description / lifetime ------------------------------------------------------------
     def info(self) -> SlideInfo:

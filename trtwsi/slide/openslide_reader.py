@@ -88,7 +88,6 @@ class OpenSlideSlide(Slide):
             ) from e
         osr = self._osr
         self.format = openslide.OpenSlide.detect_format(str(self.path)) or "openslide"
-        w0 = osr.level_dimensions[0][0]
         props = dict(osr.properties)
         self._os_downsamples = [float(d) for d in osr.level_downsamples]
         self.levels = []
@@ -99,7 +98,7 @@ class OpenSlideSlide(Slide):
                 Level(
                     width=int(w),
                     height=int(h),
-                    downsample=w0 / w,
+                    downsample=self._os_downsamples[i],
                     tile_width=int(tw) if tw else None,
                     tile_height=int(th) if th else None,
                 )

@@ -26,7 +26,12 @@ Layouts
     - volumetric tiles (``TileDepth > 1``) fall back to tifffile's ``asarray`` of the page
       (refused above ``FALLBACK_MAX_BYTES``).
 
-Errors (decided at open, never by allocating): a file that is not a TIFF →
+Errors (decided at open, never by allocating): a path that is not a regular file (FIFO,
+device, directory) → :class:`NotARegularFileError`; an IFD chain that loops or runs past
+:data:`~trtwsi.slide.tiff_ifd.MAX_IFDS` pages (walked from the header before tifffile parses it)
+→ :class:`IFDChainError`; IFD 0 declaring a zero width/height → :class:`InvalidDimensionsError`;
+a strip or tile that would decode to more than :data:`~trtwsi.slide.array.MAX_ARRAY_PIXELS` px →
+:class:`ImageTooLargeError`; a file that is not a TIFF →
 :class:`UnsupportedFormatError`; a broken structure (truncated file: tile data past the end of
 the file; tile/strip offsets that do not match the declared dimensions; absurd dimensions such as
 10⁷ × 10⁷ px declared over a few kilobytes of data) → :class:`CorruptSlideError`; a compression
@@ -51,15 +56,29 @@ from pathlib import Path
 
 import numpy as np
 
-from trtwsi.errors import CorruptSlideError, SlideError, TileReadError, UnsupportedFormatError
-from trtwsi.slide.base import Level, OnError, Slide
+from trtwsi.errors import (
+    CorruptSlideError,
+    ImageTooLargeError,
+    SlideError,
+    TileReadError,
+    UnsupportedFormatError,
+)
+from trtwsi.slide.array import MAX_ARRAY_PIXELS
+from trtwsi.slide.base import Level, OnError, Slide, level_downsample
 from trtwsi.slide.color import to_rgb_uint8
+from trtwsi.slide.files import check_regular_file
+from trtwsi.slide.tiff_ifd import walk_ifd_chain
+from trtwsi.slide.tiff_meta import (
+    PLAUSIBLE_MPP,  # noqa: F401 - re-exported (openslide_reader, users)
+    _absurd_ome,
+    _ome_length_um,
+    _plausible_mpp,
+    _positive,
+    _resolution_mpp,
+)
 
 #: Series names (tifffile's) that are never the slide image.
 ASSOCIATED_SERIES = frozenset({"label", "macro", "thumbnail", "map", "overview"})
-
-#: MPP read from resolution tags outside this range (µm/px) is ignored: 72/96/300 dpi defaults.
-PLAUSIBLE_MPP = (0.01, 50.0)
 
 #: A compressed tile/strip decoding to more than this many bytes cannot be read region by region.
 MAX_SEGMENT_BYTES = 1 << 31
@@ -123,10 +142,12 @@ class TiffSlide(Slide):
             :data:`DEFAULT_MAX_THREADS`; 1: no pool, tiles decoded in the calling thread).
 
     Attributes: ``format`` is one of ``'aperio-svs'``, ``'hamamatsu-ndpi'``, ``'ome-tiff'``,
-    ``'pyramidal-tiff'``, ``'tiff'``; ``levels`` (level 0 first; ``downsample`` = level-0 width /
-    level width); ``mpp`` (µm per level-0 pixel or None); ``properties`` (str keys, JSON-able values:
-    ``vendor``, ``objective_power``, ``mpp_x``, ``mpp_y``, ``tiff.*`` tags, ``aperio.*``,
-    ``hamamatsu.*``, ``ome.*``).
+    ``'pyramidal-tiff'``, ``'tiff'``; ``levels`` (level 0 first; ``downsample`` = mean of the
+    level-0/level width and height ratios, as OpenSlide computes it); ``mpp`` (µm per level-0
+    pixel or None); ``properties`` (str keys, JSON-able values: ``vendor``, ``objective_power``,
+    ``mpp_x``, ``mpp_y``, ``mpp_ignored`` (an absurd MPP in the file, treated as unknown),
+    ``ome_ignored`` (why absurd OME-XML was not used), ``tiff.ifd_count``, ``tiff.*`` tags,
+    ``aperio.*``, ``hamamatsu.*``, ``ome.*``).
     """
 
     def __init__(
@@ -163,13 +184,8 @@ class TiffSlide(Slide):
     def _open(self, mpp: float | None) -> None:
         import tifffile
 
-        path = self.path
-        try:
-            self._filesize = path.stat().st_size
-        except FileNotFoundError as e:
-            from trtwsi.errors import SlideNotFoundError
-
-            raise SlideNotFoundError(f"slide file not found: {str(path)!r} (check the path)") from e
+        path = check_regular_file(self.path)  # a FIFO would block the first read forever
+        self._filesize = path.stat().st_size
         with open(path, "rb") as f:
             head = f.read(8)
         if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
@@ -178,21 +194,33 @@ class TiffSlide(Slide):
                 "b'II*\\x00' or b'MM\\x00*' (BigTIFF: '+'). Check the file, or open other formats "
                 "with OpenSlide (pip install 'trtwsi[openslide]')"
             )
-        try:
+        chain = walk_ifd_chain(path)  # bounded: cycles / endless chains raise IFDChainError
+        with _corrupt_on_error(path, self._filesize):
             tif = tifffile.TiffFile(path)
             self._tif = tif
+            ome_ignored = _absurd_ome(tif)
+            if ome_ignored:  # e.g. SizeT=1e9: tifffile would allocate a list per plane
+                tif.close()
+                tif = tifffile.TiffFile(path, is_ome=False)
+                self._tif = tif
             series = self._main_series(tif)
             pages = [self._as_page(lvl.pages[0]) for lvl in series.levels]
-        except (SlideError, MemoryError):
-            raise
-        except Exception as e:
-            raise CorruptSlideError(
-                f"{str(path)!r}: the TIFF structure cannot be parsed ({type(e).__name__}: {e}); "
-                f"the file ({self._filesize} bytes) is truncated or damaged — copy or export it again"
-            ) from e
+        # a damaged IFD can carry values of any type (bytes, tuples, huge ints): whatever
+        # breaks while the levels and properties are built is a corrupt file, not a bug
+        with _corrupt_on_error(path, self._filesize):
+            self._build(tif, series, pages, chain, ome_ignored)
+        file_mpp = self.properties.get("mpp_x")
+        self.mpp = float(mpp) if mpp is not None else file_mpp
 
+        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
+        self._pread = getattr(os, "pread", None)
+        if self._pread is None:  # pragma: no cover - Windows
+            self._seek_lock = threading.Lock()
+
+    def _build(self, tif, series, pages, chain, ome_ignored) -> None:
+        """Levels, format and properties from the parsed pages (``pages``: level 0 first)."""
         self._io: list[_LevelIO] = []
-        w0 = pages[0].imagewidth
+        w0, h0 = pages[0].imagewidth, pages[0].imagelength
         self.levels = []
         for i, page in enumerate(pages):
             if self.levels and page.imagewidth >= self.levels[-1].width:
@@ -203,7 +231,7 @@ class TiffSlide(Slide):
                 Level(
                     width=io.width,
                     height=io.height,
-                    downsample=w0 / io.width,
+                    downsample=level_downsample(w0, h0, io.width, io.height),
                     tile_width=io.seg_w if io.tiled else None,
                     tile_height=io.seg_h if io.tiled else None,
                 )
@@ -221,13 +249,9 @@ class TiffSlide(Slide):
             self.format = "tiff"
 
         self.properties = self._read_properties(tif, series, pages[0])
-        file_mpp = self.properties.get("mpp_x")
-        self.mpp = float(mpp) if mpp is not None else file_mpp
-
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
-        self._pread = getattr(os, "pread", None)
-        if self._pread is None:  # pragma: no cover - Windows
-            self._seek_lock = threading.Lock()
+        self.properties["tiff.ifd_count"] = len(chain.offsets)
+        if ome_ignored:
+            self.properties["ome_ignored"] = ome_ignored
 
     @staticmethod
     def _as_page(page):
@@ -330,7 +354,9 @@ class TiffSlide(Slide):
             )
         nonempty = (offsets > 0) & (counts > 0)
         if nonempty.any():
-            end = int((offsets + counts)[nonempty].max())
+            # each bound first: a huge offset + count would wrap around in int64
+            big = max(int(offsets[nonempty].max()), int(counts[nonempty].max()))
+            end = big if big > self._filesize else int((offsets + counts)[nonempty].max())
             if end > self._filesize:
                 raise CorruptSlideError(
                     f"{where}: tile data runs to byte {end} but the file has only "
@@ -362,6 +388,12 @@ class TiffSlide(Slide):
                 f"{where}: declares {width}x{height} px ({seg_w}x{seg_h} per {what[:-1]}, "
                 f"{seg_bytes} bytes decoded) stored in at most {max_count} bytes per {what[:-1]} — "
                 "absurd header dimensions; the file is corrupt"
+            )
+        elif seg_w * seg_h > MAX_ARRAY_PIXELS:
+            raise ImageTooLargeError(
+                f"{where}: one {'compressed ' if comp != 1 else ''}{what[:-1]} of {seg_w}x{seg_h} "
+                f"= {seg_w * seg_h} px would have to be decoded whole, over the limit of "
+                f"{MAX_ARRAY_PIXELS} px (trtwsi.slide.array.MAX_ARRAY_PIXELS); {_CONVERT_HINT}"
             )
         elif seg_bytes > MAX_SEGMENT_BYTES:
             raise UnsupportedFormatError(
@@ -462,7 +494,7 @@ class TiffSlide(Slide):
                 meta = {}
             for k, v in meta.items():
                 props[f"aperio.{k}"] = v if isinstance(v, (int, float, str)) else str(v)
-            mpp_x = _positive(meta.get("MPP"))
+            mpp_x = _plausible_mpp(meta.get("MPP"), props)
             mpp_y = mpp_x
             mag = _positive(meta.get("AppMag"))
         elif tif.is_ndpi:
@@ -477,6 +509,8 @@ class TiffSlide(Slide):
         elif tif.is_ome:
             props["vendor"] = "ome"
             mpp_x, mpp_y, mag = self._ome_metadata(tif, props)
+            mpp_x = _plausible_mpp(mpp_x, props)
+            mpp_y = _plausible_mpp(mpp_y, props) if mpp_x is not None else None
         if mpp_x is None:
             mpp_x, mpp_y = _resolution_mpp(page0)
         if mpp_x is not None:
@@ -609,7 +643,7 @@ class TiffSlide(Slide):
                     result[i] = (
                         memoryview(data) if len(data) == cnt else _short_read(cnt, len(data), off)
                     )
-        except OSError as e:
+        except (OSError, MemoryError, OverflowError) as e:  # absurd count: a bad tile, not a crash
             for i in np.flatnonzero(present):
                 result[i] = e
         return result
@@ -802,67 +836,21 @@ class TiffSlide(Slide):
             self.close()
 
 
+@contextlib.contextmanager
+def _corrupt_on_error(path, filesize: int):
+    """Turn any non-trtwsi exception raised while parsing a TIFF into CorruptSlideError
+    (MemoryError included: absurd declared sizes)."""
+    try:
+        yield
+    except SlideError:
+        raise
+    except (Exception, MemoryError) as e:
+        raise CorruptSlideError(
+            f"{str(path)!r}: the TIFF structure cannot be parsed ({type(e).__name__}: "
+            f"{str(e)[:300]}); the file ({filesize} bytes) is truncated or damaged — copy or "
+            "export it again"
+        ) from e
+
+
 def _short_read(want: int, got: int, offset: int) -> OSError:
     return OSError(f"short read: {max(got, 0)} of {want} bytes at offset {offset} (file truncated)")
-
-
-# --- metadata helpers ------------------------------------------------------------------------
-def _positive(v) -> float | None:
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return None
-    return f if f > 0 and math.isfinite(f) else None
-
-
-_OME_UNITS_UM = {
-    "pm": 1e-6,
-    "nm": 1e-3,
-    "µm": 1.0,
-    "μm": 1.0,
-    "um": 1.0,
-    "mm": 1e3,
-    "cm": 1e4,
-    "m": 1e6,
-}
-
-
-def _ome_length_um(value, unit) -> float | None:
-    v = _positive(value)
-    if v is None:
-        return None
-    scale = _OME_UNITS_UM.get((unit or "µm").strip())
-    return None if scale is None else v * scale
-
-
-def _resolution_mpp(page) -> tuple[float | None, float | None]:
-    """µm/px from XResolution/YResolution + ResolutionUnit (inch, centimeter); None if absent,
-    unitless, or implausible for a microscope (72/96/300 dpi defaults)."""
-    tags = page.tags
-    unit = tags.valueof("ResolutionUnit")
-    try:
-        unit = int(unit) if unit is not None else 2  # TIFF default: inch
-    except (TypeError, ValueError):
-        return None, None
-    per_unit_um = {2: 25400.0, 3: 10000.0}.get(unit)
-    if per_unit_um is None:
-        return None, None
-
-    def one(name):
-        v = tags.valueof(name)
-        if v is None:
-            return None
-        try:
-            res = v[0] / v[1] if isinstance(v, tuple) else float(v)
-        except (TypeError, ZeroDivisionError, IndexError):
-            return None
-        if not res > 0:
-            return None
-        mpp = per_unit_um / res
-        lo, hi = PLAUSIBLE_MPP
-        return mpp if lo <= mpp <= hi else None
-
-    mx, my = one("XResolution"), one("YResolution")
-    if mx is None:
-        return None, None
-    return mx, (my or mx)
