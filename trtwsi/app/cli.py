@@ -2,7 +2,12 @@
 
 Exit codes: 0 success, 1 a TrtwsiError (message printed, no traceback), 2 bad arguments,
 3 `eval` below --min-score, 4 a batch finished but some slides failed (see its manifest),
-130 a batch was interrupted (Ctrl-C / SIGTERM; rerun the same command to resume).
+130 interrupted (Ctrl-C; a batch also on SIGTERM: rerun the same command to resume; one slide:
+nothing is written).
+
+Modules: this one is the argument parser and dispatch; `predict` is in
+:mod:`trtwsi.app.predict_cmd` (one slide) and :mod:`trtwsi.app.batch_cmd` (a batch), the checks
+they run before loading anything in :mod:`trtwsi.app.validate`.
 """
 
 from __future__ import annotations

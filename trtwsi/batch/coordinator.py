@@ -59,8 +59,12 @@ Manifest (``OUT/manifest.jsonl``)
     ---------- -------------------------------------------------------------------------------
     failed / crashed / interrupted
     error      ``{"type": exception class, "message": str}`` (``crashed``: ``WorkerCrash``
-               with the exit code or signal)
+               with the exit code or signal; over ``--slide-timeout``: ``SlideTimeoutError``;
+               more undecodable tiles than ``--max-tile-errors``: ``TooManyTileErrorsError``,
+               with ``n_tiles`` and ``tile_errors``)
     retry      (crashed) whether the slide was put back in the queue
+    stale_outputs          (failed) outputs of an earlier run of the slide, renamed
+               ``NAME.EXT.stale`` because they no longer describe it
     ========== ===============================================================================
 
     ``{"record": "run", "event": "start" | "end" | "interrupted" | "aborted", ...}`` — one at
