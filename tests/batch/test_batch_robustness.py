@@ -199,3 +199,28 @@ def test_slide_timeout_refused_with_ray(tmp_path, capsys):
                  "5", "--model", str(MODEL)]) == 1  # fmt: skip
     assert "--slide-timeout works with the local worker pool" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--device", "gpu"], "--device 'gpu'"),
+        (["--also", "xml"], "--also 'xml'"),
+        (["--section", "-1"], "--section -1"),
+        (["--slide-timeout", "0"], "--slide-timeout 0"),
+        (["MISSING"], "slide path not found"),
+    ],
+)
+def test_batch_refuses_before_loading_models(tmp_path, capsys, extra, needle):
+    """A batch mistake is one line, exit 1, before the (here missing) model loads or a worker
+    starts; nothing is created in --out."""
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "a.tif").write_bytes(b"not read: refused before")
+    given = [str(slides)] + ([str(tmp_path / "nope.tif")] if extra == ["MISSING"] else [])
+    extra = [] if extra == ["MISSING"] else extra
+    argv = ["predict", *given, "--out", str(tmp_path / "o"), "--model", "/nonexistent.pt"]
+    assert main([*argv, "--no-progress", *extra]) == 1
+    (line,) = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert line.startswith("trtwsi predict: error: ") and needle in line, line
+    assert not (tmp_path / "o").exists()
