@@ -176,17 +176,18 @@ def test_slide_timeout_fails_one_slide_others_go_on(tmp_path, capsys):
     it on that worker still run. The progress bar counts slides and shows tiles/s."""
     slides, out = tmp_path / "slides", tmp_path / "out"
     slides.mkdir()
-    make_slide(slides / "a_big.tif", 3000, 2400, seed=4, n_sections=2, threads=1)  # ~14 tiles
+    # ~40 tiles: over 12 s even on a fast, idle CPU; the small slides take 2 tiles each
+    make_slide(slides / "a_big.tif", 5000, 4000, seed=4, n_sections=2, threads=2)
     small_slide(slides / "b.tif", seed=5)
     small_slide(slides / "c.tif", seed=6)
     argv = ["predict", str(slides), "--out", str(out), "--model", str(MODEL), "--devices", "cpu"]
-    rc = main([*argv, "--threads", "1", "--slide-timeout", "15"])
+    rc = main([*argv, "--threads", "1", "--slide-timeout", "12"])
     cap = capsys.readouterr()
     assert rc == 4, cap.out + cap.err
     state = latest_slide_records(read_manifest(out / MANIFEST_NAME))
     assert state["a_big"]["status"] == "failed"
     assert state["a_big"]["error"]["type"] == "SlideTimeoutError"
-    assert "--slide-timeout 15 s" in state["a_big"]["error"]["message"]
+    assert "--slide-timeout 12 s" in state["a_big"]["error"]["message"]
     assert state["b"]["status"] == state["c"]["status"] == "done"
     assert not (out / "a_big.geojson").exists()
     assert "slides:" in cap.err and "tiles/s" in cap.err and "3/3" in cap.err
