@@ -176,12 +176,14 @@ def test_slide_timeout_fails_one_slide_others_go_on(tmp_path, capsys):
     it on that worker still run. The progress bar counts slides and shows tiles/s."""
     slides, out = tmp_path / "slides", tmp_path / "out"
     slides.mkdir()
-    # ~40 tiles: over 12 s even on a fast, idle CPU; the small slides take 2 tiles each
-    make_slide(slides / "a_big.tif", 5000, 4000, seed=4, n_sections=2, threads=2)
+    # Scanned at 3 µm/px, run at 0.5 µm/px (--mpp): ~200 tiles from a 3 Mpx file, minutes
+    # even on a fast idle CPU (~0.25 s/tile); the small slides (0.5 µm/px) take 2 tiles each,
+    # seconds even on a busy one (~2.5 s/tile).
+    make_slide(slides / "a_big.tif", 2000, 1600, seed=4, n_sections=2, mpp=3.0, threads=2)
     small_slide(slides / "b.tif", seed=5)
     small_slide(slides / "c.tif", seed=6)
     argv = ["predict", str(slides), "--out", str(out), "--model", str(MODEL), "--devices", "cpu"]
-    rc = main([*argv, "--threads", "1", "--slide-timeout", "12"])
+    rc = main([*argv, "--threads", "1", "--mpp", "0.5", "--slide-timeout", "12"])
     cap = capsys.readouterr()
     assert rc == 4, cap.out + cap.err
     state = latest_slide_records(read_manifest(out / MANIFEST_NAME))

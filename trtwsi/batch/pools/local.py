@@ -40,7 +40,7 @@ from multiprocessing.connection import wait
 
 from trtwsi.batch.jobs import _error_dict
 from trtwsi.batch.runner import SlideRunner
-from trtwsi.errors import BatchError, WorkerError
+from trtwsi.errors import BatchError, SlideTimeoutError, WorkerError
 
 __all__ = ["LocalPool", "parse_devices"]
 
@@ -363,12 +363,13 @@ class LocalPool:
                     slot=slot.index,
                     host=socket.gethostname(),
                     pid=slot.pid,
-                    error={
-                        "type": "SlideTimeoutError",
-                        "message": f"slide {job.name} ran longer than --slide-timeout {limit:g} s "
-                        f"on {slot.device}; its worker was stopped. Raise --slide-timeout, or "
-                        "check the slide (huge, or a stuck read)",
-                    },
+                    error=_error_dict(
+                        SlideTimeoutError(
+                            f"slide {job.name} ran longer than --slide-timeout {limit:g} s on "
+                            f"{slot.device}; its worker was stopped. Raise --slide-timeout, or "
+                            "check the slide (huge, or a stuck read)"
+                        )
+                    ),
                 )
             )
             if pending:
