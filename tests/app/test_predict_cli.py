@@ -227,12 +227,13 @@ def test_one_progress_bar_over_the_whole_slide(two_sections, tmp_path):
 
 
 def test_ctrl_c_single_slide(two_sections, tmp_path):
-    """SIGINT in the middle of the tiles: one line, exit 130, no output files."""
+    """SIGINT in the middle of the tiles: one line, exit 130, no output files. (--mpp 0.25:
+    4x the tiles, so that the run is still going when the signal lands on a fast CPU.)"""
     out = tmp_path / "i.geojson"
     p = subprocess.Popen(
         [
             sys.executable, "-m", "trtwsi.app.cli", "predict", str(two_sections),
-            "--model", str(MODEL), "--device", "cpu", "--batch", "1",
+            "--model", str(MODEL), "--device", "cpu", "--batch", "1", "--mpp", "0.25",
             "--out", str(out), "--also", "csv",
         ],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=REPO,
