@@ -175,3 +175,30 @@ class TruncatedImageError(CorruptSlideError):
 
 class InvalidDimensionsError(CorruptSlideError):
     """An image directory declares an empty (zero) width or height."""
+
+
+# --- cli/batch robustness ---
+class OutputFolderError(TrtwsiError, PermissionError):
+    """An output folder cannot be written (read-only, no permission, a file in the way)."""
+
+
+class OutputWriteError(ExportError):
+    """Writing a finished run's outputs failed; ``rescue`` is where its detections were saved
+    instead (None when even that failed)."""
+
+    def __init__(self, message: str, *, rescue=None):
+        super().__init__(message)
+        self.rescue = rescue
+
+
+class TooManyTileErrorsError(SlideError):
+    """More tiles of a slide failed to decode than ``--max-tile-errors`` allows."""
+
+
+class SlideTimeoutError(BatchError):
+    """A slide of a batch ran longer than ``--slide-timeout``; its worker was stopped."""
+
+
+class ManifestWriteError(BatchError, OSError):
+    """A batch manifest record could not be written (full disk, read-only or lost folder); the
+    manifest was truncated back to its last whole record."""

@@ -2,43 +2,24 @@
 
 Exit codes: 0 success, 1 a TrtwsiError (message printed, no traceback), 2 bad arguments,
 3 `eval` below --min-score, 4 a batch finished but some slides failed (see its manifest),
-130 a batch was interrupted (Ctrl-C / SIGTERM; rerun the same command to resume).
+130 interrupted (Ctrl-C; a batch also on SIGTERM: rerun the same command to resume; one slide:
+nothing is written).
+
+Modules: this one is the argument parser and dispatch; `predict` is in
+:mod:`trtwsi.app.predict_cmd` (one slide) and :mod:`trtwsi.app.batch_cmd` (a batch), the checks
+they run before loading anything in :mod:`trtwsi.app.validate`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from pathlib import Path
 
+from trtwsi.app.batch_cmd import cmd_predict_batch, is_batch
+from trtwsi.app.predict_cmd import cmd_predict_one, make_predictor, models_from_args
 from trtwsi.errors import TrtwsiError
-from trtwsi.plan.tissue import find_sections
-
-
-def _models_from_args(a) -> list:
-    from trtwsi.engines.model import Model, load_models_config
-
-    models, trust = [], getattr(a, "trust_weights", False)
-    if getattr(a, "models", None):
-        models += load_models_config(a.models, trust_weights=trust)
-    for w in a.model or []:
-        models.append(Model(w, min_conf=a.conf, iou=a.iou, backend=a.backend, trust_weights=trust))
-    if not models:
-        default = _default_models_config()
-        if default is None:
-            raise TrtwsiError("no model given: pass --model PATH.pt or --models models.toml")
-        models = load_models_config(default, trust_weights=trust)
-    return models
-
-
-def _default_models_config() -> Path | None:
-    from trtwsi.app.demo import bundled_models_dir
-
-    p = bundled_models_dir() / "models.toml"
-    return p if p.exists() else None
 
 
 def _parse_region(s: str | None):
@@ -50,11 +31,26 @@ def _parse_region(s: str | None):
         raise argparse.ArgumentTypeError(
             f"--region must be x,y,w,h in level-0 pixels, got {s!r}"
         ) from None
+    if w <= 0 or h <= 0:
+        raise argparse.ArgumentTypeError(f"--region {s!r}: width and height must be positive")
     return (x, y, w, h)
+
+
+def _tile_error_limit(s: str):
+    from trtwsi.results.tile_errors import parse_tile_error_limit
+
+    try:
+        return parse_tile_error_limit(s)
+    except TrtwsiError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_models_from_args = models_from_args  # (older name, kept for callers)
 
 
 def cmd_info(a) -> int:
     from trtwsi.plan.grid import TileGrid
+    from trtwsi.plan.tissue import find_sections
     from trtwsi.slide import open_slide
 
     with open_slide(a.slide, mpp=a.slide_mpp) as slide:
@@ -107,136 +103,10 @@ def cmd_info(a) -> int:
     return 0
 
 
-def _out_path_for(slide_path: str, out: str | None, fmt: str) -> Path:
-    if out:
-        return Path(out)
-    return Path(slide_path).with_suffix("").with_name(Path(slide_path).stem + f".detections{fmt}")
-
-
-def _predictor(a, models):
-    """The Predictor for the options `predict` and `eval` share (see _add_predict_opts)."""
-    from trtwsi.predictor import Predictor
-
-    return Predictor(
-        a.slide,
-        models,
-        overlap=a.overlap,
-        mpp=a.mpp,
-        batch=a.batch,
-        workers=a.workers,
-        device=a.device,
-        progress=not a.no_progress,
-        slide_mpp=a.slide_mpp,
-    )
-
-
-def _is_batch(a) -> bool:
-    """Batch mode: several slides, a folder, --out an existing folder (or ending in /), or any of
-    --devices / --ray / --force."""
-    out_is_dir = bool(a.out) and (Path(a.out).is_dir() or a.out.endswith(("/", os.sep)))
-    return (
-        len(a.slide) > 1
-        or Path(a.slide[0]).is_dir()
-        or out_is_dir
-        or a.devices is not None
-        or a.ray is not None
-        or a.force
-    )
-
-
-def _batch_devices(a) -> str | None:
-    """--devices; else with --ray one actor per cluster GPU; else one worker on --device."""
-    if a.devices is not None:
-        return a.devices
-    if a.ray is not None:
-        return "all"
-    return None if a.device == "auto" else a.device
-
-
-def cmd_predict_batch(a, models) -> int:
-    import signal
-
-    from trtwsi.batch import BatchParams, run_batch
-
-    if not a.out:
-        raise TrtwsiError(
-            "a batch (several slides, a folder, --devices or --ray) needs --out DIR: the folder "
-            "for one result set per slide and the manifest"
-        )
-    params = BatchParams(
-        overlap=a.overlap,
-        mpp=a.mpp,
-        slide_mpp=a.slide_mpp,
-        section=a.section,
-        region=_parse_region(a.region),
-        formats=(".geojson", *(a.also or [])),
-        batch=a.batch,
-        workers=a.workers,
-        threads=a.threads,
-    )
-
-    def on_term(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    old = signal.signal(signal.SIGTERM, on_term)
-    try:
-        summary = run_batch(
-            a.slide,
-            a.out,
-            models,
-            params,
-            devices=_batch_devices(a),
-            ray=a.ray is not None,
-            ray_address=a.ray or None,
-            force=a.force,
-            overwrite=a.overwrite,
-            max_retries=a.retries,
-            log=lambda line: print(line, flush=True),
-        )
-    except KeyboardInterrupt:
-        print(
-            f"trtwsi predict: interrupted; finished slides are kept in {a.out}, rerun the same "
-            "command to do the rest",
-            file=sys.stderr,
-        )
-        return 130
-    finally:
-        signal.signal(signal.SIGTERM, old)
-    print(
-        f"batch: {len(summary.done)} done, {len(summary.failed)} failed, "
-        f"{len(summary.skipped)} skipped (already done), {summary.crashes} worker crash(es), "
-        f"{summary.seconds:.1f} s; manifest {summary.manifest}"
-    )
-    for name in summary.failed:
-        err = summary.records[name].get("error", {})
-        print(f"  failed {name}: {err.get('type')}: {err.get('message')}")
-    return 4 if summary.failed else 0
-
-
 def cmd_predict(a) -> int:
-    models = _models_from_args(a)
-    if _is_batch(a):
-        return cmd_predict_batch(a, models)
-    a.slide = a.slide[0]
-    region = _parse_region(a.region)
-    t0 = time.perf_counter()
-    pred = _predictor(a, models)
-    res = pred.run(section=a.section, region=region)
-    out = _out_path_for(a.slide, a.out, ".geojson")
-    written = [res.save(out, overwrite=a.overwrite, slide=pred.slide)]
-    for extra in a.also or []:
-        written.append(
-            res.save(
-                out.with_suffix(extra if extra.startswith(".") else "." + extra),
-                overwrite=a.overwrite,
-                slide=pred.slide,
-            )
-        )
-    print(res.summary())
-    for p in written:
-        print(f"wrote {p}")
-    print(f"total {time.perf_counter() - t0:.1f} s")
-    return 0
+    if is_batch(a):
+        return cmd_predict_batch(a)
+    return cmd_predict_one(a)
 
 
 def cmd_eval(a) -> int:
@@ -245,8 +115,9 @@ def cmd_eval(a) -> int:
 
     gt_path = Path(a.gt) if a.gt else Path(a.slide).with_suffix(".gt.json")
     gt = GroundTruth.load(gt_path)
-    models = _models_from_args(a)
-    res = _predictor(a, models).run(section=a.section)
+    models = models_from_args(a)
+    with make_predictor(a, models) as pred:
+        res = pred.run(section=a.section)
     det = res.detections
     worst = 1.0
     for mi, m in enumerate(models):
@@ -311,7 +182,13 @@ def _add_predict_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--iou", type=float, default=0.45, help="per-tile NMS IoU for --model (default 0.45)"
     )
-    p.add_argument("--backend", default="auto", choices=["auto", "torch", "tensorrt"])
+    p.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "tensorrt"],
+        help="inference backend for --model: auto (a TensorRT engine next to the .pt when it "
+        "runs here, else torch), torch, tensorrt (default auto)",
+    )
     p.add_argument(
         "--trust-weights",
         action="store_true",
@@ -321,7 +198,7 @@ def _add_predict_opts(p: argparse.ArgumentParser) -> None:
         "--section",
         type=int,
         default=None,
-        help="only this tissue section (0 = first in reading order)",
+        help="only this tissue section (0 = first in reading order; `trtwsi info` lists them)",
     )
     p.add_argument(
         "--overlap",
@@ -343,8 +220,10 @@ def _add_predict_opts(p: argparse.ArgumentParser) -> None:
         help="tiles per batch (default: 32 on the GPU pipeline, 8 on the CPU)",
     )
     p.add_argument("--workers", type=int, default=None, help="reader threads (default: CPU count)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N"
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -352,17 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="trtwsi", description="YOLO detection on whole-slide images.")
     ap.add_argument("--version", action="version", version=f"trtwsi {__version__}")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub = ap.add_subparsers(dest="cmd", required=True, help="what to do")
 
     p = sub.add_parser(
         "info", help="levels, MPP, format, tissue sections and tile counts of a slide"
     )
-    p.add_argument("slide")
+    p.add_argument("slide", help="slide file")
     p.add_argument("--tile", type=int, default=640, help="model input size (default 640)")
-    p.add_argument("--overlap", type=float, default=0.2)
+    p.add_argument(
+        "--overlap", type=float, default=0.2, help="tile overlap: ratio or pixels (default 0.2)"
+    )
     p.add_argument("--mpp", type=float, default=None, help="model input µm/px")
-    p.add_argument("--slide-mpp", type=float, default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--slide-mpp", type=float, default=None, help="override the slide's µm/px")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser(
@@ -372,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         "slide", nargs="+", help="slide file; several files or a folder run as a batch (--out DIR)"
     )
     _add_predict_opts(p)
-    p.add_argument("--region", help="x,y,w,h in level-0 px instead of sections")
+    p.add_argument("--region", type=_parse_region, help="x,y,w,h in level-0 px instead of sections")
     p.add_argument(
         "--out",
         help="output path; format by extension (.geojson .csv .json .png). Batch: a folder "
@@ -382,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--also", action="append", help="extra formats next to --out, e.g. --also csv --also png"
     )
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument(
+        "--max-tile-errors",
+        type=_tile_error_limit,
+        default=0.05,
+        metavar="LIMIT",
+        help="a slide with more undecodable tiles than this fails (no outputs, exit non-zero): "
+        "a fraction of its tiles (0.05), a count (3) or none (default 0.05)",
+    )
     b = p.add_argument_group("batch (several slides or a folder, --out DIR)")
     b.add_argument(
         "--devices",
@@ -411,15 +300,28 @@ def build_parser() -> argparse.ArgumentParser:
         help="times a slide is retried after its worker died on it (default 2)",
     )
     b.add_argument(
+        "--slide-timeout",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="stop a slide running longer than this: its worker is restarted, the slide is "
+        "recorded failed and the others go on (local workers only; default: no limit)",
+    )
+    b.add_argument(
         "--force", action="store_true", help="rerun slides already done with the same inputs"
     )
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("eval", help="precision/recall per class against a ground-truth sidecar")
-    p.add_argument("slide")
+    p.add_argument("slide", help="slide file")
     p.add_argument("--gt", help="ground truth JSON (default: <slide>.gt.json)")
     _add_predict_opts(p)
-    p.add_argument("--iou-match", type=float, default=0.5)
+    p.add_argument(
+        "--iou-match",
+        type=float,
+        default=0.5,
+        help="IoU for a detection to match a ground-truth box (default 0.5)",
+    )
     p.add_argument(
         "--min-score", type=float, default=0.0, help="exit 3 if any P or R is below this"
     )
@@ -428,10 +330,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo", help="make a synthetic slide, run the bundled demo model, write results"
     )
-    p.add_argument("--out-dir", default="trtwsi-demo")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--out-dir", default="trtwsi-demo", help="folder for the slide and results (default "
+        "trtwsi-demo)",
+    )  # fmt: skip
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default auto)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
@@ -456,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="TensorRT engine vs its .pt: box agreement on sample tiles")
     p.add_argument("engine", help="the .engine file (its .engine.json sidecar next to it)")
     p.add_argument("--model", help=".pt weights (default: the sidecar's, next to the engine)")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda", help="CUDA device (default cuda)")
     p.add_argument("--tiles", type=int, default=8, help="sample tiles (default 8)")
     p.set_defaults(func=cmd_compare)
     return ap
@@ -468,11 +373,21 @@ def main(argv=None) -> int:
     try:
         return a.func(a)
     except TrtwsiError as e:
-        print(f"trtwsi {a.cmd}: error: {e}", file=sys.stderr)
+        print(f"trtwsi {a.cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 1
     except argparse.ArgumentTypeError as e:
         ap.error(str(e))
         return 2
+    except KeyboardInterrupt:
+        print(f"trtwsi {a.cmd}: interrupted; no outputs were written", file=sys.stderr)
+        return 130
+    except OSError as e:  # a file system refusal: one line, not a traceback
+        print(f"trtwsi {a.cmd}: error: {type(e).__name__}: {_one_line(e)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -59,8 +59,12 @@ Manifest (``OUT/manifest.jsonl``)
     ---------- -------------------------------------------------------------------------------
     failed / crashed / interrupted
     error      ``{"type": exception class, "message": str}`` (``crashed``: ``WorkerCrash``
-               with the exit code or signal)
+               with the exit code or signal; over ``--slide-timeout``: ``SlideTimeoutError``;
+               more undecodable tiles than ``--max-tile-errors``: ``TooManyTileErrorsError``,
+               with ``n_tiles`` and ``tile_errors``)
     retry      (crashed) whether the slide was put back in the queue
+    stale_outputs          (failed) outputs of an earlier run of the slide, renamed
+               ``NAME.EXT.stale`` because they no longer describe it
     ========== ===============================================================================
 
     ``{"record": "run", "event": "start" | "end" | "interrupted" | "aborted", ...}`` — one at
@@ -89,6 +93,7 @@ Interrupts
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import os
@@ -121,7 +126,7 @@ from trtwsi.batch.manifest import (
 )
 from trtwsi.batch.pools.local import LocalPool, parse_devices
 from trtwsi.batch.pools.ray import RayPool
-from trtwsi.errors import BatchError
+from trtwsi.errors import BatchError, ManifestWriteError, OutputFolderError
 
 
 @dataclasses.dataclass
@@ -199,6 +204,8 @@ def run_batch(
     force: bool = False,
     overwrite: bool = False,
     max_retries: int = 2,
+    slide_timeout: float | None = None,
+    progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> BatchSummary:
     """Run ``models`` over ``slides`` (files or folders) into ``out_dir``; see the module doc.
@@ -217,7 +224,14 @@ def run_batch(
         force: rerun slides that are done with the same key.
         overwrite: replace output files the manifest does not know.
         max_retries: times a slide is retried after its worker died on it.
+        slide_timeout: seconds a slide may run on a local worker; one over it is recorded
+            ``failed`` (``SlideTimeoutError``), its worker restarted, the others go on. Not
+            with ``ray=True`` (BatchError).
+        progress: a tqdm bar over the slides (tiles/s, ETA) on stderr.
         log: called with one line per event (progress); None: silent.
+
+    A slide that fails (or times out) after an earlier run had written its outputs gets those
+    outputs renamed ``NAME.EXT.stale``: they no longer describe the slide's latest run.
 
     Returns :class:`BatchSummary`. Raises :class:`BatchError` before anything runs for bad
     arguments or a locked output folder, :class:`~trtwsi.errors.WorkerError` when no worker can
@@ -237,8 +251,28 @@ def run_batch(
         raise BatchError("a batch needs at least one model (--model PATH.pt or --models TOML)")
     if max_retries < 0:
         raise BatchError(f"max_retries must be >= 0, got {max_retries}")
-    pool = RayPool(ray_address, devices) if ray else LocalPool(parse_devices(devices))
-    out.mkdir(parents=True, exist_ok=True)
+    if slide_timeout is not None:
+        if not slide_timeout > 0:
+            raise BatchError(
+                f"slide_timeout must be a positive number of seconds, got {slide_timeout}"
+            )
+        if ray:
+            raise BatchError(
+                "--slide-timeout works with the local worker pool only; with --ray use Ray's "
+                "own limits, or drop --ray"
+            )
+    pool = (
+        RayPool(ray_address, devices)
+        if ray
+        else LocalPool(parse_devices(devices), slide_timeout=slide_timeout)
+    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputFolderError(
+            f"--out {str(out)!r}: cannot create the folder ({e.strerror or e}); choose a "
+            "writable output folder"
+        ) from None
 
     with _locked(out):
         run_id = f"{_dt.datetime.now():%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
@@ -253,9 +287,27 @@ def run_batch(
         inflight: dict[str, dict] = {}
         crashes = 0
         n_total = len(jobs) + len(unreadable)
+        owned = {j.name: j.overwrite for j in jobs}
+        for rec in unreadable:
+            owned[rec["slide"]] = overwrite or rec["slide"] in state
+        bar = None
+        if progress and n_total:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n_total, unit="slide", desc="slides", dynamic_ncols=True)
+            if log is not None:
+
+                def say(line: str) -> None:
+                    bar.write(line)  # above the bar, which is then redrawn
+
+        tiles_done = 0
 
         def emit(rec: dict) -> None:
-            nonlocal crashes
+            nonlocal crashes, tiles_done
+            if rec.get("status") == "failed" and owned.get(rec.get("slide")):
+                stale = _mark_stale(out, rec["slide"], params.formats)
+                if stale:
+                    rec = {**rec, "stale_outputs": stale}
             rec = manifest.append(rec)
             name, status = rec["slide"], rec["status"]
             if status == "running":
@@ -272,6 +324,11 @@ def run_batch(
                     return
             records[name] = rec
             k = len(records)
+            if bar is not None:
+                tiles_done += int(rec.get("n_tiles") or 0)
+                elapsed = max(time.perf_counter() - t_start, 1e-9)
+                bar.set_postfix_str(f"{tiles_done / elapsed:.1f} tiles/s", refresh=False)
+                bar.update(1)
             if rec["status"] == "done":
                 mp = rec["pixels"] / 1e6
                 say(
@@ -314,7 +371,7 @@ def run_batch(
                 specs = [{**model_spec(m), "sha256": m.sha256} for m in models]
                 pool.run(jobs, specs, params, emit, max_retries=max_retries, log=say)
         except BaseException as e:
-            for rec in list(inflight.values()):
+            for rec in list(inflight.values()) if not isinstance(e, ManifestWriteError) else []:
                 emit(
                     {
                         **{k: rec.get(k) for k in ("record", "slide", "path", "key", "attempt")},
@@ -324,16 +381,20 @@ def run_batch(
                         "error": {"type": type(e).__name__, "message": str(e) or "interrupted"},
                     }
                 )
-            manifest.append(
-                {
-                    "record": "run",
-                    "event": "interrupted" if isinstance(e, KeyboardInterrupt) else "aborted",
-                    "error": _error_dict(e),
-                    **_counts(records, crashes, t_start),
-                }
-            )
+            with contextlib.suppress(ManifestWriteError):  # the manifest may be what failed
+                manifest.append(
+                    {
+                        "record": "run",
+                        "event": "interrupted" if isinstance(e, KeyboardInterrupt) else "aborted",
+                        "error": _error_dict(e),
+                        **_counts(records, crashes, t_start),
+                    }
+                )
             manifest.close()
             raise
+        finally:
+            if bar is not None:
+                bar.close()
         manifest.append({"record": "run", "event": "end", **_counts(records, crashes, t_start)})
         manifest.close()
     return BatchSummary(
@@ -345,6 +406,20 @@ def run_batch(
         seconds=time.perf_counter() - t_start,
         manifest=manifest_path,
     )
+
+
+def _mark_stale(out: Path, name: str, formats) -> list[str]:
+    """Rename the outputs of slide ``name`` that exist to ``NAME.EXT.stale``; their names."""
+    moved = []
+    for f in formats:
+        p = out / (name + f)
+        if p.is_file():
+            try:
+                os.replace(p, p.with_name(p.name + ".stale"))
+            except OSError:
+                continue
+            moved.append(p.name + ".stale")
+    return moved
 
 
 def _counts(records: Mapping[str, Mapping], crashes: int, t_start: float) -> dict[str, Any]:

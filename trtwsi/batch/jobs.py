@@ -146,6 +146,9 @@ class BatchParams:
     threads per worker; default: the worker's ``threads``), ``threads`` (torch intra-op threads
     per worker; default: usable cores ÷ local workers, at least 1). CPU results are bit-identical
     between runs with the same ``threads``; other thread counts change the last bits of scores.
+    ``max_tile_errors`` (not part of the key): a slide with more undecodable tiles than this is
+    ``failed`` (a fraction of its tiles, a count, or None: no limit; see
+    :mod:`trtwsi.results.tile_errors`).
     """
 
     overlap: float = 0.2
@@ -157,6 +160,7 @@ class BatchParams:
     batch: int | None = None
     workers: int | None = None
     threads: int | None = None
+    max_tile_errors: float | int | None = 0.05
 
     def __post_init__(self):
         from trtwsi.results import SUPPORTED_EXTENSIONS, UnsupportedOutputFormatError
@@ -169,6 +173,9 @@ class BatchParams:
                 f"choose from {', '.join(SUPPORTED_EXTENSIONS)}"
             )
         object.__setattr__(self, "formats", tuple(dict.fromkeys(fmts)))
+        from trtwsi.results.tile_errors import parse_tile_error_limit
+
+        object.__setattr__(self, "max_tile_errors", parse_tile_error_limit(self.max_tile_errors))
         if self.region is not None:
             object.__setattr__(self, "region", tuple(int(v) for v in self.region))
         for label in ("batch", "workers", "threads"):

@@ -109,10 +109,17 @@ class SlideRunner:
             yield self._write(job, base, out)
 
     def _write(self, job: SlideJob, base: dict, out) -> dict:
+        from trtwsi.results.tile_errors import check_tile_errors
+
         res = out.results
         t_write = time.perf_counter()
         outputs = job.outputs(self.params.formats)
         written: list[Path] = []
+        try:
+            check_tile_errors(res, self.params.max_tile_errors, f"slide {job.name}")
+        except Exception as e:
+            return {**base, "status": "failed", "error": _error_dict(e), "n_tiles": res.n_tiles,
+                    "tile_errors": len(res.errors)}  # fmt: skip
         try:
             slide = None
             if any(o.suffix.lower() in (".png", ".jpg", ".jpeg") for o in outputs):

@@ -280,11 +280,10 @@ class Runtime:
             self._lock.release()
 
     def _stream(self, slides, options, progress) -> Iterator[SlideOutcome]:
+        # One bar over every tile of the stream (all sections, all input sizes; models of one
+        # input size share tiles). It appears with the first slide's plan, so with one slide its
+        # total is known before the first tile runs; later slides add theirs.
         bar = None
-        if progress:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=0, unit="tile", desc="tiles", dynamic_ncols=True)
         imgsizes = [m.imgsz for m in self.models]
         planners = ThreadPoolExecutor(self.planners, thread_name_prefix="trtwsi-plan")
         finisher = ThreadPoolExecutor(1, thread_name_prefix="trtwsi-finish")
@@ -347,6 +346,7 @@ class Runtime:
         def runs() -> Iterator:
             """Planned slides in order; :data:`IDLE` while the next one is not ready, so the
             pipeline can finish what it holds instead of blocking."""
+            nonlocal bar
             while True:
                 try:
                     fut = planned.get_nowait()
@@ -358,9 +358,18 @@ class Runtime:
                 while not fut.done():
                     yield IDLE
                 run = fut.result()
-                if bar is not None and run.plan is not None:
-                    bar.total += run.plan.n_tiles
-                    bar.refresh()
+                if progress and run.plan is not None:
+                    if bar is None:
+                        from tqdm.auto import tqdm
+
+                        bar = tqdm(
+                            total=run.plan.n_tiles, unit="tile", desc="tiles", dynamic_ncols=True
+                        )
+                        if self._pipe is not None:
+                            self._pipe.bar = bar
+                    else:
+                        bar.total += run.plan.n_tiles
+                        bar.refresh()
                 yield run
 
         def finish(run: SlideRun) -> SlideOutcome:
@@ -391,7 +400,6 @@ class Runtime:
         feeder.start()
         try:
             if self._pipe is not None:
-                self._pipe.bar = bar
                 yield from self._drive(lambda: self._pipe.run(runs(), hand_on), done, stop)
             else:
                 for run in runs():

@@ -34,12 +34,13 @@ import signal
 import socket
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from multiprocessing.connection import wait
 
 from trtwsi.batch.jobs import _error_dict
 from trtwsi.batch.runner import SlideRunner
-from trtwsi.errors import BatchError, WorkerError
+from trtwsi.errors import BatchError, SlideTimeoutError, WorkerError
 
 __all__ = ["LocalPool", "parse_devices"]
 
@@ -191,20 +192,27 @@ class _Slot:
         self.restarts = 0
         self.retired = False
         self.stopping = False
+        self.head_since: float | None = None  # when the worker became free for jobs[0]
 
 
 class LocalPool:
     """Worker processes on this host, one per entry of ``devices`` (see :func:`parse_devices`).
 
     ``max_restarts``: new workers started on one device after crashes in a row before the device
-    is given up.
+    is given up. ``slide_timeout``: seconds a worker may spend on one slide (from the moment it
+    is free for it: its models loaded and the slide before done); past that the worker is
+    stopped, the slide recorded ``failed`` (``SlideTimeoutError``), the slides it held next put
+    back in line, and a new worker started on the device.
     """
 
-    def __init__(self, devices: Sequence[str], max_restarts: int = 3):
+    def __init__(
+        self, devices: Sequence[str], max_restarts: int = 3, slide_timeout: float | None = None
+    ):
         if not devices:
             raise BatchError("LocalPool needs at least one device")
         self.devices = list(devices)
         self.max_restarts = max_restarts
+        self.slide_timeout = slide_timeout
 
     def describe(self) -> list[str]:
         return list(self.devices)
@@ -248,6 +256,7 @@ class LocalPool:
             slot.proc, slot.conn, slot.pid = proc, parent, proc.pid
             slot.jobs.clear()
             slot.stopping = False
+            slot.head_since = None  # until the new worker says it is ready
 
         def give(slot: _Slot) -> None:
             """Keep PREFETCH jobs handed to the worker; None once nothing is left."""
@@ -272,9 +281,11 @@ class LocalPool:
         def handle(slot: _Slot, msg) -> None:
             kind, payload = msg
             if kind == "ready":
+                slot.head_since = time.monotonic()
                 give(slot)
             elif kind == "result":
                 slot.jobs.popleft()
+                slot.head_since = time.monotonic()
                 slot.restarts = 0
                 emit({**payload, "worker": slot.device, "slot": slot.index})
                 give(slot)
@@ -334,6 +345,46 @@ class LocalPool:
             elif pending:
                 start(slot)
 
+        limit = self.slide_timeout
+
+        def expire(slot: _Slot) -> None:
+            """The worker ran over ``limit`` on its current slide: stop it, fail the slide, put
+            the slides it held next back in line, start a new worker."""
+            _stop([slot], force=True)
+            job, *rest = slot.jobs
+            slot.jobs.clear()
+            for j in reversed(rest):
+                pending.appendleft(j)
+            log(f"{job.name}: over --slide-timeout {limit:g} s on {slot.device}; worker restarted")
+            emit(
+                job.record(
+                    status="failed",
+                    worker=slot.device,
+                    slot=slot.index,
+                    host=socket.gethostname(),
+                    pid=slot.pid,
+                    error=_error_dict(
+                        SlideTimeoutError(
+                            f"slide {job.name} ran longer than --slide-timeout {limit:g} s on "
+                            f"{slot.device}; its worker was stopped. Raise --slide-timeout, or "
+                            "check the slide (huge, or a stuck read)"
+                        )
+                    ),
+                )
+            )
+            if pending:
+                start(slot)
+
+        def next_deadline() -> float | None:
+            if limit is None:
+                return None
+            ends = [
+                s.head_since + limit
+                for s in slots
+                if s.proc is not None and s.jobs and s.head_since is not None
+            ]
+            return max(0.0, min(ends) - time.monotonic()) if ends else None
+
         try:
             for slot in slots:
                 start(slot)
@@ -358,7 +409,7 @@ class LocalPool:
                 for s in live:
                     by_obj[s.conn] = (s, s.proc)
                     by_obj[s.proc.sentinel] = (s, s.proc)
-                for obj in wait(list(by_obj)):
+                for obj in wait(list(by_obj), timeout=next_deadline()):
                     s, proc = by_obj[obj]
                     if s.proc is not proc:  # that process was already handled in this round
                         continue
@@ -371,22 +422,33 @@ class LocalPool:
                         handle(s, msg)
                     else:
                         died(s)
+                if limit is not None:
+                    now = time.monotonic()
+                    for s in slots:
+                        if (
+                            s.proc is not None
+                            and s.jobs
+                            and s.head_since is not None
+                            and now - s.head_since > limit
+                        ):
+                            expire(s)
         finally:
             _stop(slots)
 
 
-def _stop(slots: Sequence[_Slot]) -> None:
-    """Stop every worker still running: None to idle ones, SIGTERM to busy ones, then kill."""
+def _stop(slots: Sequence[_Slot], force: bool = False) -> None:
+    """Stop every worker still running: None to idle ones, SIGTERM to busy ones, then kill
+    (``force``: SIGTERM to all, and kill after a short grace)."""
     live = [s for s in slots if s.proc is not None]
     for s in live:
-        if not s.jobs:
+        if not s.jobs and not force:
             with contextlib.suppress(OSError, ValueError):
                 s.conn.send(None)
         else:
             with contextlib.suppress(OSError):
                 s.proc.terminate()
     for s in live:
-        s.proc.join(TERMINATE_GRACE)
+        s.proc.join(2.0 if force else TERMINATE_GRACE)
         if s.proc.exitcode is None:
             s.proc.kill()
             s.proc.join()
