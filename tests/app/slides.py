@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
+from trtwsi._util.resources import bundled_models_dir
 from trtwsi.synthetic import make_slide
 
 REPO = Path(__file__).resolve().parents[2]
-MODEL = REPO / "models" / "demo-yolo11n.pt"
+MODEL = bundled_models_dir() / "demo-yolo11n.pt"
 
 
 def small_slide(path: Path, seed: int = 0, size=(900, 700), n_sections: int = 1) -> Path:
