@@ -226,6 +226,13 @@ def test_one_progress_bar_over_the_whole_slide(two_sections, tmp_path):
     assert ns == sorted(ns)  # never restarts
 
 
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default. A test run started in the
+    background of a non-interactive shell inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt, so the signal this test sends would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_single_slide(two_sections, tmp_path):
     """SIGINT in the middle of the tiles: one line, exit 130, no output files. (--mpp 0.25:
     4x the tiles, so that the run is still going when the signal lands on a fast CPU.)"""
@@ -237,6 +244,7 @@ def test_ctrl_c_single_slide(two_sections, tmp_path):
             "--out", str(out), "--also", "csv",
         ],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), cwd=REPO,
+        preexec_fn=_default_sigint,
     )  # fmt: skip
     buf = b""
     deadline = time.monotonic() + 240

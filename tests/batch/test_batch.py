@@ -302,11 +302,23 @@ def _cli(slides: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
+def _default_sigint() -> None:
+    """In the child, before exec: SIGINT back to its default. A test run started in the
+    background of a non-interactive shell inherits SIGINT ignored, and Python then never
+    raises KeyboardInterrupt, so the signal this test sends would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["SIGINT", "SIGKILL"])
 def test_resume_after_kill(reference, slides, tmp_path, sig):
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        _cli(slides, out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        _cli(slides, out),
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        preexec_fn=_default_sigint,
     )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
