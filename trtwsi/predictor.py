@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from trtwsi.errors import UsageError
 from trtwsi.plan.slide_plan import SlideOptions
 from trtwsi.runtime import Runtime, pick_device, pick_pipeline
+from trtwsi.runtime.runtime import default_batch
 from trtwsi.slide import Slide, open_slide
 
 __all__ = ["Predictor"]
@@ -27,7 +28,7 @@ class Predictor:
             preprocessing; each model keeps its own ``min_conf`` / ``iou`` / classes.
         overlap: tile overlap, ratio in [0, 1) or pixels (model px).
         mpp: microns per pixel of the models' input (None: level-0 pixels as they are).
-        batch: tiles per forward pass (None: 32 on the GPU pipeline, 8 otherwise). The GPU
+        batch: tiles per forward pass (None: :func:`~trtwsi.runtime.runtime.default_batch`). The GPU
             pipeline pads the last batch to this size (fixed shapes for CUDA graphs/engines).
         workers: reader threads (default: CPU count).
         device: "auto" (CUDA if available, else CPU), "cpu", "cuda", "cuda:N".
@@ -82,7 +83,7 @@ class Predictor:
         self.progress = progress
         self.device = pick_device(device)
         self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
-        self.batch = int(batch) if batch is not None else (32 if self.gpu_pipeline else 8)
+        self.batch = int(batch) if batch is not None else default_batch(self.device, self.gpu_pipeline)
         self._runtime_args = dict(
             device=self.device,
             batch=self.batch,

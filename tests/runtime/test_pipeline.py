@@ -53,9 +53,17 @@ def _match(a, b, iou_min=0.9):
 def test_cpu_device_uses_reference_path():
     img, _ = make_array(700, 600, seed=3)
     p = trtwsi.Predictor(img, [trtwsi.Model(NMS_MODEL)], device="cpu")
-    assert p.gpu_pipeline is False and p.batch == 8
+    assert p.gpu_pipeline is False and p.batch == 2
     res = p.run(region=(0, 0, 700, 600))
     assert res.params["pipeline"] == "reference"
+
+
+def test_default_batch_per_device():
+    from trtwsi.runtime.runtime import default_batch
+
+    assert default_batch("cpu", False) == 2
+    assert default_batch("cuda:1", False) == 8
+    assert default_batch("cuda:0", True) == 32
 
 
 def test_gpu_pipeline_on_cpu_is_a_clear_error():

@@ -65,13 +65,23 @@ class SlideOutcome:
         return self.error is None
 
 
+def default_batch(device: str, gpu_pipeline: bool) -> int:
+    """Tiles per forward when none is given: 32 on the GPU pipeline, 8 for torch on CUDA without
+    it, 2 on the CPU. On the CPU a larger batch costs more CPU per tile (larger temporaries, worse
+    cache use): ``bench/bench_cpu.py`` on 2 AMD EPYC cores gave 5.5 / 5.1 / 5.1 tiles/s at batch
+    1 / 2 / 8 with 1 thread and 7.9 / 8.7 / 7.3 with 2 (``bench/results/cpu-amd-epyc-2c.json``)."""
+    if gpu_pipeline:
+        return 32
+    return 8 if device.startswith("cuda") else 2
+
+
 class Runtime:
     """Models on one device, ready to run any number of slides.
 
     Args:
         models: :class:`~trtwsi.engines.model.Model` objects or .pt paths.
         device: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
-        batch: tiles per forward (None: 32 on the GPU pipeline, 8 otherwise).
+        batch: tiles per forward (None: :func:`~trtwsi.runtime.runtime.default_batch`).
         workers: reader threads (and reader processes on the GPU pipeline; default: CPUs on the
             GPU pipeline; 2 on the CPU path, where the model, not decoding, takes the time and
             more reader threads only compete with torch's).
@@ -122,7 +132,7 @@ class Runtime:
         self.models = [m if isinstance(m, Model) else Model(m) for m in models]
         self.device = pick_device(device)
         self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
-        self.batch = int(batch) if batch is not None else (32 if self.gpu_pipeline else 8)
+        self.batch = int(batch) if batch is not None else default_batch(self.device, self.gpu_pipeline)
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise UsageError(f"threads must be a positive int, got {threads!r}")
