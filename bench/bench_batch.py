@@ -79,6 +79,12 @@ def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=
 
     model = Model(MODEL)
     load_before = os.getloadavg()
+    done_at: list[float] = []
+
+    def log(line: str) -> None:  # one line per finished slide ("[k/n] name: done, ...")
+        if ": done," in line:
+            done_at.append(time.perf_counter() - t0)
+
     with tempfile.TemporaryDirectory(prefix="trtwsi-bench-batch-") as tmp:
         t0 = time.perf_counter()
         s = run_batch(
@@ -88,6 +94,7 @@ def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=
             BatchParams(threads=threads),
             devices=devices,
             ray=ray,
+            log=log,
         )
         wall = time.perf_counter() - t0
     recs = [r for r in s.records.values() if r["status"] == "done"]
@@ -117,8 +124,20 @@ def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=
         "gpu_compute_s": round(gpu_s, 3),
         # the slowest worker's model load + runtime start, and the wall time after it
         "worker_start_s": max(r.get("worker_start_s", 0.0) for r in recs),
+        # its parts in the first worker (boot: spawn to worker main; import; models; engines;
+        # pipeline incl. warm_up; tissue; planners)
+        "worker_start": recs[0].get("worker_start") if recs else None,
         "steady_wall_s": round(wall - max(r.get("worker_start_s", 0.0) for r in recs), 3),
         "gpu_busy_fraction": round(gpu_s / (wall * len(devices)), 4),
+        # when the first and last slide were done (s after run_batch was called), and the rate
+        # in between: the steady state of a long batch, without the one-time start
+        "first_done_s": round(done_at[0], 3) if done_at else None,
+        "last_done_s": round(done_at[-1], 3) if done_at else None,
+        "steady_slides_per_hour": (
+            round((len(done_at) - 1) / (done_at[-1] - done_at[0]) * 3600, 1)
+            if len(done_at) > 1 and done_at[-1] > done_at[0]
+            else None
+        ),
         # mean seconds per slide and stage (stages overlap: open/sections run ahead in planner
         # threads, reads in reader processes, merge in the finisher thread)
         "per_slide_s": {k: round(v / len(recs), 4) for k, v in sorted(stages.items())},

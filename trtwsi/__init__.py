@@ -5,6 +5,8 @@ Public API (imported lazily so `import trtwsi` stays light and GPU modules load 
     trtwsi.open_slide(src) -> Slide
     trtwsi.Model(weights, classes=None, min_conf=0.25, iou=0.45, backend="auto", fallback_to_pt=True)
     trtwsi.Predictor(slide, models=[...], ...).run(section=None, region=None) -> Results
+    with trtwsi.Runtime(models, device="cuda") as rt:      # one per GPU, many slides
+        for outcome in rt.stream(paths): outcome.results / outcome.error
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ _EXPORTS = {
     "TileGrid": "trtwsi.plan.grid",
     "Model": "trtwsi.engines.model",
     "Predictor": "trtwsi.predictor",
+    "Runtime": "trtwsi.runtime",
+    "SlideRequest": "trtwsi.runtime",
+    "SlideOutcome": "trtwsi.runtime",
+    "SlideOptions": "trtwsi.plan.slide_plan",
     "Results": "trtwsi.results",
     "Detections": "trtwsi.results",
     "TrtwsiError": "trtwsi.errors",

@@ -95,3 +95,46 @@ def test_one_pool_reads_several_slides_and_leaves_nothing_behind(tmp_path, svs_f
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_thumbnails_decoded_by_the_pool_equal_the_slides_own(tmp_path, svs_file):
+    """Slide.thumbnail(read_level=pool.level_reader(...)): the block-reduced path (a level over
+    THUMBNAIL_DIRECT_PIXELS, integer downsample), the direct path, and a level of non-integer
+    downsample (read by the slide itself) all give the slide's own thumbnail, bit for bit."""
+    from trtwsi.plan import find_sections
+    from trtwsi.slide.base import THUMBNAIL_DIRECT_PIXELS
+    from trtwsi.synthetic import make_slide
+
+    big = tmp_path / "big.tif"
+    make_slide(big, 4400, 4000, seed=5, n_sections=2, levels=1)
+    assert THUMBNAIL_DIRECT_PIXELS < 4400 * 4000
+    r = ReaderPool(processes=2, slots=1, slot_bytes=4096 * 4096 * 3, pin=False, wait=False)
+    try:
+        for path, sizes in ((big, (2048, 512)), (svs_file, (2048, 300, 64))):
+            with open_slide(path) as s:
+                for n in sizes:
+                    want = s.thumbnail(n)
+                    got = s.thumbnail(n, read_level=r.level_reader(0, s))
+                    np.testing.assert_array_equal(got, want)
+        with open_slide(big) as s:
+            thumb = s.thumbnail(2048, read_level=r.level_reader(0, s))
+            got, want = find_sections(s, thumbnail=thumb), find_sections(s)
+            assert [(x.bbox, x.area) for x in got] == [(x.bbox, x.area) for x in want]
+            assert len(want) == 2
+            for a, b in zip(got, want, strict=True):
+                np.testing.assert_array_equal(a.mask, b.mask)
+            with pytest.raises(TrtwsiError, match="thumbnail must be"):
+                find_sections(s, thumbnail=thumb[:-1])
+    finally:
+        r.close()
+
+
+def test_a_pool_started_without_waiting_reads_and_closes(svs_file):
+    r = ReaderPool(processes=2, slots=1, slot_bytes=300 * 200 * 3, pin=False, wait=False)
+    try:
+        with open_slide(svs_file) as s:
+            np.testing.assert_array_equal(r.read(0, s, 10, 20, 300, 200, 0), s.read_region(10, 20, 300, 200))
+        r.ready()  # (a second wait returns at once)
+    finally:
+        r.close()
+    assert r.shm_path is None

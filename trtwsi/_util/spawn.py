@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["main_module_hidden", "preload_decoders", "spawn_pool"]
+__all__ = ["await_pool", "main_module_hidden", "preload_decoders", "spawn_pool", "start_pool"]
 
 _LOCK = threading.RLock()
 _MISSING = object()
@@ -62,10 +62,11 @@ def _pid() -> int:
     return os.getpid()
 
 
-def spawn_pool(processes: int, initializer=None, initargs: tuple = (), timeout: float = 120):
-    """A ``ProcessPoolExecutor`` of ``processes`` spawned workers, all started now (from this
-    thread, with ``__main__`` hidden) and each answering once; raises what stopped them
-    (``BrokenProcessPool``, ``OSError`` or ``TimeoutError``) after shutting the pool down."""
+def start_pool(processes: int, initializer=None, initargs: tuple = ()):
+    """Start a ``ProcessPoolExecutor`` of ``processes`` spawned workers now (from this thread,
+    with ``__main__`` hidden) without waiting for them: returns ``(pool, pings)``, one future
+    per worker that completes once that worker has run ``initializer``. Pass both to
+    :func:`await_pool`; the workers import and initialize while the caller does other work."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
@@ -81,9 +82,25 @@ def spawn_pool(processes: int, initializer=None, initargs: tuple = (), timeout: 
             if launch is not None:  # start all now (CPython >= 3.9 spawns lazily otherwise)
                 launch()
             pings = [pool.submit(_pid) for _ in range(processes)]
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    return pool, pings
+
+
+def await_pool(pool, pings, timeout: float = 120):
+    """Wait until every worker of :func:`start_pool` has answered; returns ``pool``. Raises
+    what stopped them (``BrokenProcessPool``, ``OSError`` or ``TimeoutError``) after shutting
+    the pool down."""
+    try:
         for f in pings:
             f.result(timeout=timeout)
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     return pool
+
+
+def spawn_pool(processes: int, initializer=None, initargs: tuple = (), timeout: float = 120):
+    """:func:`start_pool` then :func:`await_pool`: all workers started and each answering."""
+    return await_pool(*start_pool(processes, initializer, initargs), timeout=timeout)

@@ -35,12 +35,13 @@ class SlideRunner:
     """
 
     def __init__(self, specs: Sequence[Mapping], params: BatchParams, device: str, threads=None):
+        t0 = time.perf_counter()
         import torch
 
         from trtwsi.engines.model import Model
         from trtwsi.runtime import Runtime
 
-        t0 = time.perf_counter()
+        t_import = time.perf_counter() - t0
         if threads:
             torch.set_num_threads(int(threads))
         self.params = params
@@ -63,8 +64,11 @@ class SlideRunner:
             workers=params.workers or threads,
             planners=PLANNERS,
         )
-        #: seconds to load the models and start the runtime (engines, rings, reader processes)
+        #: seconds to import torch, load the models and start the runtime (engines, rings,
+        #: reader processes), and their parts (``boot``: the worker process's own start,
+        #: before this, where the pool knows it)
         self.start_seconds = round(time.perf_counter() - t0, 3)
+        self.start_timings = {"import": round(t_import, 3), **self.runtime.start_timings}
         self.options = SlideOptions(
             overlap=params.overlap, mpp=params.mpp, section=params.section, region=params.region
         )
@@ -152,6 +156,7 @@ class SlideRunner:
             "timings": {**res.timings, "write": round(write_s, 6)},
             "tile_errors": len(res.errors),
             "worker_start_s": self.start_seconds,
+            "worker_start": self.start_timings,
         }
 
 

@@ -376,7 +376,7 @@ class TensorRTEngine:
             graph = torch.cuda.CUDAGraph()
             capture = torch.cuda.Stream(self.device)
             capture.wait_stream(stream)
-            with torch.cuda.graph(graph, stream=capture):
+            with torch.cuda.graph(graph, stream=capture, capture_error_mode="thread_local"):
                 ok = ctx.execute_async_v3(capture.cuda_stream)
             _check(ok, f"execute_async_v3 under CUDA graph capture of {self.path.name}")
             stream.wait_stream(capture)

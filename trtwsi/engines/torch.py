@@ -104,7 +104,9 @@ class TorchEngine:
                 self._forward(self.input)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.inference_mode(), torch.cuda.graph(graph):
+        # thread_local: other threads of the process (planners running CuPy, reader threads)
+        # may allocate and synchronize meanwhile; only this thread's calls are checked
+        with torch.inference_mode(), torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self._output = self._forward(self.input).float()
         self._graph = graph
 

@@ -37,6 +37,8 @@ DEFAULT_PAD_PX = 50.0
 #: Minimal tissue contrast (feature units, 0–255): the threshold never goes below this, so
 #: Otsu on an all-glass slide (pure noise) finds nothing.
 DEFAULT_MIN_CONTRAST = 8.0
+#: Longer side (px) of the thumbnail tissue is found on (``find_sections(max_size=...)``).
+TISSUE_THUMBNAIL = 2048
 
 _SQRT_LUT = np.round(np.sqrt(np.arange(256) / 255.0) * 255.0).astype(np.uint8)
 
@@ -237,7 +239,7 @@ def _resolve(value, um, px_default, mpp, name, power=1):
 def find_sections(
     slide: Slide,
     *,
-    max_size: int = 2048,
+    max_size: int = TISSUE_THUMBNAIL,
     min_area_um2: float | None = None,
     min_area_px: float | None = None,
     threshold: float | None = None,
@@ -245,6 +247,7 @@ def find_sections(
     pad: float | None = None,
     merge_distance: float | None = None,
     backend: str = "cv2",
+    thumbnail: np.ndarray | None = None,
 ) -> list[Section]:
     """Tissue sections of ``slide``, in reading order (:func:`reading_order`); [] for a blank slide.
 
@@ -268,7 +271,8 @@ def find_sections(
     ``backend`` runs steps 1–4: "cv2" (OpenCV on the CPU, the reference), "cupy" (CuPy and
     cupyx.scipy.ndimage on the current CUDA device) or "numpy" (that same code on the CPU, for
     testing); see :mod:`trtwsi.plan.tissue_nd` for how they may differ. Steps 5–6 run on the
-    host.
+    host. ``thumbnail``: ``slide.thumbnail(max_size)`` when the caller has already read it
+    (e.g. through a reader pool); its size is checked.
 
     Raises :class:`~trtwsi.errors.TilingError` for a negative size or ``min_area_um2`` without
     a known mpp.
@@ -286,7 +290,17 @@ def find_sections(
             "min_area_px instead, or open the slide with mpp=..."
         )
     W, H = slide.width, slide.height
-    thumb = slide.thumbnail(max_size)
+    if thumbnail is None:
+        thumb = slide.thumbnail(max_size)
+    else:
+        thumb = thumbnail
+        scale = min(1.0, max_size / max(W, H))
+        want = (max(1, round(H * scale)), max(1, round(W * scale)), 3)
+        if thumb.shape != want or thumb.dtype != np.uint8:
+            raise TilingError(
+                f"thumbnail must be slide.thumbnail({max_size}): uint8 {want}, "
+                f"got {thumb.dtype} {thumb.shape}"
+            )
     th, tw = thumb.shape[:2]
     dsx, dsy = W / tw, H / th
     ds = max(dsx, dsy)

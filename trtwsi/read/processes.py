@@ -21,13 +21,14 @@ import contextlib
 import mmap
 import os
 import tempfile
+import threading
 import warnings
 from collections import OrderedDict
 from typing import NamedTuple
 
 import numpy as np
 
-from trtwsi._util.spawn import preload_decoders, spawn_pool
+from trtwsi._util.spawn import await_pool, preload_decoders, start_pool
 from trtwsi.errors import (
     ReaderStartError,
     RegionError,
@@ -133,6 +134,9 @@ class ReaderPool:
         slots: ring size; ``slot_bytes``: size of each slot (the largest chunk, h × w × 3).
         pin: page-lock the shared mapping with ``cudaHostRegister`` (needs CuPy and a GPU;
             skipped with a warning if it fails: copies are then synchronous but correct).
+        wait: wait for every worker to start (import its decoders) before returning. With
+            False the workers start in the background and :meth:`ready` (which :meth:`read`
+            calls) waits for them, so the caller can load models meanwhile.
 
     :meth:`read` blocks the calling thread until the region is in the slot (call it from a
     reader thread); :meth:`close` stops the workers and removes the shared file.
@@ -141,11 +145,15 @@ class ReaderPool:
         ReaderStartError: the workers could not start (the message says why and what to do).
     """
 
-    def __init__(self, processes: int, slots: int, slot_bytes: int, pin: bool = True):
+    def __init__(
+        self, processes: int, slots: int, slot_bytes: int, pin: bool = True, wait: bool = True
+    ):
         self.processes = max(1, int(processes))
         self.slot_bytes = int(slot_bytes)
         self.size = self.slot_bytes * int(slots)
         self._pool = None
+        self._pings = None
+        self._ready_lock = threading.Lock()
         self._registered = None
         shm_dir = "/dev/shm" if os.path.isdir("/dev/shm") else None
         fd, self.shm_path = tempfile.mkstemp(prefix="trtwsi-ring-", dir=shm_dir)
@@ -160,16 +168,41 @@ class ReaderPool:
         ]
         if pin:
             self._pin()
+        try:
+            self._pool, self._pings = start_pool(
+                self.processes, _worker_init, (self.shm_path, self.size)
+            )
+        except OSError as e:
+            self._fail(e)
+        if wait:
+            self.ready()
+
+    def _fail(self, e: BaseException):
+        self.close()
+        raise ReaderStartError(
+            f"slide reader processes could not start ({type(e).__name__}: {e}); "
+            "use readers='threads' (--readers threads) to read in this process"
+        ) from e
+
+    def ready(self, timeout: float = 120) -> None:
+        """Wait until every worker has started (once; later calls return at once).
+
+        Raises:
+            ReaderStartError: a worker died or did not answer within ``timeout`` seconds.
+        """
+        if self._pings is None:
+            return
         from concurrent.futures.process import BrokenProcessPool
 
-        try:
-            self._pool = spawn_pool(self.processes, _worker_init, (self.shm_path, self.size))
-        except (BrokenProcessPool, OSError, TimeoutError) as e:
-            self.close()
-            raise ReaderStartError(
-                f"slide reader processes could not start ({type(e).__name__}: {e}); "
-                "use readers='threads' (--readers threads) to read in this process"
-            ) from e
+        with self._ready_lock:
+            if self._pings is None:
+                return
+            try:
+                await_pool(self._pool, self._pings, timeout=timeout)
+            except (BrokenProcessPool, OSError, TimeoutError) as e:
+                self._pool = None  # (await_pool shut it down)
+                self._fail(e)
+            self._pings = None
 
     def _pin(self) -> None:
         try:
@@ -202,6 +235,7 @@ class ReaderPool:
         """
         if w * h * 3 > self.slot_bytes:
             raise RegionError(f"region {w}x{h} does not fit a {self.slot_bytes}-byte slot")
+        self.ready()
         if self._pool is None:
             raise RuntimeStateError("the reader pool is closed")
         ref = SlideRef.of(slide)
@@ -231,8 +265,24 @@ class ReaderPool:
                 )
         return buf.view((h, w, 3))
 
+    def level_reader(self, slot: int, slide):
+        """A ``read_level(level, x, y, w, h, out)`` callable for :meth:`Slide.thumbnail
+        <trtwsi.slide.Slide.thumbnail>` that decodes in the workers, through ``slot`` (which the
+        caller holds alone meanwhile): level px ``(x, y)``, ``w × h`` into ``out``. Levels of a
+        non-integer downsample, and regions larger than a slot, are read by ``slide`` itself."""
+
+        def read_level(level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:
+            ds = float(slide.levels[level].downsample)
+            if not ds.is_integer() or w * h * 3 > self.slot_bytes:
+                slide._read_level(level, x, y, w, h, out)
+                return
+            out[...] = self.read(slot, slide, int(x * ds), int(y * ds), w, h, level)
+
+        return read_level
+
     def close(self) -> None:
         """Stop the workers (waiting for them), unregister and remove the shared file."""
+        self._pings = None
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None

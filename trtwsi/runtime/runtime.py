@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from trtwsi.errors import DeviceError, ReaderStartError, RuntimeStateError, UsageError
 from trtwsi.plan.slide_plan import SlideOptions, plan_slide
+from trtwsi.plan.tissue import TISSUE_THUMBNAIL, find_sections
 from trtwsi.read.processes import process_readable
 from trtwsi.runtime.cpu import ReferenceRunner
 from trtwsi.runtime.finish import describe_model, finish_slide
@@ -129,9 +130,16 @@ class Runtime:
             raise UsageError("a Runtime needs at least one model (a trtwsi.Model or a .pt path)")
         if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
             raise UsageError(f"batch must be a positive int, got {batch!r}")
+        t0 = time.perf_counter()
         self.models = [m if isinstance(m, Model) else Model(m) for m in models]
+        #: seconds of each start-up step (models, engines, pipeline, warm_up, tissue, planners)
+        self.start_timings: dict[str, float] = {"models": time.perf_counter() - t0}
         self.device = pick_device(device)
         self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
+        if tissue == "auto":
+            tissue = os.environ.get("TRTWSI_TISSUE", "auto")
+        if tissue not in ("auto", "gpu", "cpu"):
+            raise UsageError(f"tissue must be 'auto', 'gpu' or 'cpu', got {tissue!r}")
         self.batch = int(batch) if batch is not None else default_batch(self.device, self.gpu_pipeline)
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -147,13 +155,36 @@ class Runtime:
         self.planners = max(1, int(planners))
         self._cache = engine_cache
         self._own: list = []
-        half = self.device.startswith("cuda")
-        bs = self.batch if self.gpu_pipeline else None
-        self.engines = [self._load(m, half, bs) for m in self.models]
-        self._model_info = [describe_model(m, self.device) for m in self.models]
+        self.engines: list = []
         self._pipe = None
         self._ref = None
+        self._gpu_tissue = None
+        self._planner_pool = None
+        self._thumb_slots = None
         self._lock = threading.Lock()
+        self.closed = False
+        half = self.device.startswith("cuda")
+        bs = self.batch if self.gpu_pipeline else None
+        probe = probe_done = None
+        if self.gpu_pipeline and tissue != "cpu":
+            # importing cupyx.scipy takes about a second: let it overlap the engines' warm-up
+            probe = ThreadPoolExecutor(1, thread_name_prefix="trtwsi-probe")
+            probe_done = probe.submit(_gpu_tissue_probe, _device_index(self.device))
+        try:
+            self._start(half, bs, pipeline_rings, tissue, plan_processes, probe_done)
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            if probe is not None:
+                probe.shutdown(wait=True)
+
+    def _start(self, half, bs, pipeline_rings, tissue, plan_processes, probe_done) -> None:
+        t0 = time.perf_counter()
+        self.engines = [self._load(m, half, bs) for m in self.models]
+        self.start_timings["engines"] = time.perf_counter() - t0
+        self._model_info = [describe_model(m, self.device) for m in self.models]
+        t0 = time.perf_counter()
         if self.gpu_pipeline:
             from trtwsi.runtime.gpu.pipeline import GpuPipeline
 
@@ -166,15 +197,23 @@ class Runtime:
                 max_det=self.max_det,
                 timing=self.timing,
                 readers=self.readers,
+                spare_slots=self.planners,
                 **(pipeline_rings or {}),
             )
+            self._thumb_slots = queue.SimpleQueue()
+            for slot in self._pipe.spare:
+                self._thumb_slots.put(slot)
         else:
             self._ref = ReferenceRunner(
                 self.models, self.engines, batch=self.batch, workers=self.workers,
                 max_det=self.max_det,
             )  # fmt: skip
-        self._gpu_tissue = self._pick_tissue(tissue)
-        self._planner_pool = None
+        self.start_timings["pipeline"] = time.perf_counter() - t0
+        self.start_timings["warm_up"] = getattr(self._pipe, "warm_up_seconds", 0.0)
+        t0 = time.perf_counter()
+        self._gpu_tissue = self._pick_tissue(tissue, probe_done)
+        self.start_timings["tissue"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         if plan_processes is None:
             plan_processes = (
                 self.gpu_pipeline and self._gpu_tissue is None and (os.cpu_count() or 1) >= 8
@@ -185,26 +224,22 @@ class Runtime:
             try:
                 self._planner_pool = PlannerPool(self.planners)
             except ReaderStartError as e:
-                warnings.warn(f"{e}; finding tissue in threads instead", RuntimeWarning, stacklevel=2)
-        self.closed = False
+                warnings.warn(f"{e}; finding tissue in threads instead", RuntimeWarning, stacklevel=3)
+        self.start_timings["planners"] = time.perf_counter() - t0
+        self.start_timings = {k: round(v, 4) for k, v in self.start_timings.items()}
 
-    def _pick_tissue(self, tissue: str):
-        """The GpuTissue planner threads use, or None for OpenCV on the CPU."""
-        if tissue == "auto":
-            tissue = os.environ.get("TRTWSI_TISSUE", "auto")
-        if tissue not in ("auto", "gpu", "cpu"):
-            raise UsageError(f"tissue must be 'auto', 'gpu' or 'cpu', got {tissue!r}")
+    def _pick_tissue(self, tissue: str, probe: Future | None):
+        """The GpuTissue planner threads use (from ``probe``), or None for OpenCV on the CPU."""
         if tissue == "cpu" or not self.gpu_pipeline:
             if tissue == "gpu":
                 raise UsageError(f"tissue='gpu' needs the GPU pipeline; this runtime is on {self.device}")
             return None
-        from trtwsi.runtime.gpu.tissue import GpuTissue, gpu_tissue_available
-
-        if not gpu_tissue_available():
+        found = probe.result() if probe is not None else "it was not probed"
+        if isinstance(found, str):
             if tissue == "gpu":
-                raise UsageError("tissue='gpu' needs cupyx.scipy.ndimage (pip install 'trtwsi[gpu]')")
+                raise UsageError(f"tissue='gpu' cannot run: {found}")
             return None
-        return GpuTissue(int(self.device.partition(":")[2] or 0))
+        return found
 
     @property
     def tissue(self) -> str:
@@ -222,6 +257,19 @@ class Runtime:
         if hit is None or hit[0] is not m:  # (the model is kept: its id cannot be reused)
             hit = self._cache[key] = (m, m.load_engine(self.device, half=half, batch_size=batch_size))
         return hit[1]
+
+    def _thumbnail(self, slide):
+        """The tissue thumbnail of ``slide`` decoded by the reader processes (in parallel and
+        off this process's GIL), or None where this runtime has none (then the planner thread
+        reads it)."""
+        pool = self._pipe.pool if self._pipe is not None else None
+        if pool is None or self._thumb_slots is None or not process_readable(slide):
+            return None
+        slot = self._thumb_slots.get()
+        try:
+            return slide.thumbnail(TISSUE_THUMBNAIL, read_level=pool.level_reader(slot, slide))
+        finally:
+            self._thumb_slots.put(slot)
 
     @property
     def pipeline(self) -> str:
@@ -315,14 +363,16 @@ class Runtime:
                 t0 = time.perf_counter()
                 opts = req.options or options
                 sections = None
-                if (
-                    self._planner_pool is not None
-                    and opts.region is None
-                    and process_readable(slide)
-                ):
+                if opts.region is not None:
+                    pass  # no tissue detection
+                elif self._planner_pool is not None and process_readable(slide):
                     sections = self._planner_pool.sections(slide)
-                elif self._gpu_tissue is not None and opts.region is None:
-                    sections = self._gpu_tissue.sections(slide)  # None: failed, CPU below
+                else:
+                    thumb = self._thumbnail(slide)
+                    if self._gpu_tissue is not None:  # None: failed, CPU below
+                        sections = self._gpu_tissue.sections(slide, thumbnail=thumb)
+                    if sections is None and thumb is not None:
+                        sections = find_sections(slide, thumbnail=thumb)
                 run.plan = plan_slide(slide, imgsizes, opts, sections)
                 run.timer.add("open", t0 - run.t_start)
                 run.timer.add("sections", time.perf_counter() - t0)  # tissue + tile grids
@@ -471,6 +521,21 @@ class Runtime:
     def __repr__(self) -> str:
         names = ", ".join(m.name for m in self.models)
         return f"<Runtime {self.device} {self.pipeline} batch={self.batch} models=[{names}]>"
+
+
+def _gpu_tissue_probe(index: int):
+    """A warmed :class:`~trtwsi.runtime.gpu.tissue.GpuTissue` on CUDA device ``index``, or the
+    reason there is none (a string)."""
+    from trtwsi.runtime.gpu.tissue import GpuTissue, gpu_tissue_available
+
+    if not gpu_tissue_available():
+        return "needs cupyx.scipy.ndimage (pip install 'trtwsi[gpu]')"
+    t = GpuTissue(index)
+    return t if t.warm() else f"it failed on cuda:{index}: {t.failed}"
+
+
+def _device_index(device: str) -> int:
+    return int(device.partition(":")[2] or 0)
 
 
 def pick_device(device: str) -> str:

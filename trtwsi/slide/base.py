@@ -188,8 +188,12 @@ class Slide(ABC):
             self.read_errors.append(err)
         warnings.warn(str(err), RuntimeWarning, stacklevel=3)
 
-    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+    def thumbnail(self, max_size: int = 1024, read_level=None) -> np.ndarray:
         """RGB uint8 image of the whole slide whose longer side is at most ``max_size``.
+
+        ``read_level``: what reads level pixels (a callable with the signature of
+        :meth:`_read_level`; default this slide's own), e.g. a reader pool's
+        :meth:`~trtwsi.read.processes.ReaderPool.level_reader` that decodes in other processes.
 
         Reads the smallest level that is at least :data:`THUMBNAIL_LEVEL_SLACK` (90 %) of the
         thumbnail's size (a level over :data:`THUMBNAIL_DIRECT_PIXELS` is first reduced by an
@@ -211,10 +215,12 @@ class Slide(ABC):
             if lv.width >= THUMBNAIL_LEVEL_SLACK * tw and lv.height >= THUMBNAIL_LEVEL_SLACK * th:
                 level = i
         lv = self.levels[level]
+        read = read_level or self._read_level
         if lv.width * lv.height > THUMBNAIL_DIRECT_PIXELS:
-            img = self._reduced_level(level, max(1, min(lv.width // tw, lv.height // th)))
+            img = self._reduced_level(level, max(1, min(lv.width // tw, lv.height // th)), read)
         else:
-            img = self.read_region(0, 0, lv.width, lv.height, level=level)
+            img = np.empty((lv.height, lv.width, 3), np.uint8)
+            read(level, 0, 0, lv.width, lv.height, img)
         if (img.shape[1], img.shape[0]) == (tw, th):
             return img
         shrink = img.shape[1] >= tw and img.shape[0] >= th
@@ -222,7 +228,7 @@ class Slide(ABC):
             img, (tw, th), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
         )
 
-    def _reduced_level(self, level: int, factor: int) -> np.ndarray:
+    def _reduced_level(self, level: int, factor: int, read=None) -> np.ndarray:
         """Level ``level`` reduced ``factor`` times by area averaging, block by block.
 
         Returns RGB uint8 ``(ceil(H / factor), ceil(W / factor), 3)`` for a ``W``×``H`` level.
@@ -244,7 +250,7 @@ class Slide(ABC):
             for x in range(0, lv.width, block):
                 bw = min(block, lv.width - x)
                 view = buf[:bh, :bw]
-                self._read_level(level, x, y, bw, bh, view)
+                (read or self._read_level)(level, x, y, bw, bh, view)
                 oy, ox = y // f, x // f
                 oh, ow = -(-bh // f), -(-bw // f)
                 dst = out[oy : oy + oh, ox : ox + ow]

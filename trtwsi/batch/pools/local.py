@@ -129,7 +129,10 @@ def _sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def _worker_main(conn, device: str, specs, params, threads, parent_pid: int) -> None:
+def _worker_main(
+    conn, device: str, specs, params, threads, parent_pid: int, spawned_at: float = 0.0
+) -> None:
+    booted = time.time() - spawned_at if spawned_at else None  # interpreter start + imports
     _die_with_parent()
     if os.getppid() != parent_pid:  # parent died before prctl took effect
         return
@@ -146,6 +149,8 @@ def _worker_main(conn, device: str, specs, params, threads, parent_pid: int) -> 
 
     try:
         runner = SlideRunner(specs, params, run_on, threads)
+        if booted is not None:
+            runner.start_timings["boot"] = round(booted, 3)
     except Exception as e:
         conn.send(("init_failed", _error_dict(e)))
         return
@@ -241,7 +246,7 @@ class LocalPool:
             parent, child = ctx.Pipe()
             proc = ctx.Process(
                 target=_worker_main,
-                args=(child, slot.device, specs, params, threads, os.getpid()),
+                args=(child, slot.device, specs, params, threads, os.getpid(), time.time()),
                 name=f"trtwsi-worker-{slot.index}-{slot.device}",
                 # not a daemon: a worker may start reader processes of its own (GPU pipeline)
                 daemon=False,

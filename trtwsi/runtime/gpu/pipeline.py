@@ -90,6 +90,8 @@ class GpuPipeline:
             warning if they cannot start).
         host_slots, device_slots, depth: ring sizes (host chunks read ahead, device chunk
             slots, batches in flight).
+        spare_slots: extra slots of the reader pool's ring the pipeline never uses, listed in
+            :attr:`spare` (the runtime's planners read thumbnails through them).
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class GpuPipeline:
         host_slots: int | None = None,
         device_slots: int = 3,
         depth: int = 3,
+        spare_slots: int = 0,
     ):
         import os
 
@@ -166,7 +169,8 @@ class GpuPipeline:
         self._arena = torch.empty(
             self.device_slots * self.slot_bytes, dtype=torch.uint8, device=self.device
         )
-        self._warm_up()  # before any reader thread exists (CUDA-graph capture)
+        # Reader processes start first and import their decoders while the engines warm up
+        # (they use no CUDA; the ring is page-locked here, before the graph capture).
         self.pool: ReaderPool | None = None
         auto = readers == "auto"
         if auto:
@@ -174,14 +178,35 @@ class GpuPipeline:
         if readers == "processes":
             slots = host_slots or self.workers + 2
             try:
-                self.pool = ReaderPool(self.workers, slots, self.slot_bytes)
+                self.pool = ReaderPool(
+                    self.workers, slots + max(0, spare_slots), self.slot_bytes, wait=False
+                )
             except ReaderStartError as e:
                 if not auto:
                     raise
                 warnings.warn(f"{e}; reading with threads instead", RuntimeWarning, stacklevel=3)
-        self.readers = "processes" if self.pool is not None else "threads"
+        t0 = time.perf_counter()
+        try:
+            self._warm_up()  # before any reader thread exists (CUDA-graph capture)
+        except BaseException:
+            if self.pool is not None:
+                self.pool.close()
+            raise
+        self.warm_up_seconds = time.perf_counter() - t0
         if self.pool is not None:
-            self._host = self.pool.buffers
+            try:
+                self.pool.ready()
+            except ReaderStartError as e:
+                self.pool = None
+                if not auto:
+                    raise
+                warnings.warn(f"{e}; reading with threads instead", RuntimeWarning, stacklevel=3)
+        self.readers = "processes" if self.pool is not None else "threads"
+        #: reader-pool ring slots the pipeline leaves alone (empty without a pool)
+        self.spare: list[int] = []
+        if self.pool is not None:
+            self._host = self.pool.buffers[:slots]
+            self.spare = list(range(slots, len(self.pool.buffers)))
         else:
             n = host_slots or min(self.workers, 8) + 2
             self._host = [PinnedBuffer(self.slot_bytes) for _ in range(n)]

@@ -40,9 +40,10 @@ class GpuTissue:
         self._lock = threading.Lock()
         self._streams: list = []  # idle streams
 
-    def sections(self, slide) -> list[Section] | None:
+    def sections(self, slide, thumbnail=None) -> list[Section] | None:
         """The sections of ``slide`` (an open Slide), or None when the GPU path has failed (then
-        the caller finds them on the CPU). Errors of the slide itself (TrtwsiError) propagate."""
+        the caller finds them on the CPU). Errors of the slide itself (TrtwsiError) propagate.
+        ``thumbnail``: ``slide.thumbnail(TISSUE_THUMBNAIL)`` if the caller has read it."""
         if self.failed is not None:
             return None
         try:
@@ -55,7 +56,7 @@ class GpuTissue:
                     stream = cupy.cuda.Stream(non_blocking=True)
                 try:
                     with stream:
-                        found = find_sections(slide, backend="cupy")
+                        found = find_sections(slide, backend="cupy", thumbnail=thumbnail)
                     stream.synchronize()
                 finally:
                     with self._lock:
@@ -72,6 +73,42 @@ class GpuTissue:
                 stacklevel=2,
             )
             return None
+
+    def warm(self) -> bool:
+        """Run steps 1–4 once on a small synthetic thumbnail (two stained blobs on glass), so
+        that CuPy compiles (or loads from its disk cache) every kernel now, not in the first
+        slide's planning; the first run on a fresh machine compiles for seconds. Returns
+        False (and marks this object failed, with a warning) if the GPU path does not work."""
+        import numpy as np
+
+        yy, xx = np.mgrid[:192, :256]
+        thumb = np.full((192, 256, 3), 236, np.uint8)
+        for cx, cy, r in ((70, 90, 40), (180, 100, 50)):
+            thumb[(xx - cx) ** 2 + (yy - cy) ** 2 < r * r] = (170, 90, 150)
+        try:
+            import cupy
+
+            from trtwsi.plan.tissue import DEFAULT_MIN_CONTRAST
+            from trtwsi.plan.tissue_nd import components
+
+            with cupy.cuda.Device(self.index):
+                stream = cupy.cuda.Stream(non_blocking=True)
+                with stream:
+                    components(thumb, threshold=None, min_contrast=DEFAULT_MIN_CONTRAST,
+                               merge_radius=4.0, backend="cupy")  # fmt: skip
+                stream.synchronize()
+                with self._lock:
+                    self._streams.append(stream)
+        except Exception as e:
+            self.failed = f"{type(e).__name__}: {e}"
+            warnings.warn(
+                f"tissue detection on cuda:{self.index} does not work ({self.failed}); finding "
+                "tissue on the CPU",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return False
+        return True
 
     def close(self) -> None:
         """Drop the streams and return CuPy's cached blocks of this device to the driver."""
