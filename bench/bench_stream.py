@@ -17,7 +17,7 @@ Run::
 
     python bench/bench_stream.py --slides 16 --size 20000x15000
 
-Writes ``bench/results/stream-<machine>.json`` naming the device.
+Writes ``bench/results/stream-<gpu or cpu>.json`` naming the device.
 """
 
 from __future__ import annotations
@@ -264,7 +264,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--slides", type=int, default=16)
     ap.add_argument("--size", default="20000x15000")
-    ap.add_argument("--planners", type=int, default=2)
+    ap.add_argument("--planners", type=int, default=4)
     ap.add_argument("--batch", type=int, default=None)
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--only", default="plan,reads,stream", help="comma list of plan,reads,stream")
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
     if "stream" in only:
         res["stream"] = time_stream(slides, args.batch, args.passes, args.planners)
     key = "stream" + (f"-{args.tag}" if args.tag else "")
-    slug = machine_name(info) + ("-" + info["gpus"][0].lower().replace(" ", "-") if gpu else "")
+    slug = info["gpus"][0].lower().replace(" ", "-") if gpu else machine_name(info)
     path = update_results(RESULTS_DIR / f"stream-{slug}.json", {key: res}, info)
     print(f"wrote {path}")
     return 0

@@ -93,7 +93,10 @@ class Runtime:
         max_det: per-tile cap on detections. ``timing``: per-stage times in Results.
         engine_cache: a dict in which engines are shared with other runtimes of this process
             (keyed by model, device, precision, batch); engines from it are not closed here.
-        planners: threads opening and planning slides ahead of the GPU.
+        planners: threads opening and planning slides ahead of the GPU (None: 4 on the GPU
+            pipeline, where planning bounds a stream of small slides; 2 on the CPU). On the GPU
+            pipeline each planner reads tissue thumbnails through its own slot of the reader
+            processes' ring.
         plan_processes: find tissue sections in spawned processes (:mod:`~trtwsi.runtime.planning`;
             one per planner thread) rather than in planner threads; None: on the GPU pipeline
             on hosts with at least 8 CPUs (where planning bounds a batch of slides).
@@ -119,7 +122,7 @@ class Runtime:
         timing: bool = True,
         engine_cache: dict | None = None,
         threads: int | None = None,
-        planners: int = 2,
+        planners: int | None = None,
         plan_processes: bool | None = None,
         pipeline_rings: dict | None = None,
         tissue: str = "auto",
@@ -152,7 +155,7 @@ class Runtime:
         self.max_det = int(max_det)
         self.timing = timing
         self.readers = readers
-        self.planners = max(1, int(planners))
+        self.planners = max(1, int(planners)) if planners else (4 if self.gpu_pipeline else 2)
         self._cache = engine_cache
         self._own: list = []
         self.engines: list = []
