@@ -26,6 +26,9 @@ Target GPU: full TensorRT builds for the GPU it runs on. TensorRT-RTX builds for
 
 Exit codes: 0 built (or up to date), 1 an error (message printed), 2 bad arguments,
 3 ``--validate`` ran and failed or could not run here.
+
+Over 500 lines: the command line, its checks and the build steps of one export; the TensorRT
+network and profile code is here because it is only used by this command.
 """
 
 from __future__ import annotations

@@ -19,6 +19,9 @@ naming the ``gpu`` extra.
 
 Coordinate frames (see :mod:`trtwsi.ops.reference`): chunk px, tile px, input px (the square
 ``dst × dst`` model input) and level-0 px.
+
+Over 500 lines: one thin launch wrapper per kernel family, all sharing the module loader and
+the argument checks; each wrapper is short.
 """
 
 from __future__ import annotations

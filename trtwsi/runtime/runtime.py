@@ -11,6 +11,9 @@ sections, tile grids) runs in planner threads ahead of the GPU; the next slide's
 soon as the current slide's reads end; merging and building a slide's Results runs in a
 finisher thread while the GPU works on the next slide. A slide that fails to open, plan or read
 fails alone (its outcome carries the error).
+
+Over 500 lines because :meth:`Runtime.stream`'s planner, feeder and finisher threads are
+closures over one stream's state; split apart they would pass that state around explicitly.
 """
 
 from __future__ import annotations
@@ -25,16 +28,23 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from trtwsi.errors import DeviceError, ReaderStartError, RuntimeStateError, UsageError
+from trtwsi.errors import ReaderStartError, RuntimeStateError, UsageError
 from trtwsi.plan.slide_plan import SlideOptions, plan_slide
 from trtwsi.plan.tissue import TISSUE_THUMBNAIL, find_sections
 from trtwsi.read.processes import process_readable
 from trtwsi.runtime.cpu import ReferenceRunner
 from trtwsi.runtime.finish import describe_model, finish_slide
 from trtwsi.runtime.gpu.ring import IDLE, SlideRun
+from trtwsi.runtime.select import (
+    default_batch,
+    device_index,
+    gpu_tissue_probe,
+    pick_device,
+    pick_pipeline,
+)
 from trtwsi.slide import Slide, open_slide
 
-__all__ = ["Runtime", "SlideOutcome", "SlideRequest"]
+__all__ = ["Runtime", "SlideOutcome", "SlideRequest", "default_batch", "pick_device", "pick_pipeline"]
 
 
 @dataclass
@@ -64,16 +74,6 @@ class SlideOutcome:
     @property
     def ok(self) -> bool:
         return self.error is None
-
-
-def default_batch(device: str, gpu_pipeline: bool) -> int:
-    """Tiles per forward when none is given: 32 on the GPU pipeline, 8 for torch on CUDA without
-    it, 2 on the CPU. On the CPU a larger batch costs more CPU per tile (larger temporaries, worse
-    cache use): ``bench/bench_cpu.py`` on 2 AMD EPYC cores gave 5.5 / 5.1 / 5.1 tiles/s at batch
-    1 / 2 / 8 with 1 thread and 7.9 / 8.7 / 7.3 with 2 (``bench/results/cpu-amd-epyc-2c.json``)."""
-    if gpu_pipeline:
-        return 32
-    return 8 if device.startswith("cuda") else 2
 
 
 class Runtime:
@@ -172,7 +172,7 @@ class Runtime:
         if self.gpu_pipeline and tissue != "cpu":
             # importing cupyx.scipy takes about a second: let it overlap the engines' warm-up
             probe = ThreadPoolExecutor(1, thread_name_prefix="trtwsi-probe")
-            probe_done = probe.submit(_gpu_tissue_probe, _device_index(self.device))
+            probe_done = probe.submit(gpu_tissue_probe, device_index(self.device))
         try:
             self._start(half, bs, pipeline_rings, tissue, plan_processes, probe_done)
         except BaseException:
@@ -524,58 +524,3 @@ class Runtime:
     def __repr__(self) -> str:
         names = ", ".join(m.name for m in self.models)
         return f"<Runtime {self.device} {self.pipeline} batch={self.batch} models=[{names}]>"
-
-
-def _gpu_tissue_probe(index: int):
-    """A warmed :class:`~trtwsi.runtime.gpu.tissue.GpuTissue` on CUDA device ``index``, or the
-    reason there is none (a string)."""
-    from trtwsi.runtime.gpu.tissue import GpuTissue, gpu_tissue_available
-
-    if not gpu_tissue_available():
-        return "needs cupyx.scipy.ndimage (pip install 'trtwsi[gpu]')"
-    t = GpuTissue(index)
-    return t if t.warm() else f"it failed on cuda:{index}: {t.failed}"
-
-
-def _device_index(device: str) -> int:
-    return int(device.partition(":")[2] or 0)
-
-
-def pick_device(device: str) -> str:
-    """``"auto"`` → ``"cuda"`` if torch sees a GPU, else ``"cpu"``; checks a CUDA request."""
-    import torch
-
-    if not isinstance(device, str) or not (
-        device in ("auto", "cpu", "cuda") or device.startswith("cuda:")
-    ):
-        raise UsageError(
-            f"device={device!r} is not a device: use 'auto', 'cpu', 'cuda' or 'cuda:N'"
-        )
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DeviceError(
-                f"device={device!r} asked for, but torch sees no CUDA GPU; use device='cpu'"
-            )
-        index = device.partition(":")[2]
-        if index and (not index.isdigit() or int(index) >= torch.cuda.device_count()):
-            raise DeviceError(
-                f"device={device!r}: torch sees {torch.cuda.device_count()} GPU(s) "
-                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
-            )
-    return device
-
-
-def pick_pipeline(device: str, want: bool | None) -> bool:
-    """Whether the GPU pipeline runs (see :class:`Runtime`)."""
-    if not device.startswith("cuda"):
-        if want:
-            raise DeviceError(f"gpu_pipeline=True needs a CUDA device, but device={device!r}")
-        return False
-    from trtwsi.runtime.gpu.device import gpu_unavailable_reason
-
-    why = gpu_unavailable_reason()
-    if want and why is not None:
-        raise DeviceError(f"gpu_pipeline=True but the GPU pipeline cannot run: {why}")
-    return why is None if want is None else bool(want)

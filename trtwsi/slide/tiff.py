@@ -41,6 +41,9 @@ whose bytes fail to decode at read time → :class:`TileReadError` through ``Sli
 damage *inside* the entropy-coded data of a JPEG tile (bytes zeroed or cut after the header) as a
 warning and returns plausible-looking garbage, which cannot be told from pixels; only tiles that
 fail to decode (bad markers/headers, junk, short byte counts, unreadable bytes) are reported.
+
+Over 500 lines on purpose: one reader for the whole TIFF family, whose header checks (bounded
+sizes, offsets, IFD chains: the hostile-file defences) and tile decoding share the parsed layout.
 """
 
 from __future__ import annotations
