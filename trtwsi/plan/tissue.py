@@ -294,8 +294,8 @@ def find_sections(
         thumb = slide.thumbnail(max_size)
     else:
         thumb = thumbnail
-        scale = min(1.0, max_size / max(W, H))
-        want = (max(1, round(H * scale)), max(1, round(W * scale)), 3)
+        tw, th = slide.thumbnail_size(max_size)
+        want = (th, tw, 3)
         if thumb.shape != want or thumb.dtype != np.uint8:
             raise TilingError(
                 f"thumbnail must be slide.thumbnail({max_size}): uint8 {want}, "

@@ -188,6 +188,14 @@ class Slide(ABC):
             self.read_errors.append(err)
         warnings.warn(str(err), RuntimeWarning, stacklevel=3)
 
+    def thumbnail_size(self, max_size: int = 1024) -> tuple[int, int]:
+        """``(width, height)`` of :meth:`thumbnail` ``(max_size)``: the slide scaled so its longer
+        side is at most ``max_size`` (never enlarged), each side at least 1 px."""
+        if max_size <= 0:
+            raise RegionError(f"max_size must be positive, got {max_size}")
+        scale = min(1.0, max_size / max(self.width, self.height))
+        return max(1, round(self.width * scale)), max(1, round(self.height * scale))
+
     def thumbnail(self, max_size: int = 1024, read_level=None) -> np.ndarray:
         """RGB uint8 image of the whole slide whose longer side is at most ``max_size``.
 
@@ -205,11 +213,7 @@ class Slide(ABC):
         """
         import cv2
 
-        if max_size <= 0:
-            raise RegionError(f"max_size must be positive, got {max_size}")
-        scale = min(1.0, max_size / max(self.width, self.height))
-        tw = max(1, round(self.width * scale))
-        th = max(1, round(self.height * scale))
+        tw, th = self.thumbnail_size(max_size)
         level = 0
         for i, lv in enumerate(self.levels):
             if lv.width >= THUMBNAIL_LEVEL_SLACK * tw and lv.height >= THUMBNAIL_LEVEL_SLACK * th:
@@ -240,6 +244,7 @@ class Slide(ABC):
         """
         import cv2
 
+        read = read or self._read_level
         lv = self.levels[level]
         f = max(1, int(factor))
         block = f * max(1, THUMBNAIL_BLOCK // f)
@@ -250,7 +255,7 @@ class Slide(ABC):
             for x in range(0, lv.width, block):
                 bw = min(block, lv.width - x)
                 view = buf[:bh, :bw]
-                (read or self._read_level)(level, x, y, bw, bh, view)
+                read(level, x, y, bw, bh, view)
                 oy, ox = y // f, x // f
                 oh, ow = -(-bh // f), -(-bw // f)
                 dst = out[oy : oy + oh, ox : ox + ow]

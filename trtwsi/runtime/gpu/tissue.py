@@ -65,14 +65,18 @@ class GpuTissue:
         except TrtwsiError:
             raise
         except Exception as e:
-            self.failed = f"{type(e).__name__}: {e}"
-            warnings.warn(
-                f"tissue detection on cuda:{self.index} failed ({self.failed}); finding tissue "
-                "on the CPU from now on",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._give_up(e, "failed", "from now on")
             return None
+
+    def _give_up(self, e: Exception, what: str, when: str) -> None:
+        """Mark the GPU path failed (``self.failed``) and say so once."""
+        self.failed = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            f"tissue detection on cuda:{self.index} {what} ({self.failed}); finding tissue on "
+            f"the CPU {when}".rstrip(),
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
     def warm(self) -> bool:
         """Run steps 1–4 once on a small synthetic thumbnail (two stained blobs on glass), so
@@ -100,13 +104,7 @@ class GpuTissue:
                 with self._lock:
                     self._streams.append(stream)
         except Exception as e:
-            self.failed = f"{type(e).__name__}: {e}"
-            warnings.warn(
-                f"tissue detection on cuda:{self.index} does not work ({self.failed}); finding "
-                "tissue on the CPU",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            self._give_up(e, "does not work", "")
             return False
         return True
 
