@@ -136,6 +136,26 @@ class Slide(ABC):
         level ``level`` pixels. ``out``: optional caller-provided C-contiguous-rows uint8 array of
         shape ``(h, w, 3)`` (e.g. a view into pinned memory) that is filled and returned.
         """
+        x, y, w, h, level = self._check_region(x, y, w, h, level)
+        if out is None:
+            out = np.empty((h, w, 3), dtype=np.uint8)
+        elif out.shape != (h, w, 3) or out.dtype != np.uint8:
+            raise RegionError(
+                f"out buffer must be uint8 of shape {(h, w, 3)}, got {out.dtype} {out.shape}"
+            )
+        lx, ly, x0, y0, x1, y1 = self._level_window(x, y, w, h, level)
+        if x0 >= x1 or y0 >= y1:
+            out[...] = self.fill
+            return out
+        if (x0, y0, x1, y1) != (lx, ly, lx + w, ly + h):
+            out[...] = self.fill
+        view = out[y0 - ly : y1 - ly, x0 - lx : x1 - lx]
+        self._read_level(level, x0, y0, x1 - x0, y1 - y0, view)
+        return out
+
+    def _check_region(self, x, y, w, h, level) -> tuple[int, int, int, int, int]:
+        """The region's numbers as ints; RegionError for a missing level, an empty region or
+        one over :data:`MAX_REGION_PIXELS`."""
         x, y, w, h, level = int(x), int(y), int(w), int(h), int(level)
         if not 0 <= level < len(self.levels):
             raise RegionError(
@@ -148,26 +168,28 @@ class Slide(ABC):
                 f"region {w}x{h} = {w * h} px exceeds the {MAX_REGION_PIXELS} px limit of one read; "
                 "read it in tiles (see trtwsi.plan.grid.TileGrid)"
             )
-        if out is None:
-            out = np.empty((h, w, 3), dtype=np.uint8)
-        elif out.shape != (h, w, 3) or out.dtype != np.uint8:
-            raise RegionError(
-                f"out buffer must be uint8 of shape {(h, w, 3)}, got {out.dtype} {out.shape}"
-            )
+        return x, y, w, h, level
+
+    def _level_window(self, x: int, y: int, w: int, h: int, level: int):
+        """``(lx, ly, x0, y0, x1, y1)``: the region's top-left in level px (``x, y`` level-0 px,
+        truncated toward -inf as OpenSlide does) and the part inside the level (x1, y1
+        exclusive; empty when x0 >= x1 or y0 >= y1)."""
         lv = self.levels[level]
-        # top-left in level coordinates (OpenSlide truncates toward -inf)
         lx = int(np.floor(x / lv.downsample))
         ly = int(np.floor(y / lv.downsample))
         x0, y0 = max(lx, 0), max(ly, 0)
         x1, y1 = min(lx + w, lv.width), min(ly + h, lv.height)
-        if x0 >= x1 or y0 >= y1:
-            out[...] = self.fill
-            return out
-        if (x0, y0, x1, y1) != (lx, ly, lx + w, ly + h):
-            out[...] = self.fill
-        view = out[y0 - ly : y1 - ly, x0 - lx : x1 - lx]
-        self._read_level(level, x0, y0, x1 - x0, y1 - y0, view)
-        return out
+        return lx, ly, x0, y0, x1, y1
+
+    def jpeg_level(self, level: int) -> bool:
+        """True when :meth:`compressed_region` gives JPEG streams for ``level``."""
+        return False
+
+    def compressed_region(self, x: int, y: int, w: int, h: int, level: int = 0):
+        """The file tiles of a region as JPEG streams for a batch decoder
+        (:class:`~trtwsi.slide.jpeg_stream.CompressedRegion`; arguments as :meth:`read_region`),
+        or None when this slide or level cannot be read that way (then use ``read_region``)."""
+        return None
 
     @abstractmethod
     def _read_level(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:

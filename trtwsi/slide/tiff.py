@@ -565,6 +565,75 @@ class TiffSlide(Slide):
                 )
             return self._pool
 
+    def jpeg_level(self, level: int) -> bool:
+        """True for tiled 8-bit 3-sample JPEG levels (not NDPI restart-interval strips): those
+        :meth:`compressed_region` hands out as whole JPEG streams."""
+        if not 0 <= level < len(self._io):
+            return False
+        io = self._io[level]
+        return (
+            io.kind == "segments"
+            and io.tiled
+            and io.jpeg is not None
+            and io.jpeg_header is None
+            and io.planes == (0,)
+        )
+
+    def compressed_region(self, x: int, y: int, w: int, h: int, level: int = 0):
+        """The JPEG tiles of a region (level-0 ``x, y`` and level-px ``w, h``, as
+        :meth:`read_region`) as a :class:`~trtwsi.slide.jpeg_stream.CompressedRegion`, each
+        tile a complete stream (``JPEGTables`` spliced in); None when :meth:`jpeg_level` is
+        False. Reads the tiles' bytes (one ``pread`` per run of contiguous tiles); decodes
+        nothing."""
+        from trtwsi.slide.jpeg_stream import CompressedRegion, splice_tables
+
+        x, y, w, h, level = self._check_region(x, y, w, h, level)
+        if self._closed:
+            raise SlideError(f"{str(self.path)!r}: read from a closed slide (open it again)")
+        if not self.jpeg_level(level):
+            return None
+        io = self._io[level]
+        lx, ly, x0, y0, x1, y1 = self._level_window(x, y, w, h, level)
+        if x0 >= x1 or y0 >= y1:  # wholly outside the level: no tiles, all fill
+            x0 = x1 = y0 = y1 = 0
+            c0 = c1 = r0 = r1 = 0
+            streams: list = []
+            rows = cols = 0
+        else:
+            c0, c1 = x0 // io.seg_w, (x1 - 1) // io.seg_w
+            r0, r1 = y0 // io.seg_h, (y1 - 1) // io.seg_h
+            rows, cols = r1 - r0 + 1, c1 - c0 + 1
+            streams = []
+            tables = io.jpeg["tables"]
+            for r in range(r0, r1 + 1):
+                for data in self._fetch(io, [r * io.n_across + c for c in range(c0, c1 + 1)]):
+                    if data is not None and not isinstance(data, Exception):
+                        try:
+                            data = splice_tables(tables, data)
+                        except ValueError as e:
+                            data = e
+                    streams.append(data)
+
+        def cpu_read(rx: int, ry: int, rw: int, rh: int) -> np.ndarray:
+            out = np.empty((rh, rw, 3), np.uint8)
+            self._read_level(level, rx, ry, rw, rh, out)
+            return out
+
+        return CompressedRegion(
+            level=level,
+            shape=(h, w),
+            tile=(io.seg_h, io.seg_w),
+            rows=rows,
+            cols=cols,
+            origin=(c0 * io.seg_w - lx, r0 * io.seg_h - ly),
+            valid=(x0 - lx, y0 - ly, x1 - lx, y1 - ly),
+            streams=streams,
+            components="rgb" if io.jpeg["colorspace"] == 2 else "ycbcr",
+            fill=self.fill,
+            at=(lx, ly),
+            cpu_read=cpu_read,
+        )
+
     def _read_level(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:
         """Fill ``out`` (uint8 ``(h, w, 3)`` view) with level pixels ``[y:y+h, x:x+w]``.
 

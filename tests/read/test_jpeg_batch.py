@@ -1,0 +1,194 @@
+"""Batch JPEG decode of slide regions (trtwsi.read.jpeg_batch) against the slide's own reader.
+
+On the CPU the decoder runs torchvision's libjpeg: every path but nvJPEG itself (tables
+splicing, grid layout, clipping at the level's edges, sparse and corrupt tiles, the per-tile CPU
+fallback). The ``gpu`` tests run the same regions through nvJPEG and measure the difference.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from tests.slide.conftest import segment_location, set_segment_bytecount
+from trtwsi.read.jpeg_batch import JpegBatchDecoder, jpeg_batch_unavailable
+from trtwsi.slide import open_slide
+from trtwsi.slide.jpeg_stream import read_frame, splice_tables
+
+torchvision = pytest.importorskip("torchvision")
+
+# (x, y, w, h) level-0 px on the 1500×1000 test slides: whole, inner, across the top-left
+# corner, across the bottom-right corner (partial file tiles), outside, one px
+REGIONS = [
+    (0, 0, 1500, 1000),
+    (100, 37, 700, 500),
+    (-50, -20, 300, 300),
+    (1300, 800, 400, 400),
+    (3000, 3000, 100, 100),
+    (511, 255, 1, 1),
+]
+
+
+def _gpu_reason():
+    import torch
+
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    return jpeg_batch_unavailable("cuda")
+
+
+def _check(path, device, level=0, regions=REGIONS, tol=None):
+    """Decode every region on ``device``; compare with ``read_region``; return the diffs."""
+    slide = open_slide(path, threads=1)
+    dec = JpegBatchDecoder(device)
+    ds = slide.levels[level].downsample
+    diffs = []
+    assert slide.jpeg_level(level)
+    for x, y, w, h in regions:
+        x, y = int(x * ds) if level else x, int(y * ds) if level else y
+        region = slide.compressed_region(x, y, w, h, level=level)
+        got = dec.decode(region)
+        a = got.to_numpy()
+        b = slide.read_region(x, y, w, h, level=level)
+        assert a.shape == b.shape
+        d = np.abs(a.astype(np.int16) - b.astype(np.int16))
+        if tol is None:
+            assert d.max() == 0, (path, (x, y, w, h), d.max())
+        diffs.append(d)
+        assert got.cpu_tiles == 0
+        assert got.device_tiles == region.rows * region.cols
+    assert slide.read_errors == []
+    return diffs
+
+
+def test_splice_and_frame():
+    tables = b"\xff\xd8\xff\xdb\x00\x04\x00\x00\xff\xd9"
+    tile = b"\xff\xd8\xff\xc0\x00\x11\x08\x01\x00\x02\x00\x03\x01\x22\x00\x02\x11\x01\x03\x11\x01\xff\xd9"
+    s = splice_tables(tables, tile)
+    assert s == tables[:-2] + tile[2:]
+    assert splice_tables(None, tile) == tile
+    f = read_frame(s)
+    assert (f.width, f.height, f.marker) == (512, 256, 0xC0)
+    assert f.components == ((1, 2, 2), (2, 1, 1), (3, 1, 1)) and f.subsampled
+    with pytest.raises(ValueError, match="SOI"):
+        splice_tables(tables, b"\x00" + tile)
+    with pytest.raises(ValueError, match="JPEGTables"):
+        splice_tables(tables[:-2], tile)
+
+
+def test_read_frame_fuzz():
+    """Truncated, bit-flipped and random streams: a frame or ValueError, nothing else."""
+    import imagecodecs
+
+    img = np.zeros((16, 24, 3), np.uint8)
+    good = imagecodecs.jpeg8_encode(img, level=80)
+    assert (read_frame(good).width, read_frame(good).height) == (24, 16)
+    rng = np.random.default_rng(0)
+    cases = [good[:n] for n in range(len(good))]
+    for _ in range(2000):
+        b = bytearray(good)
+        for i in rng.integers(0, len(b), rng.integers(1, 6)):
+            b[i] = int(rng.integers(0, 256))
+        cases.append(bytes(b))
+    cases += [b"\xff\xd8" + rng.bytes(int(rng.integers(0, 300))) for _ in range(500)]
+    for c in cases:
+        try:
+            f = read_frame(c)
+        except ValueError:
+            continue
+        assert 0 <= f.width < 65536 and len(f.components) < 256
+
+
+@pytest.mark.parametrize(
+    "fixture", ["jpeg_subifd_tif", "vips_pyramid_tif", "svs_file"], ids=["tifffile", "vips", "svs"]
+)
+def test_cpu_decode_matches_reader(fixture, request):
+    """torchvision's libjpeg on the spliced streams gives the reader's pixels exactly, at
+    level 0 and a reduced level: tables spliced (libvips writes JPEGTables and R,G,B
+    components), YCbCr 4:2:0 (tifffile), partial edge tiles, regions beyond the level."""
+    path = request.getfixturevalue(fixture)
+    _check(path, "cpu")
+    _check(path, "cpu", level=1, regions=[(0, 0, 375, 250), (-10, 5, 200, 300), (300, 200, 80, 80)])
+
+
+def test_components_follow_the_file(vips_pyramid_tif, jpeg_subifd_tif):
+    v = open_slide(vips_pyramid_tif).compressed_region(0, 0, 256, 256)
+    t = open_slide(jpeg_subifd_tif).compressed_region(0, 0, 256, 256)
+    assert v.components == "rgb" and not read_frame(v.streams[0]).subsampled
+    assert t.components == "ycbcr" and read_frame(t.streams[0]).subsampled
+
+
+def test_not_jpeg_levels(deflate_pages_tif, ndpi_file):
+    """Deflate tiles and NDPI restart-interval strips are not handed out as JPEG streams."""
+    for p in (deflate_pages_tif, ndpi_file):
+        s = open_slide(p)
+        assert not s.jpeg_level(0)
+        assert s.compressed_region(0, 0, 64, 64) is None
+
+
+def test_corrupt_and_sparse_tiles(jpeg_subifd_tif, tmp_path):
+    """A tile of junk bytes fails the batch: the others still decode on the decoder, the bad
+    one goes to the CPU reader, which records the error and fills it as ``read_region``
+    does. A sparse tile (byte count 0) is fill."""
+    path = tmp_path / "bad.tif"
+    shutil.copy(jpeg_subifd_tif, path)
+    off, cnt = segment_location(path, 7)  # row 1, col 1 of the 6×4 tile grid
+    with open(path, "r+b") as f:
+        f.seek(off + 2)
+        f.write(b"\x00junk" * 8)
+    set_segment_bytecount(path, 2, 0)  # row 0, col 2: sparse
+    slide = open_slide(path, threads=1)
+    region = slide.compressed_region(0, 0, 1500, 1000)
+    with pytest.warns(RuntimeWarning, match="could not be read"):
+        got = JpegBatchDecoder("cpu").decode(region)
+    assert got.cpu_tiles == 1 and got.device_tiles == 24 - 2
+    assert [e.tile for e in slide.read_errors] == [(1, 1)]
+    a = got.to_numpy()
+    ref = open_slide(path, threads=1)
+    with pytest.warns(RuntimeWarning):
+        b = ref.read_region(0, 0, 1500, 1000)
+    assert np.array_equal(a, b)
+    assert (a[256:512, 256:512] == 255).all() and (a[:256, 512:768] == 255).all()
+    assert a[:256, :256].std() > 10  # the good tiles kept their pixels
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "fixture", ["jpeg_subifd_tif", "vips_pyramid_tif", "svs_file"], ids=["tifffile", "vips", "svs"]
+)
+def test_gpu_decode_close_to_reader(fixture, request):
+    """nvJPEG vs libjpeg-turbo on the same streams: the measured difference is printed and
+    bounded (IDCT and chroma upsampling differ by design; a wrong colour transform, a
+    shifted tile or a lost tile would be off by tens of levels)."""
+    why = _gpu_reason()
+    if why:
+        pytest.skip(why)
+    path = request.getfixturevalue(fixture)
+    diffs = _check(path, "cuda", tol=True)
+    d = np.concatenate([x.ravel() for x in diffs])
+    print(f"{fixture}: max {d.max()}, mean {d.mean():.4f}, p99.9 {np.percentile(d, 99.9)}")
+    assert d.mean() < 1.0
+    assert np.percentile(d, 99.9) <= 8
+    assert d.max() <= 32
+
+
+@pytest.mark.gpu
+def test_gpu_corrupt_tile(jpeg_subifd_tif, tmp_path):
+    why = _gpu_reason()
+    if why:
+        pytest.skip(why)
+    path = tmp_path / "bad.tif"
+    shutil.copy(jpeg_subifd_tif, path)
+    off, _ = segment_location(path, 7)
+    with open(path, "r+b") as f:
+        f.seek(off + 2)
+        f.write(b"\x00junk" * 8)
+    slide = open_slide(path, threads=1)
+    with pytest.warns(RuntimeWarning, match="could not be read"):
+        got = JpegBatchDecoder("cuda").decode(slide.compressed_region(0, 0, 1500, 1000))
+    assert got.cpu_tiles == 1 and got.device_tiles == 23
+    a = got.to_numpy()
+    assert (a[256:512, 256:512] == 255).all() and a[:256, :256].std() > 10
+    assert [e.tile for e in slide.read_errors] == [(1, 1)]

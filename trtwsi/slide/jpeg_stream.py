@@ -1,0 +1,161 @@
+"""JPEG tiles of a TIFF as complete streams, for decoders that take whole JPEG files (nvJPEG).
+
+A TIFF JPEG tile (compression 7) is often *abbreviated*: its quantization and Huffman tables
+are stored once, in the page's ``JPEGTables`` tag (Aperio SVS, libtiff/libvips output), and the
+tile stream holds only the frame and scan. :func:`splice_tables` makes one complete stream of
+the two (the tables stream without its EOI, then the tile stream without its SOI).
+
+:func:`read_frame` reads the frame header (size, components and their sampling factors) by
+walking the markers from the start, bounded by the data's length: a hostile tile gets a
+``ValueError``, never a read past its bytes or an endless loop.
+
+:class:`CompressedRegion` is what :meth:`~trtwsi.slide.tiff.TiffSlide.compressed_region`
+returns: the file tiles one region of a level needs, their streams, where they land.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+__all__ = ["CompressedRegion", "JpegFrame", "read_frame", "splice_tables"]
+
+SOI = b"\xff\xd8"
+EOI = b"\xff\xd9"
+
+#: Start-of-frame markers (SOF0..SOF15 less DHT, JPG and DAC).
+_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+#: Markers without a length field.
+_STANDALONE = frozenset(range(0xD0, 0xDA)) | {0x01}
+
+
+def splice_tables(tables, tile) -> bytes:
+    """One complete JPEG stream from a ``JPEGTables`` stream and an abbreviated tile stream.
+
+    Args:
+        tables: the tag's bytes (SOI … tables … EOI), or None/empty when the tile is complete.
+        tile: the tile's bytes (SOI … frame and scan … EOI).
+
+    Raises:
+        ValueError: a stream that does not start (tables: and end) with the right marker.
+    """
+    tile = bytes(tile)
+    if not tile.startswith(SOI):
+        raise ValueError(f"tile stream starts with {tile[:2]!r}, not the JPEG SOI marker")
+    if not tables:
+        return tile
+    tables = bytes(tables)
+    if not (tables.startswith(SOI) and tables.endswith(EOI)):
+        raise ValueError("JPEGTables is not a SOI … EOI stream")
+    return tables[:-2] + tile[2:]
+
+
+@dataclass(frozen=True)
+class JpegFrame:
+    """The frame header of a JPEG stream.
+
+    ``marker``: the SOF marker (0xC0 baseline, 0xC1 extended, 0xC2 progressive, …);
+    ``components``: ``(id, h, v)`` per component (sampling factors).
+    """
+
+    marker: int
+    precision: int
+    width: int
+    height: int
+    components: tuple[tuple[int, int, int], ...]
+
+    @property
+    def subsampled(self) -> bool:
+        """True when the components do not all have the same sampling factors."""
+        return len({(h, v) for _, h, v in self.components}) > 1
+
+
+def read_frame(data) -> JpegFrame:
+    """The first frame header of ``data`` (a complete or spliced JPEG stream).
+
+    Raises:
+        ValueError: no SOI, a marker or segment length that runs past the data, a scan (SOS)
+            before any frame, or no frame at all.
+    """
+    b = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    n = len(b)
+    if n < 4 or b[0] != 0xFF or b[1] != 0xD8:
+        raise ValueError("not a JPEG stream (no SOI marker)")
+    i = 2
+    while i + 4 <= n:  # each step moves i forward: bounded by n
+        if b[i] != 0xFF:
+            raise ValueError(f"expected a marker at byte {i}, found {b[i]:#04x}")
+        m = b[i + 1]
+        if m == 0xFF:  # fill byte
+            i += 1
+            continue
+        if m in _STANDALONE:
+            i += 2
+            continue
+        length = (b[i + 2] << 8) | b[i + 3]
+        if length < 2 or i + 2 + length > n:
+            raise ValueError(f"segment {m:#04x} at byte {i} of length {length} runs past the data")
+        if m in _SOF:
+            if length < 8:
+                raise ValueError(f"frame header of length {length} is too short")
+            seg = bytes(b[i + 4 : i + 2 + length])
+            nc = seg[5]
+            if length < 8 + 3 * nc:
+                raise ValueError(f"frame header declares {nc} components in {length} bytes")
+            comps = tuple(
+                (seg[6 + 3 * k], seg[7 + 3 * k] >> 4, seg[7 + 3 * k] & 15) for k in range(nc)
+            )
+            return JpegFrame(
+                marker=m,
+                precision=seg[0],
+                height=(seg[1] << 8) | seg[2],
+                width=(seg[3] << 8) | seg[4],
+                components=comps,
+            )
+        if m in (0xDA, 0xD9):
+            raise ValueError("scan or end of image before any frame header")
+        i += 2 + length
+    raise ValueError("no frame header in the data")
+
+
+@dataclass
+class CompressedRegion:
+    """The JPEG file tiles covering one region of one level, ready for a batch decoder.
+
+    Frames: ``shape`` = (h, w) of the region in level px; the tiles form a grid of
+    ``rows × cols`` tiles of ``tile`` = (th, tw) px whose top-left corner lands at ``origin``
+    = (x, y) in region px (≤ 0: the grid starts at or before the region). ``valid`` =
+    (x0, y0, x1, y1) is the part of the region inside the level (region px); the rest is
+    ``fill``.
+
+    ``streams``: row-major, one per tile: a complete JPEG stream (``bytes``, tables spliced),
+    None for a sparse tile (``fill``), or the exception that kept its bytes from being read.
+    ``components``: ``"ycbcr"`` (decode to RGB) or ``"rgb"`` (stored RGB, no colour
+    transform, as Aperio writes it). ``cpu_read(x, y, w, h)`` decodes level px (inside the
+    level) on the CPU into a new ``(h, w, 3)`` uint8 array, recording tile errors as every read
+    does: the per-tile fallback.
+    """
+
+    level: int
+    shape: tuple[int, int]
+    tile: tuple[int, int]
+    rows: int
+    cols: int
+    origin: tuple[int, int]
+    valid: tuple[int, int, int, int]
+    streams: list
+    components: str
+    fill: int
+    at: tuple[int, int]  # the region's top-left in level px (negative: before the level)
+    cpu_read: Callable
+
+    def tile_rect(self, k: int) -> tuple[int, int, int, int]:
+        """Level px (x, y, w, h) of tile ``k`` clipped to the region's valid part."""
+        r, c = divmod(k, self.cols)
+        th, tw = self.tile
+        ox, oy = self.origin
+        x0, y0, x1, y1 = self.valid
+        tx, ty = ox + c * tw, oy + r * th  # region px
+        ix0, iy0 = max(tx, x0), max(ty, y0)
+        ix1, iy1 = min(tx + tw, x1), min(ty + th, y1)
+        return ix0 + self.at[0], iy0 + self.at[1], max(0, ix1 - ix0), max(0, iy1 - iy0)
