@@ -231,6 +231,8 @@ def _one_slide(path: str) -> dict:
         "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "peak_device_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
         "errors": len(res.errors),
+        "decode": res.params.get("decode"),
+        "gpu_decoded_tiles": getattr(p.runtime._pipe.lane, "device_tiles", 0),
     }
 
 

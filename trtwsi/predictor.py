@@ -43,6 +43,8 @@ class Predictor:
             whenever the device is CUDA and CuPy is installed (None).
         readers: how the GPU pipeline reads: ``"auto"``, ``"threads"`` or ``"processes"``.
         threads: torch intra-op threads (process-wide); None: torch's setting.
+        decode: where JPEG tiles are decoded on the GPU pipeline: ``"auto"``, ``"gpu"``,
+            ``"cpu"`` (see :class:`~trtwsi.runtime.Runtime`).
         engine_cache: a dict shared by several Predictors/Runtimes in which loaded engines are
             kept and reused (keyed by model, device, precision and batch size).
     """
@@ -67,6 +69,7 @@ class Predictor:
         readers: str = "auto",
         engine_cache: dict | None = None,
         threads: int | None = None,
+        decode: str = "auto",
     ):
         from trtwsi.engines.model import Model
 
@@ -83,7 +86,9 @@ class Predictor:
         self.progress = progress
         self.device = pick_device(device)
         self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
-        self.batch = int(batch) if batch is not None else default_batch(self.device, self.gpu_pipeline)
+        self.batch = (
+            int(batch) if batch is not None else default_batch(self.device, self.gpu_pipeline)
+        )
         self._runtime_args = dict(
             device=self.device,
             batch=self.batch,
@@ -94,6 +99,7 @@ class Predictor:
             timing=timing,
             engine_cache=engine_cache,
             threads=threads,
+            decode=decode,
             planners=1,
             # One slide: nothing to plan ahead of, and a fresh planner process would reopen the
             # slide on the critical path (measured +0.27 s on a 1 Gpx slide, H200 host).

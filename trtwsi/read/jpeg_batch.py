@@ -25,9 +25,18 @@ drive every path but nvJPEG itself.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
+
+# torchvision 0.29 deprecates its image codecs in favour of TorchCodec (which has no batched
+# nvJPEG decode of a list of streams yet); the calls work, so keep the notice out of users' logs.
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision",
+    category=DeprecationWarning,
+)
 
 __all__ = ["DecodedRegion", "JpegBatchDecoder", "jpeg_batch_unavailable"]
 
@@ -39,7 +48,7 @@ def jpeg_batch_unavailable(device) -> str | None:
         import imagecodecs
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
-    except Exception as e:  # noqa: BLE001 - any import failure is a reason
+    except Exception as e:
         return f"torchvision is not importable ({type(e).__name__}: {e})"
     try:
         yy, xx = np.mgrid[0:32, 0:48]
@@ -52,7 +61,7 @@ def jpeg_batch_unavailable(device) -> str | None:
             device=torch.device(device),
         )[0]
         got = out.permute(1, 2, 0).cpu().numpy()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         return f"torchvision.io.decode_jpeg on {device} failed ({type(e).__name__}: {str(e)[:200]})"
     if got.shape != ref.shape or int(np.abs(got.astype(int) - ref).max()) > 8:
         return f"torchvision.io.decode_jpeg on {device} decoded a test image wrongly"
@@ -127,9 +136,10 @@ class JpegBatchDecoder:
         for k, s in enumerate(region.streams):
             if s is None:
                 continue  # sparse: fill
-            if isinstance(s, Exception):
-                cpu.append(k)
-            elif region.components == "rgb" and _subsampled(read_frame, s):
+            # unreadable bytes, or stored RGB subsampled (UNCHANGED cannot lay that out)
+            if isinstance(s, Exception) or (
+                region.components == "rgb" and _subsampled(read_frame, s)
+            ):
                 cpu.append(k)
             else:
                 todo.append(k)
@@ -195,7 +205,9 @@ class JpegBatchDecoder:
         key = (fill, th, tw)
         t = self._fill.get(key)
         if t is None:
-            t = self._fill[key] = torch.full((3, th, tw), fill, dtype=torch.uint8, device=self.device)
+            t = self._fill[key] = torch.full(
+                (3, th, tw), fill, dtype=torch.uint8, device=self.device
+            )
         return t
 
 

@@ -44,7 +44,14 @@ from trtwsi.runtime.select import (
 )
 from trtwsi.slide import Slide, open_slide
 
-__all__ = ["Runtime", "SlideOutcome", "SlideRequest", "default_batch", "pick_device", "pick_pipeline"]
+__all__ = [
+    "Runtime",
+    "SlideOutcome",
+    "SlideRequest",
+    "default_batch",
+    "pick_device",
+    "pick_pipeline",
+]
 
 
 @dataclass
@@ -107,6 +114,10 @@ class Runtime:
             (default; ``$TRTWSI_TISSUE`` overrides it): the GPU on the GPU pipeline when
             ``cupyx.scipy.ndimage`` imports. Planner processes (``plan_processes``) always use
             the CPU; with GPU tissue, ``plan_processes`` defaults to False.
+        decode: where JPEG slide tiles are decoded on the GPU pipeline: ``"auto"`` (default;
+            ``$TRTWSI_DECODE`` overrides it): split between nvJPEG on the GPU
+            (:mod:`~trtwsi.runtime.gpu.jpeg_lane`, via torchvision) and the CPU readers when
+            that works here, else the CPU; ``"gpu"`` (the split, or DeviceError); ``"cpu"``.
     """
 
     def __init__(
@@ -126,12 +137,15 @@ class Runtime:
         plan_processes: bool | None = None,
         pipeline_rings: dict | None = None,
         tissue: str = "auto",
+        decode: str = "auto",
     ):
         from trtwsi.engines.model import Model
 
         if not models:
             raise UsageError("a Runtime needs at least one model (a trtwsi.Model or a .pt path)")
-        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 1):
+        if batch is not None and (
+            isinstance(batch, bool) or not isinstance(batch, int) or batch < 1
+        ):
             raise UsageError(f"batch must be a positive int, got {batch!r}")
         t0 = time.perf_counter()
         self.models = [m if isinstance(m, Model) else Model(m) for m in models]
@@ -143,7 +157,18 @@ class Runtime:
             tissue = os.environ.get("TRTWSI_TISSUE", "auto")
         if tissue not in ("auto", "gpu", "cpu"):
             raise UsageError(f"tissue must be 'auto', 'gpu' or 'cpu', got {tissue!r}")
-        self.batch = int(batch) if batch is not None else default_batch(self.device, self.gpu_pipeline)
+        if decode == "auto":
+            decode = os.environ.get("TRTWSI_DECODE", "auto")
+        if decode not in ("auto", "gpu", "cpu"):
+            raise UsageError(f"decode must be 'auto', 'gpu' or 'cpu', got {decode!r}")
+        if decode == "gpu" and not self.gpu_pipeline:
+            raise UsageError(
+                f"decode='gpu' needs the GPU pipeline; this runtime is on {self.device}"
+            )
+        self._decode = decode
+        self.batch = (
+            int(batch) if batch is not None else default_batch(self.device, self.gpu_pipeline)
+        )
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
                 raise UsageError(f"threads must be a positive int, got {threads!r}")
@@ -201,6 +226,7 @@ class Runtime:
                 timing=self.timing,
                 readers=self.readers,
                 spare_slots=self.planners,
+                decode=self._decode,
                 **(pipeline_rings or {}),
             )
             self._thumb_slots = queue.SimpleQueue()
@@ -213,6 +239,7 @@ class Runtime:
             )  # fmt: skip
         self.start_timings["pipeline"] = time.perf_counter() - t0
         self.start_timings["warm_up"] = getattr(self._pipe, "warm_up_seconds", 0.0)
+        self.start_timings["decode_probe"] = getattr(self._pipe, "decode_probe_seconds", 0.0)
         t0 = time.perf_counter()
         self._gpu_tissue = self._pick_tissue(tissue, probe_done)
         self.start_timings["tissue"] = time.perf_counter() - t0
@@ -227,7 +254,9 @@ class Runtime:
             try:
                 self._planner_pool = PlannerPool(self.planners)
             except ReaderStartError as e:
-                warnings.warn(f"{e}; finding tissue in threads instead", RuntimeWarning, stacklevel=3)
+                warnings.warn(
+                    f"{e}; finding tissue in threads instead", RuntimeWarning, stacklevel=3
+                )
         self.start_timings["planners"] = time.perf_counter() - t0
         self.start_timings = {k: round(v, 4) for k, v in self.start_timings.items()}
 
@@ -235,7 +264,9 @@ class Runtime:
         """The GpuTissue planner threads use (from ``probe``), or None for OpenCV on the CPU."""
         if tissue == "cpu" or not self.gpu_pipeline:
             if tissue == "gpu":
-                raise UsageError(f"tissue='gpu' needs the GPU pipeline; this runtime is on {self.device}")
+                raise UsageError(
+                    f"tissue='gpu' needs the GPU pipeline; this runtime is on {self.device}"
+                )
             return None
         found = probe.result() if probe is not None else "it was not probed"
         if isinstance(found, str):
@@ -258,7 +289,10 @@ class Runtime:
         key = (id(m), self.device, half, batch_size)
         hit = self._cache.get(key)
         if hit is None or hit[0] is not m:  # (the model is kept: its id cannot be reused)
-            hit = self._cache[key] = (m, m.load_engine(self.device, half=half, batch_size=batch_size))
+            hit = self._cache[key] = (
+                m,
+                m.load_engine(self.device, half=half, batch_size=batch_size),
+            )
         return hit[1]
 
     def _thumbnail(self, slide):
@@ -281,6 +315,11 @@ class Runtime:
     @property
     def reader_kind(self) -> str:
         return self._pipe.readers if self._pipe is not None else "threads"
+
+    @property
+    def decode(self) -> str:
+        """Where slide JPEG tiles are decoded: ``"gpu+cpu"`` or ``"cpu"``."""
+        return self._pipe.decode if self._pipe is not None else "cpu"
 
     # --- lifetime ------------------------------------------------------------------------------
     def close(self) -> None:
@@ -334,7 +373,9 @@ class Runtime:
             raise RuntimeStateError("this Runtime is closed")
         options = options or SlideOptions()
         if not self._lock.acquire(blocking=False):
-            raise RuntimeStateError("a Runtime runs one stream at a time; use one Runtime per thread")
+            raise RuntimeStateError(
+                "a Runtime runs one stream at a time; use one Runtime per thread"
+            )
         try:
             yield from self._stream(slides, options, progress)
         finally:
@@ -519,6 +560,7 @@ class Runtime:
             "device": self.device,
             "pipeline": self.pipeline,
             "readers": self.reader_kind,
+            "decode": self.decode,
         }
 
     def __repr__(self) -> str:

@@ -112,15 +112,17 @@ def device_info(index: int = 0) -> DeviceInfo:
 
 
 class GpuStreams:
-    """A copy stream and a compute stream of our own on one device.
+    """A copy, a compute and a decode stream of our own on one device.
 
-    Get them with :meth:`for_device`: one pair per device per process, never destroyed (like
+    Get them with :meth:`for_device`: one set per device per process, never destroyed (like
     torch's own stream pool), so no tensor, event or cached allocation can outlive its stream.
 
     ``copy`` carries host → device uploads of slide chunks; ``compute`` carries preprocess,
-    inference, decode/NMS and the small device → host result copies. Both are
-    ``torch.cuda.ExternalStream`` over CuPy non-blocking streams (``copy_cupy``/``compute_cupy``
-    are the CuPy objects; keep this object alive while the streams are in use).
+    inference, decode/NMS and the small device → host result copies; ``decode`` carries the
+    GPU JPEG decode of slide chunks (:mod:`~trtwsi.runtime.gpu.jpeg_lane`). All are
+    ``torch.cuda.ExternalStream`` over CuPy non-blocking streams (``copy_cupy``,
+    ``compute_cupy``, ``decode_cupy`` are the CuPy objects; keep this object alive while the
+    streams are in use).
     """
 
     def __init__(self, device: int | str = 0):
@@ -135,8 +137,10 @@ class GpuStreams:
         with cupy.cuda.Device(self.device.index):
             self.copy_cupy = cupy.cuda.Stream(non_blocking=True)
             self.compute_cupy = cupy.cuda.Stream(non_blocking=True)
+            self.decode_cupy = cupy.cuda.Stream(non_blocking=True)
         self.copy = torch.cuda.ExternalStream(self.copy_cupy.ptr, device=self.device)
         self.compute = torch.cuda.ExternalStream(self.compute_cupy.ptr, device=self.device)
+        self.decode = torch.cuda.ExternalStream(self.decode_cupy.ptr, device=self.device)
 
     @classmethod
     def for_device(cls, device: int | str = 0) -> GpuStreams:

@@ -9,6 +9,8 @@ plans and runs every chunk of every slide through it back to back::
     reader threads ─ read chunk i (pool process or slide.read_region) into host slot ─┐
                                                  copy stream: H2D of the whole chunk into a
                                                  device slot (a pixel crosses PCIe once)
+    or, for JPEG levels, the GPU JPEG lane (runtime/gpu/jpeg_lane.py): pread the chunk's
+    tiles → nvJPEG batch decode on the decode stream → copy stream lays them into the slot
     compute stream: wait H2D events → preprocess (all tiles of a batch, one launch)
                     → engine.infer (graph replay / TensorRT) → decode+NMS kernels → level-0
                     shift → async D2H of (B, max_det, 6) + counts into pinned memory
@@ -36,10 +38,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trtwsi.errors import ReaderStartError
+from trtwsi.errors import DeviceError, ReaderStartError
 from trtwsi.read.host import PinnedBuffer
 from trtwsi.read.processes import ReaderPool, process_readable
 from trtwsi.runtime.gpu.device import GpuStreams
+from trtwsi.runtime.gpu.jpeg_lane import DECODE_DEPTH, JpegLane
 from trtwsi.runtime.gpu.ring import IDLE, BatchBuilder, ChunkRing, SlideTracker
 
 __all__ = ["CHUNK_PIXELS", "GpuPipeline"]
@@ -92,6 +95,10 @@ class GpuPipeline:
             slots, batches in flight).
         spare_slots: extra slots of the reader pool's ring the pipeline never uses, listed in
             :attr:`spare` (the runtime's planners read thumbnails through them).
+        decode: ``"auto"`` (JPEG chunks are split between the GPU JPEG lane and the CPU
+            readers when torchvision's nvJPEG decode works here, else CPU only), ``"gpu"``
+            (the lane must work: DeviceError if not) or ``"cpu"`` (CPU readers only).
+            ``decode_depth``: lane chunks decoded ahead at most.
     """
 
     def __init__(
@@ -109,6 +116,8 @@ class GpuPipeline:
         device_slots: int = 3,
         depth: int = 3,
         spare_slots: int = 0,
+        decode: str = "auto",
+        decode_depth: int = DECODE_DEPTH,
     ):
         import os
 
@@ -116,6 +125,8 @@ class GpuPipeline:
 
         if readers not in ("auto", "threads", "processes"):
             raise ValueError(f"readers must be 'auto', 'threads' or 'processes', got {readers!r}")
+        if decode not in ("auto", "gpu", "cpu"):
+            raise ValueError(f"decode must be 'auto', 'gpu' or 'cpu', got {decode!r}")
         self.models = list(models)
         self.device = torch.device(device)
         self.batch = int(batch)
@@ -138,15 +149,19 @@ class GpuPipeline:
                 if e.batch_size != self.batch:
                     raise ValueError(f"engine batch_size {e.batch_size} != pipeline batch {B}")
             first = getattr(engs[0], "input", None)
-            inp = first if first is not None else torch.empty(
-                (B, 3, size, size), dtype=dtypes.pop(), device=self.device
+            inp = (
+                first
+                if first is not None
+                else torch.empty((B, 3, size, size), dtype=dtypes.pop(), device=self.device)
             )
             g = _Group(
                 imgsz=size,
                 model_ids=ids,
                 engines=engs,
                 input=inp,
-                dets_d=[torch.empty((B, md, 6), dtype=torch.float64, device=self.device) for _ in ids],
+                dets_d=[
+                    torch.empty((B, md, 6), dtype=torch.float64, device=self.device) for _ in ids
+                ],
                 counts_d=[torch.empty(B, dtype=torch.int32, device=self.device) for _ in ids],
             )
             g.dets_h = [
@@ -193,6 +208,23 @@ class GpuPipeline:
                 self.pool.close()
             raise
         self.warm_up_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        self.lane: JpegLane | None = None
+        #: why the GPU JPEG lane is off (None when it is on)
+        self.decode_off: str | None = "decode='cpu' was asked for"
+        if decode != "cpu":
+            from trtwsi.read.jpeg_batch import jpeg_batch_unavailable
+
+            self.decode_off = jpeg_batch_unavailable(self.device)
+            if self.decode_off is None:
+                self.lane = JpegLane(self.device, self.streams.decode, decode_depth)
+            elif decode == "gpu":
+                if self.pool is not None:
+                    self.pool.close()
+                raise DeviceError(f"decode='gpu' cannot run: {self.decode_off}")
+        #: "gpu+cpu" (JPEG chunks shared by the GPU lane and the CPU readers) or "cpu"
+        self.decode = "gpu+cpu" if self.lane is not None else "cpu"
+        self.decode_probe_seconds = time.perf_counter() - t0
         if self.pool is not None:
             try:
                 self.pool.ready()
@@ -245,7 +277,9 @@ class GpuPipeline:
                 self._preprocess(g, rs)
                 for k, eng in enumerate(g.engines):
                     raw = eng.infer(g.input)
-                    self._postprocess(g, k, raw, self.batch, letterbox_params(rs, rs, g.imgsz), rs, 1.0)
+                    self._postprocess(
+                        g, k, raw, self.batch, letterbox_params(rs, rs, g.imgsz), rs, 1.0
+                    )
         self.streams.compute.synchronize()  # one-time setup, not the steady state
 
     # --- streaming ---------------------------------------------------------------------------
@@ -394,26 +428,36 @@ class GpuPipeline:
             for run, frac in pb.share().items():
                 run.timer.add("launch", (time.perf_counter() - t0) * frac)
 
-        h2d_events: list = []
+        h2d_events: list = []  # (run, start event, end event, stage)
+        lane = self.lane
         with ThreadPoolExecutor(self.workers, thread_name_prefix="trtwsi-read") as pool:
-            ahead: deque = deque()  # (future, host slot, item | end-of-slide run)
-            k = 0
-
+            # (future, host slot or None for a lane chunk, item) | (None, None, end-of-slide run)
+            ahead: deque = deque()
+            k = 0  # CPU reads submitted: host slot k % host_slots
+            cpu_ahead = 0  # CPU reads not yet consumed (≤ host_slots: their slots are taken)
+            held = None  # an item that found no free decoder yet
             exhausted = False
 
             def refill() -> None:
-                """Submit reads until the host ring is full, the stream is idle or ends."""
-                nonlocal k, exhausted
-                while not exhausted and len(ahead) < self.host_slots:
-                    item = next(stream, None)
+                """Submit reads until both decoders are full, the stream is idle or ends."""
+                nonlocal k, exhausted, cpu_ahead, held
+                while not exhausted:
+                    item, held = (held if held is not None else next(stream, None)), None
                     if item is None:
                         exhausted = True
                     elif item is IDLE:
                         return
                     elif isinstance(item, _Item):
-                        slot = k % self.host_slots
-                        k += 1
-                        ahead.append((pool.submit(read, slot, item), slot, item))
+                        if lane is not None and lane.wants(item):
+                            ahead.append((lane.submit(item), None, item))
+                        elif cpu_ahead < self.host_slots:
+                            slot = k % self.host_slots
+                            k += 1
+                            cpu_ahead += 1
+                            ahead.append((pool.submit(read, slot, item), slot, item))
+                        else:
+                            held = item
+                            return
                     else:
                         ahead.append((None, None, item))
                         tracker.add(item)
@@ -433,9 +477,13 @@ class GpuPipeline:
                     tracker.issued(item)
                     continue
                 t0 = time.perf_counter()
-                fut.result()
+                decoded = fut.result()
                 item.run.timer.add("wait_read", time.perf_counter() - t0)
-                if item.run.error is not None:
+                if slot is not None:
+                    cpu_ahead -= 1
+                if item.run.error is not None or (slot is None and decoded is None):
+                    if slot is None:
+                        lane.dropped()
                     continue
                 t0 = time.perf_counter()
                 c = item.chunk
@@ -445,7 +493,6 @@ class GpuPipeline:
                 d = ring.next_slot()
                 if ring.pending[d]:  # tiles still wait in a partial batch: launch it now
                     launch()
-                hbuf = self._host[slot]
                 w, h = c.read_size
                 nbytes = w * h * 3
                 base = d * self.slot_bytes
@@ -455,13 +502,18 @@ class GpuPipeline:
                     e0 = S.event(timing=True) if self.timing else None
                     if e0 is not None:
                         e0.record(S.copy)
-                    self._arena[base : base + nbytes].copy_(hbuf.tensor[:nbytes], non_blocking=True)
+                    dst = self._arena[base : base + nbytes]
+                    if slot is None:  # decoded on the GPU: lay the tiles into the slot
+                        lane.place(decoded, dst.view(h, w, 3), S.copy)
+                    else:
+                        dst.copy_(self._host[slot].tensor[:nbytes], non_blocking=True)
                     e1 = S.event(timing=self.timing)
                     e1.record(S.copy)
                 ring.uploaded[d] = e1
-                hbuf.ready = e1
+                if slot is not None:
+                    self._host[slot].ready = e1
                 if e0 is not None:
-                    h2d_events.append((item.run, e0, e1))
+                    h2d_events.append((item.run, e0, e1, "h2d" if slot is not None else "place"))
                 item.run.timer.add("launch", time.perf_counter() - t0)
                 row = w * 3
                 tiles = item.grid.tiles
@@ -479,14 +531,14 @@ class GpuPipeline:
                         launch()
                 if self.timing:
                     while h2d_events and h2d_events[0][2].query():
-                        run, e0, e1 = h2d_events.pop(0)
-                        run.timer.add("gpu_h2d", e0.elapsed_time(e1) / 1000)
+                        run, e0, e1, stage = h2d_events.pop(0)
+                        run.timer.add(f"gpu_{stage}", e0.elapsed_time(e1) / 1000)
             launch()
             while inflight:
                 collect(inflight.popleft())
-        for run, e0, e1 in h2d_events:
+        for run, e0, e1, stage in h2d_events:
             e1.synchronize()
-            run.timer.add("gpu_h2d", e0.elapsed_time(e1) / 1000)
+            run.timer.add(f"gpu_{stage}", e0.elapsed_time(e1) / 1000)
         tracker.drain()
 
     bar = None  # set by the runtime: a tqdm-like object with update(n)
@@ -497,6 +549,9 @@ class GpuPipeline:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        if self.lane is not None:
+            self.lane.close()
+            self.lane = None
         self._host = []
         self.groups = []
         self._arena = None

@@ -1,0 +1,103 @@
+"""The GPU JPEG lane of the pipeline: chunks decoded by nvJPEG beside the CPU readers.
+
+The pipeline hands a chunk to this lane when the chunk's level is a JPEG level
+(:meth:`~trtwsi.slide.base.Slide.jpeg_level`) and fewer than ``depth`` lane chunks wait to be
+consumed; otherwise the chunk goes to the CPU readers (processes or threads) as before. So both
+decoders are kept busy, and whichever is faster takes more chunks. A lane chunk needs no host
+ring slot and crosses PCIe only as compressed bytes: a lane thread ``pread``s the tiles'
+bytes (:meth:`~trtwsi.slide.base.Slide.compressed_region`), decodes them on the lane's own
+stream (:class:`~trtwsi.read.jpeg_batch.JpegBatchDecoder`) and records an event; when the
+pipeline consumes the chunk (in order), the copy stream waits on that event and lays the
+decoded tiles into the chunk's device slot (:meth:`place`).
+
+Device memory: at most ``depth`` decoded chunks (≤ (4096 + tile)² × 3 bytes each) wait at once,
+whatever the slide's size.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+__all__ = ["DECODE_DEPTH", "JpegLane"]
+
+#: Lane chunks decoded ahead of the pipeline's consumption (default).
+DECODE_DEPTH = 8
+
+
+class JpegLane:
+    """Decode pipeline chunks on the GPU.
+
+    Args:
+        device: the pipeline's CUDA device. ``decode_stream``: the stream decodes run on
+            (a ``torch.cuda`` stream). ``depth``: lane chunks in flight at most. ``threads``:
+            lane threads (one reads the next chunk's bytes while another decodes).
+    """
+
+    def __init__(self, device, decode_stream, depth: int = DECODE_DEPTH, threads: int = 2):
+        from trtwsi.read.jpeg_batch import JpegBatchDecoder
+
+        self.decoder = JpegBatchDecoder(device)
+        self.stream = decode_stream
+        self.depth = max(1, int(depth))
+        self.pending = 0  # submitted and not yet placed
+        self._pool = ThreadPoolExecutor(max(1, int(threads)), thread_name_prefix="trtwsi-jpeg")
+        #: totals since start: chunks, tiles decoded on the device, tiles the CPU fell back to
+        self.chunks = 0
+        self.device_tiles = 0
+        self.cpu_tiles = 0
+
+    def wants(self, item) -> bool:
+        """True when ``item`` (a pipeline chunk) should be decoded here now."""
+        if self.pending >= self.depth or item.run.error is not None:
+            return False
+        return bool(item.run.plan.slide.jpeg_level(item.chunk.level))
+
+    def submit(self, item) -> Future:
+        self.pending += 1
+        return self._pool.submit(self._decode, item)
+
+    def _decode(self, item):
+        """(DecodedRegion, event) of ``item``'s chunk, or None after failing its slide."""
+        import torch
+
+        run, c = item.run, item.chunk
+        if run.error is not None:
+            return None
+        t0 = time.perf_counter()
+        w, h = c.read_size
+        try:
+            region = run.plan.slide.compressed_region(c.region[0], c.region[1], w, h, c.level)
+            with torch.cuda.stream(self.stream):
+                dec = self.decoder.decode(region)
+                done = torch.cuda.Event()
+                done.record(self.stream)
+        except Exception as e:  # the slide fails alone, as with a CPU read
+            run.fail(e)
+            return None
+        finally:
+            run.timer.add("read_gpu", time.perf_counter() - t0)
+        return dec, done
+
+    def place(self, result, out, stream) -> None:
+        """Lay the decoded chunk ``result`` into ``out`` (uint8 ``(h, w, 3)`` device view) on
+        ``stream``, after its decode; the decoded tiles' memory is not reused before that."""
+        import torch
+
+        dec, done = result
+        self.pending -= 1
+        with torch.cuda.stream(stream):
+            stream.wait_event(done)
+            dec.copy_into(out)
+            if dec.grid is not None:
+                dec.grid.record_stream(stream)
+        self.chunks += 1
+        self.device_tiles += dec.device_tiles
+        self.cpu_tiles += dec.cpu_tiles
+
+    def dropped(self) -> None:
+        """A submitted chunk that will not be placed (its slide failed)."""
+        self.pending -= 1
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
