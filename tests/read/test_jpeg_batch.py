@@ -15,7 +15,7 @@ import pytest
 from tests.slide.conftest import patch_tag, segment_location, set_segment_bytecount
 from trtwsi.read.jpeg_batch import JpegBatchDecoder, jpeg_batch_unavailable
 from trtwsi.slide import open_slide
-from trtwsi.slide.jpeg_stream import read_frame, splice_tables
+from trtwsi.slide.jpeg_stream import check_stream, read_frame, splice_tables
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -87,6 +87,14 @@ FILES = ["jpeg_subifd_tif", "vips_pyramid_tif", "svs_file", "aperio_rgb_tif"]
 IDS = ["tifffile", "vips", "svs", "aperio-rgb"]
 
 
+def _passes(stream) -> bool:
+    try:
+        check_stream(stream, 1, 1)
+    except ValueError:
+        return False
+    return True
+
+
 def _gpu_reason():
     import torch
 
@@ -149,12 +157,17 @@ def test_read_frame_fuzz():
             b[i] = int(rng.integers(0, 256))
         cases.append(bytes(b))
     cases += [b"\xff\xd8" + rng.bytes(int(rng.integers(0, 300))) for _ in range(500)]
+    check_stream(good, 24, 16)
+    with pytest.raises(ValueError, match="tile 32x16"):
+        check_stream(good, 32, 16)
     for c in cases:
         try:
             f = read_frame(c)
         except ValueError:
             continue
         assert 0 <= f.width < 65536 and len(f.components) < 256
+        _passes(c)  # a frame or ValueError, never another error
+    assert sum(_passes(c) for c in cases[: len(good)]) == 0  # no truncation passes
 
 
 @pytest.mark.parametrize("fixture", FILES, ids=IDS)
@@ -207,6 +220,30 @@ def test_corrupt_and_sparse_tiles(jpeg_subifd_tif, tmp_path):
     assert np.array_equal(a, b)
     assert (a[256:512, 256:512] == 255).all() and (a[:256, 512:768] == 255).all()
     assert a[:256, :256].std() > 10  # the good tiles kept their pixels
+
+
+def test_bad_huffman_table_fails_the_batch(jpeg_subifd_tif, tmp_path):
+    """A tile whose structure passes ``check_stream`` but whose Huffman table is bogus: the
+    decoder itself fails, the batch is retried tile by tile, and only that tile goes to the
+    CPU reader (recorded, filled)."""
+    path = tmp_path / "dht.tif"
+    shutil.copy(jpeg_subifd_tif, path)
+    off, cnt = segment_location(path, 9)  # row 1, col 3
+    with open(path, "r+b") as f:
+        f.seek(off)
+        data = f.read(cnt)
+        dht = data.find(b"\xff\xc4")
+        f.seek(off + dht + 5)
+        f.write(b"\xff" * 16)  # 16 code-length counts of 255: more codes than can exist
+    slide = open_slide(path, threads=1)
+    region = slide.compressed_region(0, 0, 1500, 1000)
+    assert _passes(region.streams[9])
+    with pytest.warns(RuntimeWarning, match="could not be read"):
+        got = JpegBatchDecoder("cpu").decode(region)
+    assert got.cpu_tiles == 1 and got.device_tiles == 23
+    assert [e.tile for e in slide.read_errors] == [(1, 3)]
+    a = got.to_numpy()
+    assert (a[256:512, 768:1024] == 255).all() and a[:256, :256].std() > 10
 
 
 @pytest.mark.gpu

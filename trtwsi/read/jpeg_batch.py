@@ -126,8 +126,6 @@ class JpegBatchDecoder:
         import torch
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        from trtwsi.slide.jpeg_stream import read_frame
-
         th, tw = region.tile
         n = region.rows * region.cols
         tiles: list = [None] * n
@@ -136,13 +134,10 @@ class JpegBatchDecoder:
         for k, s in enumerate(region.streams):
             if s is None:
                 continue  # sparse: fill
-            # unreadable bytes, or stored RGB subsampled (UNCHANGED cannot lay that out)
-            if isinstance(s, Exception) or (
-                region.components == "rgb" and _subsampled(read_frame, s)
-            ):
-                cpu.append(k)
-            else:
-                todo.append(k)
+            # unreadable bytes, a malformed stream (nvJPEG may return garbage for it without an
+            # error), or stored RGB subsampled (UNCHANGED cannot lay that out): the CPU decides
+            ok = not isinstance(s, Exception) and _frame(s, tw, th, region.components)
+            (todo if ok else cpu).append(k)
         mode = ImageReadMode.UNCHANGED if region.components == "rgb" else ImageReadMode.RGB
         datas = [torch.frombuffer(bytearray(region.streams[k]), dtype=torch.uint8) for k in todo]
         decoded: list = []
@@ -211,8 +206,12 @@ class JpegBatchDecoder:
         return t
 
 
-def _subsampled(read_frame, stream) -> bool:
+def _frame(stream, width: int, height: int, components: str) -> bool:
+    """True when ``stream`` may go to nvJPEG (see :func:`~trtwsi.slide.jpeg_stream.check_stream`)."""
+    from trtwsi.slide.jpeg_stream import check_stream
+
     try:
-        return read_frame(stream).subsampled
+        frame = check_stream(stream, width, height)
     except ValueError:
-        return True  # not parseable here: let the CPU reader decode (and report) it
+        return False
+    return len(frame.components) == 3 and not (components == "rgb" and frame.subsampled)

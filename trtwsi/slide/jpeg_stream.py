@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["CompressedRegion", "JpegFrame", "read_frame", "splice_tables"]
+__all__ = ["CompressedRegion", "JpegFrame", "check_stream", "read_frame", "splice_tables"]
 
 SOI = b"\xff\xd8"
 EOI = b"\xff\xd9"
@@ -116,6 +116,58 @@ def read_frame(data) -> JpegFrame:
             raise ValueError("scan or end of image before any frame header")
         i += 2 + length
     raise ValueError("no frame header in the data")
+
+
+def check_stream(data, width: int, height: int) -> JpegFrame:
+    """Check the marker structure of a complete baseline/extended/progressive JPEG stream of a
+    tile of at least ``width × height`` px with 1 or 3 8-bit components, before a decoder that
+    does not report errors sees it (nvJPEG through torchvision returns uninitialised pixels for
+    some malformed streams instead of failing). Walks every segment up to the first scan, and
+    requires quantization and Huffman tables (or arithmetic coding), a frame, a scan and the
+    EOI marker at the end. Damage *inside* the entropy-coded data is not detectable here, as
+    libjpeg does not detect it either.
+
+    Raises:
+        ValueError: naming what is wrong.
+    """
+    b = data if isinstance(data, bytes) else bytes(data)
+    frame = read_frame(b)
+    if frame.precision != 8 or len(frame.components) not in (1, 3):
+        raise ValueError(
+            f"{frame.precision}-bit JPEG with {len(frame.components)} components is not 8-bit gray/RGB"
+        )
+    if frame.width < width or frame.height < height:
+        raise ValueError(f"JPEG frame is {frame.width}x{frame.height}, the tile {width}x{height}")
+    if any(not (1 <= h <= 4 and 1 <= v <= 4) for _, h, v in frame.components):
+        raise ValueError(f"JPEG sampling factors {frame.components} are invalid")
+    if not b.endswith(EOI):
+        raise ValueError("JPEG stream does not end with the EOI marker (truncated?)")
+    seen: set[int] = set()
+    n, i = len(b), 2
+    while i + 4 <= n:
+        m = b[i + 1]
+        if b[i] != 0xFF:
+            raise ValueError(f"expected a marker at byte {i}, found {b[i]:#04x}")
+        if m == 0xFF:
+            i += 1
+            continue
+        if m in _STANDALONE:
+            i += 2
+            continue
+        length = (b[i + 2] << 8) | b[i + 3]
+        if length < 2 or i + 2 + length > n:
+            raise ValueError(f"segment {m:#04x} at byte {i} runs past the data")
+        seen.add(m)
+        if m == 0xDA:
+            break
+        i += 2 + length
+    if 0xDA not in seen:
+        raise ValueError("JPEG stream has no scan (SOS)")
+    if 0xDB not in seen:
+        raise ValueError("JPEG stream has no quantization table (DQT)")
+    if 0xC4 not in seen and frame.marker < 0xC9:
+        raise ValueError("JPEG stream has no Huffman table (DHT)")
+    return frame
 
 
 @dataclass
