@@ -9,8 +9,9 @@ cached as ``bench-<side>.tif`` in ``$TRTWSI_BENCH_CACHE``, the same file ``bench
 uses). The compressed bytes are read once, before any timing. Modes:
 
 - ``cpu_1``: ``imagecodecs.jpeg8_decode`` of every tile in this process (one core).
-- ``cpu_procs_N``: the tiles split over N spawned processes, each decoding its share; wall from
-  the first start to the last end (the processes read their bytes before the clock starts).
+- ``cpu_procs_N``: the tiles dealt over N spawned processes (tile k to process k mod N), each
+  decoding its share; all start together at a set time (after reading their bytes) and the
+  wall runs to the last one's end.
 - ``gpu_decode_jpeg``: ``torchvision.io.decode_jpeg(list, device="cuda")`` of one chunk's tiles
   per call (what the pipeline's lane does), synchronised after each call: nvJPEG alone.
 - ``gpu_region``: :class:`~trtwsi.read.jpeg_batch.JpegBatchDecoder` per chunk, with the tile
@@ -72,13 +73,15 @@ def _chunks(slide) -> list[tuple[int, int, int, int]]:
 
 
 def _cpu_worker(args):
-    path, chunks = args
+    """Tiles ``k::n`` of the chunks' tiles: read (untimed), then decoded (timed)."""
+    path, chunks, k, n, start = args
     import imagecodecs
 
     from trtwsi.slide import open_slide
 
     with open_slide(path, threads=1) as s:
-        streams = [b for c in chunks for b in s.compressed_region(*c).streams if b]
+        streams = [b for c in chunks for b in s.compressed_region(*c).streams if b][k::n]
+    time.sleep(max(0.0, start - time.time()))  # all processes start decoding together
     t0 = time.time()
     for b in streams:
         imagecodecs.jpeg8_decode(b)
@@ -125,11 +128,12 @@ def main() -> None:
         imagecodecs.jpeg8_decode(b)
     put("cpu_1", time.perf_counter() - t)
     for n in [int(v) for v in a.procs.split(",") if int(v) > 1]:
-        parts = [(str(path), chunks[i::n]) for i in range(n)]
         with mp.get_context("spawn").Pool(n) as pool:
-            pool.map(_cpu_worker, [(str(path), chunks[:1])] * n)  # start and import
-            res = pool.map(_cpu_worker, parts)
-        put(f"cpu_procs_{n}", max(r[1] for r in res) - min(r[0] for r in res))
+            pool.map(_cpu_worker, [(str(path), chunks[:1], 0, 1, 0.0)] * n)  # start and import
+            start = time.time() + 3.0
+            parts = [(str(path), chunks, i, n, start) for i in range(n)]
+            res = pool.map(_cpu_worker, parts, chunksize=1)
+        put(f"cpu_procs_{n}", max(r[1] for r in res) - start)
 
     try:
         import torch

@@ -91,7 +91,9 @@ def slide(tmp_path_factory):
 def test_gpu_pipeline_matches_cpu_path(slide, weights):
     path, gt = slide
     cpu = trtwsi.Predictor(path, [trtwsi.Model(weights)], device="cpu").run()
-    gpu_res = trtwsi.Predictor(path, [trtwsi.Model(weights)], device="cuda").run()
+    # same pixels (libjpeg-turbo) on both sides: fp32 vs fp16 alone; the GPU JPEG lane's own
+    # difference is measured by test_gpu_jpeg_lane_matches_cpu_decode
+    gpu_res = trtwsi.Predictor(path, [trtwsi.Model(weights)], device="cuda", decode="cpu").run()
     assert gpu_res.params["pipeline"] == "gpu"
     frac, dscore = _match(cpu.detections, gpu_res.detections)
     # fp16 model vs fp32 model: a handful of borderline boxes may differ
@@ -113,9 +115,8 @@ def test_gpu_pipeline_matches_cpu_path(slide, weights):
     t = gpu_res.timings
     for stage in ("gpu_preprocess", "gpu_infer", "gpu_postprocess"):
         assert t.get(stage, 0) > 0, (stage, t)
-    # chunks come from the CPU readers (read → gpu_h2d) or the GPU JPEG lane (read_gpu → place)
-    assert t.get("read", 0) + t.get("read_gpu", 0) > 0, t
-    assert t.get("gpu_h2d", 0) + t.get("gpu_place", 0) > 0, t
+    for stage in ("read", "gpu_h2d"):
+        assert t.get(stage, 0) > 0, (stage, t)
 
 
 @gpu
@@ -191,7 +192,7 @@ def test_gpu_jpeg_lane_matches_cpu_decode(slide):
     """JPEG chunks decoded by nvJPEG (the lane) vs by the CPU readers, same fp16 model: the
     issue's bar is >= 99 % of boxes matched at IoU 0.9 and per-class counts within 1 %. With
     ``decode_depth=1`` both decoders take chunks of the same slide."""
-    path, _ = slide
+    path, gt = slide
     m = trtwsi.Model(NMS_MODEL)
     with Runtime([m], device="cuda", decode="cpu") as rt:
         assert rt.decode == "cpu"
@@ -218,6 +219,11 @@ def test_gpu_jpeg_lane_matches_cpu_decode(slide):
         n_got = np.bincount(got.detections.class_id, minlength=2)
         assert np.all(np.abs(n_ref - n_got) <= np.maximum(1, 0.01 * n_ref)), (n_ref, n_got)
         assert got.n_tiles == ref.n_tiles and not got.errors
+        for st in precision_recall(
+            got.detections.boxes, got.detections.score, got.detections.class_id,
+            gt.boxes, gt.class_names,
+        ):  # fmt: skip
+            assert st.precision >= 0.9 and st.recall >= 0.9, st.as_dict()
 
 
 @gpu

@@ -15,9 +15,10 @@ fills the tile exactly as a CPU read would. Sparse tiles are ``fill``.
 
 Colour: ``"ycbcr"`` tiles decode to RGB (nvJPEG's YCbCr → RGB). ``"rgb"`` tiles (Aperio
 stores the JPEG components as R, G, B with no transform) are decoded with the components
-unchanged; a subsampled RGB tile, which that cannot lay out, goes to the CPU. nvJPEG's IDCT and
-chroma upsampling differ from libjpeg-turbo's by a few levels per pixel: see
-``tests/read/test_jpeg_batch.py`` and the README for the measured difference.
+unchanged on the CPU (torchvision's libjpeg); on CUDA they go to the CPU reader, because nvJPEG
+applied the YCbCr transform to them whatever the mode (measured on an H200: 82 levels off on
+average). nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels per
+pixel: see ``tests/read/test_jpeg_batch.py`` and the README for the measured difference.
 
 The same code runs on ``device="cpu"`` (torchvision's libjpeg), which is how the CPU tests
 drive every path but nvJPEG itself.
@@ -131,12 +132,17 @@ class JpegBatchDecoder:
         tiles: list = [None] * n
         todo: list[int] = []
         cpu: list[int] = []
+        on_gpu = self.device.type == "cuda"
         for k, s in enumerate(region.streams):
             if s is None:
                 continue  # sparse: fill
             # unreadable bytes, a malformed stream (nvJPEG may return garbage for it without an
             # error), or stored RGB subsampled (UNCHANGED cannot lay that out): the CPU decides
-            ok = not isinstance(s, Exception) and _frame(s, tw, th, region.components)
+            ok = (
+                not isinstance(s, Exception)
+                and not (on_gpu and region.components == "rgb")
+                and _frame(s, tw, th, region.components)
+            )
             (todo if ok else cpu).append(k)
         mode = ImageReadMode.UNCHANGED if region.components == "rgb" else ImageReadMode.RGB
         datas = [torch.frombuffer(bytearray(region.streams[k]), dtype=torch.uint8) for k in todo]
