@@ -210,7 +210,8 @@ def _one_slide(path: str) -> dict:
     import trtwsi
 
     m = trtwsi.Model(MODEL)
-    p = trtwsi.Predictor(path, [m], device="cuda", batch=BATCH, workers=None)
+    workers = int(os.environ.get("TRTWSI_BENCH_WORKERS", "0")) or None
+    p = trtwsi.Predictor(path, [m], device="cuda", batch=BATCH, workers=workers)
     p.run(region=(0, 0, 1024, 1024))
     torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
@@ -232,6 +233,7 @@ def _one_slide(path: str) -> dict:
         "peak_device_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
         "errors": len(res.errors),
         "decode": res.params.get("decode"),
+        "workers": p.runtime.workers,
         "gpu_decoded_tiles": getattr(p.runtime._pipe.lane, "device_tiles", 0),
     }
 

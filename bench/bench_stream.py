@@ -206,7 +206,9 @@ def install_timeline(tl: Timeline) -> None:
     rp.ReaderPool.read = read_wrapped
 
 
-def time_stream(slides, batch: int | None, passes: int, planners: int = 2) -> dict:
+def time_stream(
+    slides, batch: int | None, passes: int, planners: int = 2, workers: int | None = None
+) -> dict:
     import torch
 
     import trtwsi
@@ -215,11 +217,14 @@ def time_stream(slides, batch: int | None, passes: int, planners: int = 2) -> di
     install_timeline(tl)
     t0 = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    rt = trtwsi.Runtime([str(MODEL)], device=device, batch=batch, planners=planners)
+    rt = trtwsi.Runtime(
+        [str(MODEL)], device=device, batch=batch, planners=planners, workers=workers
+    )
     start_s = time.perf_counter() - t0
     out = {"runtime_start_s": round(start_s, 3), "start_timings": rt.start_timings,
            "tissue": rt.tissue, "batch": rt.batch, "planners": planners,
-           "readers": rt.reader_kind, "passes": []}  # fmt: skip
+           "readers": rt.reader_kind, "workers": rt.workers, "decode": rt.decode,
+           "passes": []}  # fmt: skip
     try:
         for p in range(passes):
             tl.ev.clear()
@@ -252,6 +257,12 @@ def time_stream(slides, batch: int | None, passes: int, planners: int = 2) -> di
                 "stage_sums_s": {k: round(v, 3) for k, v in sorted(stages.items())},
                 "slides": rows,
             })  # fmt: skip
+            lane = getattr(rt._pipe, "lane", None)
+            if lane is not None:  # totals since the runtime started
+                out["passes"][-1]["gpu_jpeg_lane"] = {
+                    "chunks": lane.chunks, "device_tiles": lane.device_tiles,
+                    "cpu_tiles": lane.cpu_tiles,
+                }  # fmt: skip
             print(f"pass {p}: {wall:.2f} s, cpu {out['passes'][-1]['main_cpu_s']} s", flush=True)
         t0 = time.perf_counter()
     finally:
@@ -266,6 +277,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="20000x15000")
     ap.add_argument("--planners", type=int, default=4)
     ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--workers", type=int, default=None, help="reader processes (default: CPUs)")
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--only", default="plan,reads,stream", help="comma list of plan,reads,stream")
     ap.add_argument("--tag", default="", help="suffix of the results key (e.g. a variant name)")
@@ -297,7 +309,7 @@ def main(argv=None) -> int:
         res["reads"] = [time_reads(slides, cores if gpu else 2, k) for k in kinds]
         print(res["reads"], flush=True)
     if "stream" in only:
-        res["stream"] = time_stream(slides, args.batch, args.passes, args.planners)
+        res["stream"] = time_stream(slides, args.batch, args.passes, args.planners, args.workers)
     key = "stream" + (f"-{args.tag}" if args.tag else "")
     slug = info["gpus"][0].lower().replace(" ", "-") if gpu else machine_name(info)
     path = update_results(RESULTS_DIR / f"stream-{slug}.json", {key: res}, info)

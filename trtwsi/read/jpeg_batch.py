@@ -145,7 +145,7 @@ class JpegBatchDecoder:
             )
             (todo if ok else cpu).append(k)
         mode = ImageReadMode.UNCHANGED if region.components == "rgb" else ImageReadMode.RGB
-        datas = [torch.frombuffer(bytearray(region.streams[k]), dtype=torch.uint8) for k in todo]
+        datas = [torch.frombuffer(_writable(region.streams[k]), dtype=torch.uint8) for k in todo]
         decoded: list = []
         if datas:
             try:
@@ -210,6 +210,10 @@ class JpegBatchDecoder:
                 (3, th, tw), fill, dtype=torch.uint8, device=self.device
             )
         return t
+
+
+def _writable(stream) -> bytearray:
+    return stream if isinstance(stream, bytearray) else bytearray(stream)
 
 
 def _frame(stream, width: int, height: int, components: str) -> bool:

@@ -29,25 +29,28 @@ _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _STANDALONE = frozenset(range(0xD0, 0xDA)) | {0x01}
 
 
-def splice_tables(tables, tile) -> bytes:
+def splice_tables(tables, tile) -> bytearray:
     """One complete JPEG stream from a ``JPEGTables`` stream and an abbreviated tile stream.
 
     Args:
         tables: the tag's bytes (SOI … tables … EOI), or None/empty when the tile is complete.
-        tile: the tile's bytes (SOI … frame and scan … EOI).
+        tile: the tile's bytes (SOI … frame and scan … EOI), any bytes-like object.
+
+    Returns a new ``bytearray`` (writable: ``torch.frombuffer`` takes it without a copy).
 
     Raises:
         ValueError: a stream that does not start (tables: and end) with the right marker.
     """
-    tile = bytes(tile)
-    if not tile.startswith(SOI):
-        raise ValueError(f"tile stream starts with {tile[:2]!r}, not the JPEG SOI marker")
+    tile = memoryview(tile).cast("B")
+    if tile[:2] != SOI:
+        raise ValueError(f"tile stream starts with {bytes(tile[:2])!r}, not the JPEG SOI marker")
     if not tables:
-        return tile
-    tables = bytes(tables)
-    if not (tables.startswith(SOI) and tables.endswith(EOI)):
+        return bytearray(tile)
+    if not (tables[:2] == SOI and tables[-2:] == EOI):
         raise ValueError("JPEGTables is not a SOI … EOI stream")
-    return tables[:-2] + tile[2:]
+    out = bytearray(tables[:-2])
+    out += tile[2:]
+    return out
 
 
 @dataclass(frozen=True)
@@ -77,7 +80,7 @@ def read_frame(data) -> JpegFrame:
         ValueError: no SOI, a marker or segment length that runs past the data, a scan (SOS)
             before any frame, or no frame at all.
     """
-    b = memoryview(data).cast("B") if not isinstance(data, bytes) else data
+    b = data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B")
     n = len(b)
     if n < 4 or b[0] != 0xFF or b[1] != 0xD8:
         raise ValueError("not a JPEG stream (no SOI marker)")
@@ -130,7 +133,7 @@ def check_stream(data, width: int, height: int) -> JpegFrame:
     Raises:
         ValueError: naming what is wrong.
     """
-    b = data if isinstance(data, bytes) else bytes(data)
+    b = data if isinstance(data, (bytes, bytearray)) else bytes(data)
     frame = read_frame(b)
     if frame.precision != 8 or len(frame.components) not in (1, 3):
         raise ValueError(

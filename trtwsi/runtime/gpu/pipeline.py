@@ -476,6 +476,8 @@ class GpuPipeline:
                 if fut is None:  # every chunk of this slide has been taken
                     tracker.issued(item)
                     continue
+                if slot is not None and lane is not None:
+                    lane.starved = not fut.done()  # CPU decode is behind: the lane helps
                 t0 = time.perf_counter()
                 decoded = fut.result()
                 item.run.timer.add("wait_read", time.perf_counter() - t0)
