@@ -244,6 +244,7 @@ def test_slide(benchmark, gpx, tmp_path_factory):
 
     side = int(round((gpx * 1e9) ** 0.5 / 256) * 256)
     cache = Path(os.environ.get("TRTWSI_BENCH_CACHE", tmp_path_factory.getbasetemp()))
+    cache.mkdir(parents=True, exist_ok=True)
     path = cache / f"bench-{side}.tif"
     if not path.exists():
         t = time.perf_counter()
