@@ -24,6 +24,7 @@ def test_doctor_without_gpu(capsys):
     for label in ("torch", "GPU", "NVIDIA driver", "CuPy", "TensorRT", "TensorRT-RTX", "export"):
         assert f"\n{label} " in "\n" + out
     assert "none visible to torch" in out
+    assert "JPEG on GPU" in out and "off: no GPU (torchvision" in out
     assert "demo-yolo11n.pt: no engine (python -m trtwsi.export.build --fp16 --model" in out
     assert "runs on the CPU" in out
 
@@ -97,3 +98,14 @@ def test_doctor_check_kernels(capsys):
         assert "postprocess, preprocess compiled (NVRTC, compute_75)" in out
     else:
         assert "kernel compile  skipped" in out
+
+
+@pytest.mark.gpu
+def test_doctor_reports_gpu_jpeg_decode(capsys):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "nvJPEG via torchvision" in out and "works" in out, out

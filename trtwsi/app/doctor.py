@@ -209,6 +209,23 @@ def collect(models_dir: str | os.PathLike | None = None, *, check_kernels: bool 
             r.add("CuPy", f"{cupy_v} (CUDA runtime {rt // 1000}.{(rt % 1000) // 10})")
         except Exception as e:
             r.add("CuPy", f"{cupy_v} (CUDA runtime not usable: {type(e).__name__}: {e})")
+    # --- JPEG decode on the GPU (torchvision's nvJPEG) ---
+    tv = _version("torchvision")
+    if tv is None:
+        r.add("JPEG on GPU", "off: torchvision is not installed (pip install 'trtwsi[torch]')")
+    elif not gpu:
+        r.add("JPEG on GPU", f"off: no GPU (torchvision {tv})")
+    else:
+        from trtwsi.read.jpeg_batch import jpeg_batch_unavailable
+
+        why = jpeg_batch_unavailable("cuda")
+        r.add(
+            "JPEG on GPU",
+            f"nvJPEG via torchvision {tv}: works (JPEG tiles are split between it and the CPU "
+            "readers while CPU decode is behind)"
+            if why is None
+            else f"off: {why}",
+        )
     # --- TensorRT flavours ---
     mods = available_modules()
     for flavour, mod in mods.items():
