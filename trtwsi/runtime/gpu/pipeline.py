@@ -26,6 +26,10 @@ graphs and engines). The chunk stream/slot logic is :class:`ChunkRing` and
 
 Frames: chunks are read-level px, tiles are cut at ``Chunk.offsets``; rows come back in
 level-0 px as ``(M, 8)`` float64 ``x1 y1 x2 y2 score class section tile``.
+
+Over 500 lines on purpose: :meth:`GpuPipeline.run` is the one loop that orders reads, uploads,
+launches and collection on three streams; its bookkeeping already lives in ``ring.py`` and the
+GPU JPEG lane in ``jpeg_lane.py``, and what remains shares the loop's local state.
 """
 
 from __future__ import annotations
