@@ -11,6 +11,7 @@ from trtwsi.merge import (
     DEFAULT_METRIC,
     DEFAULT_THRESHOLD,
     MergeError,
+    combine_merges,
     merge_detections,
     merge_reference,
     overlapping_pairs,
@@ -93,6 +94,33 @@ def test_random_sets_with_tiles_equal_reference(seed):
                     assert_same(own, merge_detections(boxes, scores, classes, **kw))
                 both(boxes, scores, classes, tiles=tiles, groups=groups, method=method)
         both(boxes, scores, classes, tiles=tiles, method="greedy", box_merge="weighted")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_groups_merged_apart_and_combined_equal_one_merge(seed):
+    """Each section merged alone (as the GPU runtime does when a section completes), then
+    combined: the same keep, boxes, scores, classes and clusters as one merge with groups."""
+    rng = np.random.default_rng(90 + seed)
+    for case in range(5):
+        integer = case % 2 == 0  # exact score ties across groups: the order must still match
+        n = int(rng.integers(0, 120))
+        boxes, scores, classes = random_case(rng, n, integer=integer)
+        groups = rng.integers(0, 1 + case, n)  # case 0: one group
+        tiles = rng.integers(0, 4, n)
+        for method, bm in (("nms", "union"), ("greedy", "union"), ("greedy", "weighted")):
+            kw = {"method": method, "box_merge": bm, "tiles": tiles}
+            whole = merge_detections(boxes, scores, classes, groups=groups, **kw)
+            parts = []
+            for g in rng.permutation(np.unique(groups)):  # parts in any order
+                rows = np.flatnonzero(groups == g)
+                parts.append((rows, merge_detections(
+                    boxes[rows], scores[rows], classes[rows], tiles=tiles[rows],
+                    method=method, box_merge=bm,
+                )))  # fmt: skip
+            # weighted means sum in another order: equal up to rounding
+            assert_same(combine_merges(n, parts), whole, exact_boxes=bm != "weighted")
+    with pytest.raises(ValueError, match="cover"):
+        combine_merges(3, [(np.arange(2), merge_detections(boxes[:2], scores[:2]))])
 
 
 def test_tiles_merge_only_across_tiles():

@@ -102,6 +102,7 @@ __all__ = [
     "DEFAULT_THRESHOLD",
     "MergeError",
     "MergeResult",
+    "combine_merges",
     "merge_detections",
     "merge_reference",
     "overlapping_pairs",
@@ -535,6 +536,46 @@ def merge_detections(
     ri, rj = rank[i], rank[j]
     kept, absorber = _greedy_select(n, np.minimum(ri, rj), np.maximum(ri, rj))
     return _finish(b, s, c, order, kept, absorber, method, box_merge)
+
+
+def combine_merges(n: int, parts) -> MergeResult:
+    """One :class:`MergeResult` over ``n`` input rows from merges of disjoint subsets of them.
+
+    ``parts``: ``(rows, result)`` pairs: ``rows`` ``(M,)`` int64 input rows in ascending order,
+    ``result`` the merge of exactly those rows (in that order). When the subsets are the
+    ``groups`` of :func:`merge_detections` (boxes of different groups never merge), the result
+    equals ``merge_detections(..., groups=...)`` over all ``n`` rows: same ``keep``, boxes,
+    scores, classes and clusters, in the same order (descending score, ties by input row). This
+    lets a slide's sections be merged as each one completes.
+    """
+    parts = list(parts)
+    cover = sum(len(r) for r, _ in parts)
+    if cover != n:
+        raise ValueError(f"the parts cover {cover} rows, not {n}")
+    for rows, res in parts:
+        if res.cluster.shape[0] != len(rows):
+            raise ValueError(f"a part merged {res.cluster.shape[0]} rows, not its {len(rows)}")
+    if not parts:
+        e = np.empty(0, dtype=np.int64)
+        return MergeResult(keep=e, boxes=np.empty((0, 4)), scores=np.empty(0),
+                           classes=e.copy(), cluster=e)  # fmt: skip
+    keep = np.concatenate([np.asarray(r, dtype=np.int64)[res.keep] for r, res in parts])
+    scores = np.concatenate([res.scores for _, res in parts])
+    order = np.lexsort((keep, -scores))
+    cluster = np.empty(n, dtype=np.int64)
+    off = 0
+    for rows, res in parts:
+        cluster[rows] = res.cluster + off
+        off += len(res)
+    new_pos = np.empty(len(order), dtype=np.int64)
+    new_pos[order] = np.arange(len(order))
+    return MergeResult(
+        keep=keep[order],
+        boxes=np.concatenate([res.boxes for _, res in parts])[order],
+        scores=scores[order],
+        classes=np.concatenate([res.classes for _, res in parts])[order],
+        cluster=new_pos[cluster],
+    )
 
 
 def merge_reference(

@@ -133,11 +133,76 @@ def test_tracker_hands_slides_on_in_order_when_their_batches_are_back():
     tr.drain()
 
 
+def test_tracker_reports_each_section_when_its_last_tile_is_back():
+    """Two sections, two input sizes, batches that mix sections and slides: a section is
+    reported once, when its last tile (over both sizes) is back; a failed slide never."""
+    from types import SimpleNamespace
+
+    plan = SimpleNamespace(
+        targets=[(0, None), (3, None)], grids={640: [[1] * 3, [1] * 2], 320: [[1], []]}
+    )
+    a, b = SlideRun(index=0, source=0, plan=plan), SlideRun(index=1, source=1, plan=plan)
+    fired: list = []
+    tr = SlideTracker(lambda r: None, lambda r, sec: fired.append((r.index, sec)))
+
+    def batch(*tiles):
+        bb = BatchBuilder(8)
+        for run, sec in tiles:
+            bb.add(run=run, group=0, geometry=(640, 1.0), slot=0, offset=0, stride=1,
+                   origin=(0, 0), section=sec, tile=0)  # fmt: skip
+        return bb.take()
+
+    tr.returned(batch((a, 0), (a, 0), (a, 3), (b, 3)))
+    assert fired == [] and a.section_left == {0: 2, 3: 1}
+    tr.returned(batch((a, 3), (b, 0)))
+    assert fired == [(0, 3)]
+    b.fail(RuntimeError("read failed"))
+    tr.returned(batch((a, 0), (b, 3)))
+    assert fired == [(0, 3)]  # a's section 0 still has its 320-px tile out; b failed
+    tr.returned(batch((a, 0)))
+    assert fired == [(0, 3), (0, 0)] and a.section_left == {0: 0, 3: 0}
+
+
+def test_sections_merged_early_give_the_same_detections():
+    """merge_rows with some sections merged early (as the GPU runtime does while the slide
+    runs) equals one merge of all rows: same boxes, scores, classes, sections, same order."""
+    from concurrent.futures import Future
+
+    from trtwsi.runtime.finish import merge_rows, merge_section
+
+    rng = np.random.default_rng(3)
+    model = trtwsi.Model(MODEL)
+
+    def rows(n):
+        xy = rng.uniform(0, 3000, (n, 2))
+        wh = rng.uniform(10, 80, (n, 2))
+        r = np.column_stack([xy, xy + wh, rng.integers(0, 5, n) / 4.0, rng.integers(0, 2, n),
+                             rng.integers(0, 3, n), rng.integers(0, 6, n)])  # fmt: skip
+        return r.astype(np.float64)
+
+    per_model = [[rows(int(rng.integers(0, 300))) for _ in range(7)]]
+    for early_secs in ([0], [0, 1, 2], [2]):
+        early = {}
+        for sec in early_secs:
+            f: Future = Future()
+            f.set_result(merge_section(per_model, sec, {}))
+            early[sec] = f
+        got = merge_rows(per_model, [model], {}, early)
+        want = merge_rows(per_model, [model], {})
+        assert len(want) > 100
+        np.testing.assert_array_equal(got.to_numpy(), want.to_numpy())
+        np.testing.assert_array_equal(got.section, want.section)
+
+
 def test_builder_refuses_mixing_geometries_and_tracker_catches_leftovers():
     bb = BatchBuilder(4)
     bb.add(run=1, group=0, geometry=(640, 1.0), slot=0, offset=0, stride=1, origin=(0, 0),
            section=0, tile=0)  # fmt: skip
-    assert bb.accepts(0, (640, 1.0)) and not bb.accepts(0, (320, 2.0)) and not bb.accepts(1, (640, 1.0))
+    assert (
+        bb.accepts(0, (640, 1.0))
+        and not bb.accepts(0, (320, 2.0))
+        and not bb.accepts(1, (640, 1.0))
+    )
     with pytest.raises(ValueError, match="take"):
         bb.add(run=1, group=1, geometry=(640, 1.0), slot=0, offset=0, stride=1, origin=(0, 0),
                section=0, tile=1)  # fmt: skip
@@ -165,7 +230,9 @@ def test_gpu_stream_gives_each_slide_the_results_it_gets_alone(slides):
         alone = [rt.run(p) for p in good]
         outs = list(rt.stream([good[2], good[0], bad, good[1], good[0]]))
     assert [o.ok for o in outs] == [True, True, False, True, True]
-    for o, want in zip([outs[0], outs[1], outs[3], outs[4]], [alone[2], alone[0], alone[1], alone[0]], strict=True):
+    for o, want in zip(
+        [outs[0], outs[1], outs[3], outs[4]], [alone[2], alone[0], alone[1], alone[0]], strict=True
+    ):
         np.testing.assert_array_equal(_rows(o.results), _rows(want))
 
 

@@ -33,7 +33,7 @@ from trtwsi.plan.slide_plan import SlideOptions, plan_slide
 from trtwsi.plan.tissue import TISSUE_THUMBNAIL, find_sections
 from trtwsi.read.processes import process_readable
 from trtwsi.runtime.cpu import ReferenceRunner
-from trtwsi.runtime.finish import describe_model, finish_slide
+from trtwsi.runtime.finish import describe_model, finish_slide, merge_section
 from trtwsi.runtime.gpu.ring import IDLE, SlideRun
 from trtwsi.runtime.select import (
     default_batch,
@@ -389,6 +389,9 @@ class Runtime:
         imgsizes = [m.imgsz for m in self.models]
         planners = ThreadPoolExecutor(self.planners, thread_name_prefix="trtwsi-plan")
         finisher = ThreadPoolExecutor(1, thread_name_prefix="trtwsi-finish")
+        # seam merges of sections whose tiles are all back, while the slide's other sections
+        # (and the next slides) are on the GPU; the finisher merges only what is left
+        merger = ThreadPoolExecutor(2, thread_name_prefix="trtwsi-merge")
         done: list[Future] = []  # finisher futures, in slide order
         opened: dict[int, Slide] = {}  # slides this stream opened (closed when finished)
         stop = threading.Event()
@@ -483,8 +486,10 @@ class Runtime:
                     timings = run.timer.rounded() if self.timing else {}
                     out.results = finish_slide(
                         run.plan, run.rows, self.models, timings=timings,
-                        params=self._params(), model_info=self._model_info,
+                        params=self._params(), model_info=self._model_info, early=run.early,
                     )  # fmt: skip
+                    if self.timing and run.early:
+                        out.results.timings["merge_early"] = round(run.timer.t["merge_early"], 6)
                 except Exception as e:
                     out.error = e
             else:
@@ -500,11 +505,23 @@ class Runtime:
         def hand_on(run: SlideRun) -> None:
             done.append(finisher.submit(finish, run))
 
+        def merge_early(run: SlideRun, section: int):
+            t0 = time.perf_counter()
+            try:
+                return merge_section(run.rows, section, dict(run.plan.options.merge))
+            finally:
+                run.timer.add("merge_early", time.perf_counter() - t0)
+
+        def section_done(run: SlideRun, section: int) -> None:
+            run.early[section] = merger.submit(merge_early, run, section)
+
         feeder = threading.Thread(target=feed, name="trtwsi-feed", daemon=True)
         feeder.start()
         try:
             if self._pipe is not None:
-                yield from self._drive(lambda: self._pipe.run(runs(), hand_on), done, stop)
+                yield from self._drive(
+                    lambda: self._pipe.run(runs(), hand_on, section_done), done, stop
+                )
             else:
                 for run in runs():
                     while done and done[0].done():
@@ -530,6 +547,7 @@ class Runtime:
                 self._pipe.bar = None
             planners.shutdown(wait=True, cancel_futures=True)
             finisher.shutdown(wait=True)
+            merger.shutdown(wait=True, cancel_futures=True)
             for slide in opened.values():
                 slide.close()
             if bar is not None:

@@ -8,7 +8,8 @@
 - :class:`SlideRun` and :class:`SlideTracker`: per-slide state (rows, timer, error) and the
   rule that a slide is finished when all its chunks were taken, none of its tiles waits in a
   partial batch and none of its batches is in flight; finished slides are handed on in the
-  order they came.
+  order they came. A section is finished when every tile of it (over all input sizes) is back:
+  ``on_section`` hears of it at once, so its seam merge can run beside the rest of the slide.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from trtwsi._util.timer import Timer
 #: Yielded by a slide stream while its next slide is still being opened or planned.
 IDLE = object()
 
-__all__ = ["IDLE", "BatchBuilder", "ChunkRing", "PendingBatch", "SlideRun", "SlideTracker"]
+__all__ = [
+    "IDLE",
+    "BatchBuilder",
+    "ChunkRing",
+    "PendingBatch",
+    "SlideRun",
+    "SlideTracker",
+    "section_tiles",
+]
 
 
 class ChunkRing:
@@ -65,6 +74,10 @@ class SlideRun:
     inflight: int = 0
     issued: bool = False
     t_start: float = 0.0
+    #: tiles of each section not back yet (set at the slide's first returned batch)
+    section_left: dict | None = None
+    #: what the runtime attached per finished section (e.g. a future of its early merge)
+    early: dict = field(default_factory=dict)
 
     def fail(self, e: BaseException) -> None:
         if self.error is None:
@@ -151,11 +164,27 @@ class BatchBuilder:
         return pb
 
 
-class SlideTracker:
-    """Hands finished slides to ``on_done`` in the order they were added."""
+def section_tiles(plan) -> dict[int, int]:
+    """Tiles per section (``-1``: a region) of a slide plan, over all input sizes."""
+    left: dict[int, int] = {}
+    for grids in plan.grids.values():
+        for (sec, _), g in zip(plan.targets, grids, strict=True):
+            left[sec] = left.get(sec, 0) + len(g)
+    return left
 
-    def __init__(self, on_done: Callable[[SlideRun], None]):
+
+class SlideTracker:
+    """Hands finished slides to ``on_done`` in the order they were added, and each finished
+    section (all its tiles back, their rows in ``run.rows``) to ``on_section(run, section)``
+    as soon as it is (from the thread that calls :meth:`returned`)."""
+
+    def __init__(
+        self,
+        on_done: Callable[[SlideRun], None],
+        on_section: Callable[[SlideRun, int], None] | None = None,
+    ):
         self.on_done = on_done
+        self.on_section = on_section
         self._order: deque[SlideRun] = deque()
 
     def add(self, run: SlideRun) -> None:
@@ -176,6 +205,18 @@ class SlideTracker:
     def returned(self, pb: PendingBatch) -> None:
         for run in pb.runs:
             run.inflight -= 1
+        if self.on_section is not None:
+            owner = np.asarray(pb.runs_index, dtype=np.int64)
+            for ri, run in enumerate(pb.runs):
+                if run.error is not None or run.plan is None:
+                    continue
+                if run.section_left is None:
+                    run.section_left = section_tiles(run.plan)
+                secs, counts = np.unique(np.asarray(pb.sections)[owner == ri], return_counts=True)
+                for sec, k in zip(secs.tolist(), counts.tolist(), strict=True):
+                    run.section_left[sec] -= k
+                    if run.section_left[sec] == 0:
+                        self.on_section(run, sec)
         self._emit()
 
     def _emit(self) -> None:
