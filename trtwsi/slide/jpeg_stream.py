@@ -73,19 +73,19 @@ class JpegFrame:
         return len({(h, v) for _, h, v in self.components}) > 1
 
 
-def read_frame(data) -> JpegFrame:
-    """The first frame header of ``data`` (a complete or spliced JPEG stream).
+def _segments(b):
+    """``(marker, offset, length)`` of each segment of ``b`` (bytes-like, indexable as ints)
+    from after SOI up to and including the first scan (SOS) or EOI; fill bytes and standalone
+    markers are skipped. Each step moves forward, so the walk is bounded by ``len(b)``.
 
     Raises:
-        ValueError: no SOI, a marker or segment length that runs past the data, a scan (SOS)
-            before any frame, or no frame at all.
+        ValueError: no SOI, a byte where a marker must be, or a segment that runs past the data.
     """
-    b = data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B")
     n = len(b)
     if n < 4 or b[0] != 0xFF or b[1] != 0xD8:
         raise ValueError("not a JPEG stream (no SOI marker)")
     i = 2
-    while i + 4 <= n:  # each step moves i forward: bounded by n
+    while i + 4 <= n:
         if b[i] != 0xFF:
             raise ValueError(f"expected a marker at byte {i}, found {b[i]:#04x}")
         m = b[i + 1]
@@ -98,6 +98,21 @@ def read_frame(data) -> JpegFrame:
         length = (b[i + 2] << 8) | b[i + 3]
         if length < 2 or i + 2 + length > n:
             raise ValueError(f"segment {m:#04x} at byte {i} of length {length} runs past the data")
+        yield m, i, length
+        if m in (0xDA, 0xD9):
+            return
+        i += 2 + length
+
+
+def read_frame(data) -> JpegFrame:
+    """The first frame header of ``data`` (a complete or spliced JPEG stream).
+
+    Raises:
+        ValueError: no SOI, a marker or segment length that runs past the data, a scan (SOS)
+            before any frame, or no frame at all.
+    """
+    b = data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B")
+    for m, i, length in _segments(b):
         if m in _SOF:
             if length < 8:
                 raise ValueError(f"frame header of length {length} is too short")
@@ -117,7 +132,6 @@ def read_frame(data) -> JpegFrame:
             )
         if m in (0xDA, 0xD9):
             raise ValueError("scan or end of image before any frame header")
-        i += 2 + length
     raise ValueError("no frame header in the data")
 
 
@@ -145,25 +159,7 @@ def check_stream(data, width: int, height: int) -> JpegFrame:
         raise ValueError(f"JPEG sampling factors {frame.components} are invalid")
     if not b.endswith(EOI):
         raise ValueError("JPEG stream does not end with the EOI marker (truncated?)")
-    seen: set[int] = set()
-    n, i = len(b), 2
-    while i + 4 <= n:
-        m = b[i + 1]
-        if b[i] != 0xFF:
-            raise ValueError(f"expected a marker at byte {i}, found {b[i]:#04x}")
-        if m == 0xFF:
-            i += 1
-            continue
-        if m in _STANDALONE:
-            i += 2
-            continue
-        length = (b[i + 2] << 8) | b[i + 3]
-        if length < 2 or i + 2 + length > n:
-            raise ValueError(f"segment {m:#04x} at byte {i} runs past the data")
-        seen.add(m)
-        if m == 0xDA:
-            break
-        i += 2 + length
+    seen = {m for m, _, _ in _segments(b)}
     if 0xDA not in seen:
         raise ValueError("JPEG stream has no scan (SOS)")
     if 0xDB not in seen:
@@ -183,7 +179,7 @@ class CompressedRegion:
     (x0, y0, x1, y1) is the part of the region inside the level (region px); the rest is
     ``fill``.
 
-    ``streams``: row-major, one per tile: a complete JPEG stream (``bytes``, tables spliced),
+    ``streams``: row-major, one per tile: a complete JPEG stream (``bytearray``, tables spliced),
     None for a sparse tile (``fill``), or the exception that kept its bytes from being read.
     ``components``: ``"ycbcr"`` (decode to RGB) or ``"rgb"`` (stored RGB, no colour
     transform, as Aperio writes it). ``cpu_read(x, y, w, h)`` decodes level px (inside the
