@@ -14,6 +14,8 @@ conf 0.25 / NMS IoU 0.45 / max_det 300, 640-px tiles with 0.2 overlap = 512-px s
   per-section grids. The real use; its tile count is smaller than the others'.
 - ``trtwsi-grid``: ``Predictor(slide).run(region=whole slide)``: the full grid, no skipping: the
   same tiles as the two baselines, so per-tile cost compares directly.
+- ``trtwsi-grid-ort``: the same with ``Model(backend="onnxruntime")`` (the model's graph in ONNX
+  Runtime instead of PyTorch; ``pip install 'trtwsi[onnxruntime]'``).
 - ``ultralytics``: read level 0 (trtwsi's TIFF reader), cut the same tiles,
   ``YOLO.predict`` on chunks of ``batch`` tiles (a list is one forward pass, whatever its
   length), shift boxes to slide px, merge across seams
@@ -58,8 +60,8 @@ from _machine import host_info, machine_name  # noqa: E402
 
 MODEL = ROOT / "trtwsi" / "models" / "demo-yolo11n.pt"
 CONF, IOU, MAX_DET, TILE, OVERLAP = 0.25, 0.45, 300, 640, 0.2
-MODES = ("trtwsi-slide", "trtwsi-grid", "ultralytics", "sahi")
-TRTWSI_MODES = ("trtwsi-slide", "trtwsi-grid")
+MODES = ("trtwsi-slide", "trtwsi-grid", "trtwsi-grid-ort", "ultralytics", "sahi")
+TRTWSI_MODES = ("trtwsi-slide", "trtwsi-grid", "trtwsi-grid-ort")
 MATCH_IOU = 0.9
 FULL_SIZE = (6144, 4608)  # 12 x 9 = 108 tiles of the full grid
 SMOKE_SIZE = (1280, 1024)  # 3 x 2 = 6 tiles
@@ -83,9 +85,10 @@ def _grid_tiles(slide) -> list[tuple[int, int, int, int]]:
 def _run_trtwsi(mode: str, slide_path: str, threads: int, batch: int) -> dict:
     import trtwsi
 
+    backend = "onnxruntime" if mode.endswith("-ort") else "auto"
     p = trtwsi.Predictor(
         slide_path,
-        [trtwsi.Model(MODEL, min_conf=CONF, iou=IOU, max_det=MAX_DET)],
+        [trtwsi.Model(MODEL, min_conf=CONF, iou=IOU, max_det=MAX_DET, backend=backend)],
         device="cpu",
         batch=batch,
         threads=threads,
@@ -93,7 +96,7 @@ def _run_trtwsi(mode: str, slide_path: str, threads: int, batch: int) -> dict:
     )
     p.run(region=(0, 0, TILE, TILE))  # warm-up: engine build, first forward
     w, h = p.slide.dimensions
-    region = (0, 0, w, h) if mode == "trtwsi-grid" else None
+    region = (0, 0, w, h) if mode.startswith("trtwsi-grid") else None
     c0, t0 = _cpu_seconds(), time.perf_counter()
     res = p.run(region=region)
     wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0

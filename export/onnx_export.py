@@ -1,7 +1,7 @@
-"""Shim: this is :mod:`trtwsi.export.onnx_export` (see export/__init__.py)."""
+"""Shim: this is :mod:`trtwsi.engines.onnx_export` (see export/__init__.py)."""
 
 import sys
 
-from trtwsi.export import onnx_export as _module
+from trtwsi.engines import onnx_export as _module
 
 sys.modules[__name__] = _module

@@ -47,7 +47,7 @@ __all__ = [
     "read_toml",
 ]
 
-BACKENDS = ("auto", "torch", "tensorrt")
+BACKENDS = ("auto", "torch", "tensorrt", "onnxruntime")
 HEAD_KINDS = ("nms", "end2end")
 DEFAULT_IMGSZ = 640
 DEFAULT_MAX_DET = 300

@@ -10,7 +10,7 @@
     python -m trtwsi.export.build --fp16 --model m.pt --flavour tensorrt_rtx --compute-capability 8.6
 
 Steps: load the ``.pt`` offline (:class:`trtwsi.engines.model.Model`); export a float32 ONNX with a
-dynamic batch (:mod:`trtwsi.export.onnx_export`); for FP16 convert it to the mixed FP16 graph
+dynamic batch (:mod:`trtwsi.engines.onnx_export`); for FP16 convert it to the mixed FP16 graph
 (:mod:`trtwsi.export.fp16`: fp32 I/O and box-decode tail) and check it with onnxruntime against the
 ``.pt`` on sample tiles — a failed check stops the build; parse it with TensorRT's ONNX parser
 into a strongly typed network (TensorRT 11 and TensorRT-RTX have no ``BuilderFlag.FP16``;
@@ -322,10 +322,10 @@ def build_model(weights: str | Path, opts: BuildOptions) -> tuple[Path, Any]:
     import trtwsi
     from trtwsi.app.compare import sample_tiles
     from trtwsi.engines.model import Model
+    from trtwsi.engines.onnx_export import DEFAULT_OPSET, detect_prefix, export_onnx
     from trtwsi.engines.sidecar import EngineMeta, engine_filename, find_engines, sidecar_path
     from trtwsi.engines.tensorrt import cuda_device_info, load_module
     from trtwsi.export.fp16 import check_numerics, convert_fp16
-    from trtwsi.export.onnx_export import DEFAULT_OPSET, detect_prefix, export_onnx
 
     weights = Path(weights)
     model = Model(weights, imgsz=opts.imgsz, head=opts.head, max_det=opts.max_det)

@@ -49,11 +49,11 @@ def decode_tail_nodes(proto, prefix: str) -> list[str]:
 def convert_fp16(src: str | os.PathLike, dst: str | os.PathLike, prefix: str) -> Path:
     """Convert the float32 ONNX ``src`` into the mixed FP16 graph described above at ``dst``.
 
-    ``prefix``: the Detect head's node-name prefix (:func:`trtwsi.export.onnx_export.detect_prefix`).
+    ``prefix``: the Detect head's node-name prefix (:func:`trtwsi.engines.onnx_export.detect_prefix`).
 
     Raises:
         MissingDependencyError: onnx / onnxconverter-common missing (``trtwsi[export]``).
-        ValueError: the graph is not the one :func:`trtwsi.export.onnx_export.export_onnx` writes.
+        ValueError: the graph is not the one :func:`trtwsi.engines.onnx_export.export_onnx` writes.
     """
     onnx = require("onnx", "export", "FP16 ONNX conversion")
     float16 = require("onnxconverter_common.float16", "export", "FP16 ONNX conversion")
