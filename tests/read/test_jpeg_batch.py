@@ -8,6 +8,7 @@ fallback). The ``gpu`` tests run the same regions through nvJPEG and measure the
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -87,9 +88,9 @@ FILES = ["jpeg_subifd_tif", "vips_pyramid_tif", "svs_file", "aperio_rgb_tif"]
 IDS = ["tifffile", "vips", "svs", "aperio-rgb"]
 
 
-def _passes(stream) -> bool:
+def _passes(stream, width: int = 24, height: int = 16) -> bool:
     try:
-        check_stream(stream, 1, 1)
+        check_stream(stream, width, height)
     except ValueError:
         return False
     return True
@@ -160,6 +161,8 @@ def test_read_frame_fuzz():
     check_stream(good, 24, 16)
     with pytest.raises(ValueError, match="tile 32x16"):
         check_stream(good, 32, 16)
+    with pytest.raises(ValueError, match="tile 16x16"):  # a frame larger than the tile
+        check_stream(good, 16, 16)
     for c in cases:
         try:
             f = read_frame(c)
@@ -241,13 +244,33 @@ def test_bad_huffman_table_fails_the_batch(jpeg_subifd_tif, tmp_path):
         f.write(b"\xff" * 16)  # 16 code-length counts of 255: more codes than can exist
     slide = open_slide(path, threads=1)
     region = slide.compressed_region(0, 0, 1500, 1000)
-    assert _passes(region.streams[9])
+    assert _passes(region.streams[9], 256, 256)
     with pytest.warns(RuntimeWarning, match="could not be read"):
         got = JpegBatchDecoder("cpu").decode(region)
     assert got.cpu_tiles == 1 and got.device_tiles == 23
     assert [e.tile for e in slide.read_errors] == [(1, 3)]
     a = got.to_numpy()
     assert (a[256:512, 768:1024] == 255).all() and a[:256, :256].std() > 10
+
+
+def test_oversized_frame_goes_to_the_cpu_reader(jpeg_subifd_tif, tmp_path):
+    """A tile whose frame header claims 8192² px is not handed to the batch decoder (which
+    would allocate what the header says); the CPU reader gets it, with its own checks."""
+    path = tmp_path / "big.tif"
+    shutil.copy(jpeg_subifd_tif, path)
+    off, cnt = segment_location(path, 4)
+    with open(path, "r+b") as f:
+        f.seek(off)
+        sof = f.read(cnt).find(b"\xff\xc0")
+        f.seek(off + sof + 5)
+        f.write(b"\x20\x00\x20\x00")  # height, width = 8192
+    slide = open_slide(path, threads=1)
+    region = slide.compressed_region(0, 0, 1500, 1000)
+    assert read_frame(region.streams[4]).width == 8192 and not _passes(region.streams[4], 256, 256)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the CPU reader may report it
+        got = JpegBatchDecoder("cpu").decode(region)
+    assert got.cpu_tiles == 1 and got.device_tiles == 23
 
 
 @pytest.mark.gpu

@@ -137,7 +137,9 @@ def read_frame(data) -> JpegFrame:
 
 def check_stream(data, width: int, height: int) -> JpegFrame:
     """Check the marker structure of a complete baseline/extended/progressive JPEG stream of a
-    tile of at least ``width × height`` px with 1 or 3 8-bit components, before a decoder that
+    tile of exactly ``width × height`` px (a TIFF tile's JPEG is always the whole tile; a larger
+    frame would make the decoder allocate what the header says, so it is refused here) with 1
+    or 3 8-bit components, before a decoder that
     does not report errors sees it (nvJPEG through torchvision returns uninitialised pixels for
     some malformed streams instead of failing). Walks every segment up to the first scan, and
     requires quantization and Huffman tables (or arithmetic coding), a frame, a scan and the
@@ -153,7 +155,7 @@ def check_stream(data, width: int, height: int) -> JpegFrame:
         raise ValueError(
             f"{frame.precision}-bit JPEG with {len(frame.components)} components is not 8-bit gray/RGB"
         )
-    if frame.width < width or frame.height < height:
+    if frame.width != width or frame.height != height:
         raise ValueError(f"JPEG frame is {frame.width}x{frame.height}, the tile {width}x{height}")
     if any(not (1 <= h <= 4 and 1 <= v <= 4) for _, h, v in frame.components):
         raise ValueError(f"JPEG sampling factors {frame.components} are invalid")
