@@ -9,7 +9,9 @@ pointers, IFD entry values / types / counts, tile data bytes, truncation.
 
 For each case a child process (two children share the cases; each is capped at baseline + 1 GiB
 of address space with RLIMIT_AS and 10 s of CPU per case) runs: ``open_slide`` → ``info()`` →
-``find_sections`` → ``read_region`` over every tile of level 0 (at most 256 regions). The outcome
+``find_sections`` → ``read_region`` over every tile of level 0 (at most 256 regions) → for
+JPEG-tiled levels, the first 16 of those regions as ``compressed_region`` decoded by
+:class:`~trtwsi.read.jpeg_batch.JpegBatchDecoder` on the CPU (the GPU lane's path). The outcome
 bucket is ``ok`` / ``ok+tile_errors`` or the name of the trtwsi error raised; any other
 exception, a timeout, a crash or a hang of a child fails the test with the case that caused it.
 
@@ -228,6 +230,12 @@ def _exercise(path: str) -> str:
             regions = regions[:: len(regions) // 256 + 1]
         for x, y in regions:
             s.read_region(x, y, min(tw, lv.width - x), min(th, lv.height - y))
+        if s.compressed_region(0, 0, 1, 1) is not None:  # the GPU lane's path, decoded on the CPU
+            from trtwsi.read.jpeg_batch import JpegBatchDecoder
+
+            dec = JpegBatchDecoder("cpu")
+            for x, y in regions[:16]:
+                dec.decode(s.compressed_region(x, y, min(tw, lv.width - x), min(th, lv.height - y)))
         return "ok+tile_errors" if s.read_errors else "ok"
     finally:
         s.close()
@@ -242,8 +250,11 @@ def child_main(seed_paths: list[str], cases: list[int], workdir: str) -> None:
     import warnings
 
     import cv2  # noqa: F401 - imported before the address-space cap
+    import torch  # noqa: F401 - imported before the address-space cap (the JPEG batch decoder)
+    import torchvision.io  # noqa: F401
 
     import trtwsi.plan.tissue
+    import trtwsi.read.jpeg_batch
     import trtwsi.slide.openslide_reader
     import trtwsi.slide.tiff  # noqa: F401
     from trtwsi.errors import TrtwsiError
