@@ -104,6 +104,24 @@ def _segments(b):
         i += 2 + length
 
 
+def _frame_at(b, m: int, i: int, length: int) -> JpegFrame:
+    """The frame header segment ``m`` at byte ``i`` (``length`` from its length field)."""
+    if length < 8:
+        raise ValueError(f"frame header of length {length} is too short")
+    seg = bytes(b[i + 4 : i + 2 + length])
+    nc = seg[5]
+    if length < 8 + 3 * nc:
+        raise ValueError(f"frame header declares {nc} components in {length} bytes")
+    comps = tuple((seg[6 + 3 * k], seg[7 + 3 * k] >> 4, seg[7 + 3 * k] & 15) for k in range(nc))
+    return JpegFrame(
+        marker=m,
+        precision=seg[0],
+        height=(seg[1] << 8) | seg[2],
+        width=(seg[3] << 8) | seg[4],
+        components=comps,
+    )
+
+
 def read_frame(data) -> JpegFrame:
     """The first frame header of ``data`` (a complete or spliced JPEG stream).
 
@@ -114,22 +132,7 @@ def read_frame(data) -> JpegFrame:
     b = data if isinstance(data, (bytes, bytearray)) else memoryview(data).cast("B")
     for m, i, length in _segments(b):
         if m in _SOF:
-            if length < 8:
-                raise ValueError(f"frame header of length {length} is too short")
-            seg = bytes(b[i + 4 : i + 2 + length])
-            nc = seg[5]
-            if length < 8 + 3 * nc:
-                raise ValueError(f"frame header declares {nc} components in {length} bytes")
-            comps = tuple(
-                (seg[6 + 3 * k], seg[7 + 3 * k] >> 4, seg[7 + 3 * k] & 15) for k in range(nc)
-            )
-            return JpegFrame(
-                marker=m,
-                precision=seg[0],
-                height=(seg[1] << 8) | seg[2],
-                width=(seg[3] << 8) | seg[4],
-                components=comps,
-            )
+            return _frame_at(b, m, i, length)
         if m in (0xDA, 0xD9):
             raise ValueError("scan or end of image before any frame header")
     raise ValueError("no frame header in the data")
@@ -150,7 +153,13 @@ def check_stream(data, width: int, height: int) -> JpegFrame:
         ValueError: naming what is wrong.
     """
     b = data if isinstance(data, (bytes, bytearray)) else bytes(data)
-    frame = read_frame(b)
+    frame, seen = None, set()
+    for m, i, length in _segments(b):  # one walk up to the scan
+        seen.add(m)
+        if m in _SOF and frame is None:
+            frame = _frame_at(b, m, i, length)
+    if frame is None:
+        raise ValueError("no frame header in the data")
     if frame.precision != 8 or len(frame.components) not in (1, 3):
         raise ValueError(
             f"{frame.precision}-bit JPEG with {len(frame.components)} components is not 8-bit gray/RGB"
@@ -161,7 +170,6 @@ def check_stream(data, width: int, height: int) -> JpegFrame:
         raise ValueError(f"JPEG sampling factors {frame.components} are invalid")
     if not b.endswith(EOI):
         raise ValueError("JPEG stream does not end with the EOI marker (truncated?)")
-    seen = {m for m, _, _ in _segments(b)}
     if 0xDA not in seen:
         raise ValueError("JPEG stream has no scan (SOS)")
     if 0xDB not in seen:
