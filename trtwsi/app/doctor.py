@@ -255,6 +255,14 @@ def collect(models_dir: str | os.PathLike | None = None, *, check_kernels: bool 
             break
     else:
         r.add("export", "onnx, onnxruntime, onnxconverter-common installed")
+    ort_v = _version("onnxruntime")
+    r.add(
+        "ONNX Runtime",
+        f"{ort_v}: backend='onnxruntime' can run models on the CPU"
+        if ort_v is not None and _version("onnx") is not None
+        else "not installed: backend='onnxruntime' (faster CPU tiles) needs "
+        "pip install 'trtwsi[onnxruntime]'",
+    )
     # --- kernel sources, models ---
     if _check_kernel_files(r) and check_kernels:
         _compile_kernels(r, cc)
