@@ -61,7 +61,17 @@ def _one_line_error(err: str, *needles: str) -> None:
 
 @pytest.mark.parametrize(
     "case",
-    ["exists", "suffix", "also", "parent_is_file", "missing_slide", "device_gpu", "section"],
+    [
+        "exists",
+        "suffix",
+        "also",
+        "parent_is_file",
+        "missing_slide",
+        "device_gpu",
+        "section",
+        "decode_gpu_on_cpu",
+        "decode_gpu_batch",
+    ],
 )
 def test_predict_refuses_before_loading_models(case, slide, tmp_path, capsys):
     """Each mistake is reported (one line, exit 1) before the models load: the model path does
@@ -76,6 +86,8 @@ def test_predict_refuses_before_loading_models(case, slide, tmp_path, capsys):
         "missing_slide": "does not exist",
         "device_gpu": "--device 'gpu'",
         "section": "--section 7: this slide has 1 tissue section",
+        "decode_gpu_on_cpu": "--decode gpu decodes JPEG tiles on the GPU, but this run is on cpu",
+        "decode_gpu_batch": "--decode gpu decodes JPEG tiles on the GPU, but this run is on cpu",
     }[case]
     if case == "exists":
         out.write_text("old")
@@ -92,6 +104,12 @@ def test_predict_refuses_before_loading_models(case, slide, tmp_path, capsys):
         args[args.index("cpu")] = "gpu"
     elif case == "section":
         args += ["--section", "7"]
+    elif case == "decode_gpu_on_cpu":
+        args += ["--decode", "gpu"]
+    elif case == "decode_gpu_batch":  # two slides: the batch path
+        args += ["--decode", "gpu"]
+        args.insert(1, str(slide))
+        out = tmp_path / "batch-out"
     assert main(["predict", *args, "--out", str(out)]) == 1
     _one_line_error(capsys.readouterr().err, needle)
     if case != "exists":

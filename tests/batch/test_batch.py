@@ -138,11 +138,14 @@ def test_discover_names_and_keys(slides, model, tmp_path):
     key = job_key(fp, [model], _params())
     # speed-only options do not change the key; what changes results does
     assert key == job_key(fp, [model], BatchParams(threads=2, formats=FORMATS, batch=16))
+    assert key == job_key(fp, [model], BatchParams(threads=1, formats=FORMATS, decode="cpu"))
     assert key != job_key(fp, [model], BatchParams(threads=1, formats=FORMATS, overlap=0.3))
     assert key != job_key(fp, [model], BatchParams(formats=(".geojson",)))
     assert key != job_key(fp, [Model(MODEL, min_conf=0.3)], _params())
     with pytest.raises(UnsupportedOutputFormatError, match=r"\.tiff"):
         BatchParams(formats=("geojson", "tiff"))
+    with pytest.raises(BatchError, match="'nvjpeg'"):
+        BatchParams(decode="nvjpeg")
 
 
 def test_engine_cache_loads_each_engine_once(model):

@@ -61,12 +61,14 @@ def cmd_predict_batch(a) -> int:
         workers=a.workers,
         threads=a.threads,
         max_tile_errors=a.max_tile_errors,
+        decode=a.decode,
     )
     discover_slides(a.slide, exclude=[out.resolve()])  # missing slides: refused before loading
     devices = batch_devices(a)
     if a.ray is None:
         if a.devices is None:
-            validate.check_device(a.device)  # names --device, not --devices, when it is wrong
+            # names --device, not --devices, when it is wrong
+            validate.check_decode(a.decode, validate.check_device(a.device))
         parse_devices(devices)  # a bad --devices / --device: refused before loading
     models = models_from_args(a)
 

@@ -224,6 +224,14 @@ def _add_predict_opts(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--device", default="auto", help="auto (a CUDA GPU when there is one), cpu, cuda, cuda:N"
     )
+    p.add_argument(
+        "--decode",
+        default="auto",
+        choices=["auto", "gpu", "cpu"],
+        help="where JPEG tiles are decoded on the GPU pipeline: auto (nvJPEG beside the CPU "
+        "readers while CPU decode is behind, when it works here), gpu (that, or an error), cpu "
+        "(default auto; TRTWSI_DECODE sets auto's choice)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

@@ -113,6 +113,16 @@ def check_device(device: str) -> str:
         raise type(e)(f"--device {device!r}: {e}") from None
 
 
+def check_decode(decode: str, device: str) -> None:
+    """``--decode gpu`` needs the GPU pipeline: refused on a CPU device before anything loads.
+    ``device``: the device :func:`check_device` resolved."""
+    if decode == "gpu" and not str(device).startswith("cuda"):
+        raise UsageError(
+            f"--decode gpu decodes JPEG tiles on the GPU, but this run is on {device}; use "
+            "--decode auto or --decode cpu, or a CUDA --device"
+        )
+
+
 def check_section(slide, section: int | None) -> None:
     """``--section`` names a tissue section of this open slide."""
     if section is None:

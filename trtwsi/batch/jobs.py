@@ -148,7 +148,8 @@ class BatchParams:
     between runs with the same ``threads``; other thread counts change the last bits of scores.
     ``max_tile_errors`` (not part of the key): a slide with more undecodable tiles than this is
     ``failed`` (a fraction of its tiles, a count, or None: no limit; see
-    :mod:`trtwsi.results.tile_errors`).
+    :mod:`trtwsi.results.tile_errors`). ``decode`` (not part of the key): where JPEG tiles are
+    decoded on the GPU pipeline (``Runtime(decode=…)``).
     """
 
     overlap: float = 0.2
@@ -161,6 +162,7 @@ class BatchParams:
     workers: int | None = None
     threads: int | None = None
     max_tile_errors: float | int | None = 0.05
+    decode: str = "auto"
 
     def __post_init__(self):
         from trtwsi.results import SUPPORTED_EXTENSIONS, UnsupportedOutputFormatError
@@ -182,6 +184,8 @@ class BatchParams:
             v = getattr(self, label)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise BatchError(f"{label} must be a positive int or None, got {v!r}")
+        if self.decode not in ("auto", "gpu", "cpu"):
+            raise BatchError(f"decode must be 'auto', 'gpu' or 'cpu', got {self.decode!r}")
 
     def key_params(self) -> dict:
         return {

@@ -63,6 +63,7 @@ class SlideRunner:
             batch=params.batch,
             workers=params.workers or threads,
             planners=PLANNERS,
+            decode=params.decode,
         )
         #: seconds to import torch, load the models and start the runtime (engines, rings,
         #: reader processes), and their parts (``boot``: the worker process's own start,
