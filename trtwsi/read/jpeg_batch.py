@@ -16,8 +16,8 @@ fills the tile exactly as a CPU read would. Sparse tiles are ``fill``.
 Colour: ``"ycbcr"`` tiles decode to RGB (nvJPEG's YCbCr → RGB). ``"rgb"`` tiles (Aperio
 stores the JPEG components as R, G, B with no transform) are decoded with the components
 unchanged on the CPU (torchvision's libjpeg); on CUDA they go to the CPU reader, because nvJPEG
-applied the YCbCr transform to them whatever the mode (measured on an H200: 82 levels off on
-average). nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels per
+applied the YCbCr transform to them even with ``ImageReadMode.UNCHANGED`` (measured on an H200:
+82 levels off on average; the RGB mode applies it by design). nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels per
 pixel: see ``tests/read/test_jpeg_batch.py`` and the README for the measured difference.
 
 The same code runs on ``device="cpu"`` (torchvision's libjpeg), which is how the CPU tests
