@@ -11,8 +11,8 @@ file could do.
 Before the engine is used, one batch of random images runs through both ONNX Runtime and the
 PyTorch module; a difference of the raw outputs (:func:`output_difference`) over
 :data:`MAX_ABS_DIFF` (px and scores; ONNX Runtime fuses and reorders float32 arithmetic, so a
-few 1e-3 are normal) raises
-:class:`~trtwsi.errors.BackendError` instead of giving different detections silently.
+few 1e-3 are normal) raises :class:`~trtwsi.errors.BackendError` instead of giving different
+detections silently.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from trtwsi.engines.base import check_batch
+from trtwsi.engines.onnx_export import INPUT_NAME
 from trtwsi.errors import BackendError, require
 
 __all__ = ["MAX_ABS_DIFF", "OnnxRuntimeEngine", "output_difference"]
@@ -68,7 +69,7 @@ class OnnxRuntimeEngine:
         torch = require("torch", "torch", "The ONNX Runtime backend")
         ort = require("onnxruntime", "onnxruntime", "The ONNX Runtime backend")
         require("onnx", "onnxruntime", "The ONNX Runtime backend")
-        from trtwsi.engines.onnx_export import INPUT_NAME, export_onnx
+        from trtwsi.engines.onnx_export import export_onnx
 
         if batch_size is not None and (not isinstance(batch_size, int) or batch_size <= 0):
             raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
@@ -79,7 +80,6 @@ class OnnxRuntimeEngine:
         self.imgsz = model.imgsz
         self.head = model.head
         self.input = None
-        self._name = INPUT_NAME
         with tempfile.TemporaryDirectory(prefix="trtwsi-onnx-") as tmp:
             path = export_onnx(model, Path(tmp) / "model.onnx", simplify=False)
             graph = path.read_bytes()
@@ -114,7 +114,7 @@ class OnnxRuntimeEngine:
 
         check_batch(self, batch)
         x = batch.detach().to(torch.float32).contiguous().numpy()
-        (y,) = self.session.run(None, {self._name: x})
+        (y,) = self.session.run(None, {INPUT_NAME: x})
         return torch.from_numpy(y)
 
     def close(self) -> None:

@@ -17,8 +17,9 @@ Colour: ``"ycbcr"`` tiles decode to RGB (nvJPEG's YCbCr → RGB). ``"rgb"`` tile
 stores the JPEG components as R, G, B with no transform) are decoded with the components
 unchanged on the CPU (torchvision's libjpeg); on CUDA they go to the CPU reader, because nvJPEG
 applied the YCbCr transform to them even with ``ImageReadMode.UNCHANGED`` (measured on an H200:
-82 levels off on average; the RGB mode applies it by design). nvJPEG's IDCT and chroma upsampling differ from libjpeg-turbo's by a few levels per
-pixel: see ``tests/read/test_jpeg_batch.py`` and the README for the measured difference.
+82 levels off on average; the RGB mode applies it by design). nvJPEG's IDCT and chroma
+upsampling differ from libjpeg-turbo's by a few levels per pixel: see
+``tests/read/test_jpeg_batch.py`` and the README for the measured difference.
 
 The same code runs on ``device="cpu"`` (torchvision's libjpeg), which is how the CPU tests
 drive every path but nvJPEG itself.
@@ -158,10 +159,10 @@ class JpegBatchDecoder:
                     except RuntimeError:
                         decoded.append(None)
         for k, t in zip(todo, decoded, strict=True):
-            if t is None or t.dim() != 3 or t.shape[0] != 3 or t.shape[1] < th or t.shape[2] < tw:
+            if t is None or tuple(t.shape) != (3, th, tw):  # check_stream passed a th × tw frame
                 cpu.append(k)
             else:
-                tiles[k] = t[:, :th, :tw]
+                tiles[k] = t
         device_tiles = n - len(cpu) - sum(s is None for s in region.streams)
         for k in cpu:
             tiles[k] = self._cpu_tile(region, k)
@@ -193,11 +194,9 @@ class JpegBatchDecoder:
         rx, ry, rw, rh = region.tile_rect(k)
         host = np.full((th, tw, 3), region.fill, np.uint8)
         if rw > 0 and rh > 0:
-            r, c = divmod(k, region.cols)
-            # the tile's corner in level px: the grid's corner plus whole tiles
-            gx = region.at[0] + region.origin[0] + c * tw
-            gy = region.at[1] + region.origin[1] + r * th
-            host[ry - gy : ry - gy + rh, rx - gx : rx - gx + rw] = region.cpu_read(rx, ry, rw, rh)
+            cx, cy = region.tile_corner(k)  # region px; rx, ry are level px
+            dx, dy = rx - region.at[0] - cx, ry - region.at[1] - cy
+            host[dy : dy + rh, dx : dx + rw] = region.cpu_read(rx, ry, rw, rh)
         return torch.from_numpy(host).to(self.device, non_blocking=False).permute(2, 0, 1)
 
     def _fill_tile(self, fill: int, th: int, tw: int):

@@ -83,6 +83,16 @@ class SlideOutcome:
         return self.error is None
 
 
+def _where(name: str, value: str, env: str) -> str:
+    """``"auto"``, ``"gpu"`` or ``"cpu"`` for the option ``name``; ``"auto"`` takes ``$env``
+    when it is set. UsageError for anything else."""
+    if value == "auto":
+        value = os.environ.get(env, "auto")
+    if value not in ("auto", "gpu", "cpu"):
+        raise UsageError(f"{name} must be 'auto', 'gpu' or 'cpu', got {value!r}")
+    return value
+
+
 class Runtime:
     """Models on one device, ready to run any number of slides.
 
@@ -153,14 +163,8 @@ class Runtime:
         self.start_timings: dict[str, float] = {"models": time.perf_counter() - t0}
         self.device = pick_device(device)
         self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
-        if tissue == "auto":
-            tissue = os.environ.get("TRTWSI_TISSUE", "auto")
-        if tissue not in ("auto", "gpu", "cpu"):
-            raise UsageError(f"tissue must be 'auto', 'gpu' or 'cpu', got {tissue!r}")
-        if decode == "auto":
-            decode = os.environ.get("TRTWSI_DECODE", "auto")
-        if decode not in ("auto", "gpu", "cpu"):
-            raise UsageError(f"decode must be 'auto', 'gpu' or 'cpu', got {decode!r}")
+        tissue = _where("tissue", tissue, "TRTWSI_TISSUE")
+        decode = _where("decode", decode, "TRTWSI_DECODE")
         if decode == "gpu" and not self.gpu_pipeline:
             raise UsageError(
                 f"decode='gpu' needs the GPU pipeline; this runtime is on {self.device}"

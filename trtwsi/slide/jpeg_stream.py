@@ -142,9 +142,8 @@ def check_stream(data, width: int, height: int) -> JpegFrame:
     """Check the marker structure of a complete baseline/extended/progressive JPEG stream of a
     tile of exactly ``width × height`` px (a TIFF tile's JPEG is always the whole tile; a larger
     frame would make the decoder allocate what the header says, so it is refused here) with 1
-    or 3 8-bit components, before a decoder that
-    does not report errors sees it (nvJPEG through torchvision returns uninitialised pixels for
-    some malformed streams instead of failing). Walks every segment up to the first scan, and
+    or 3 8-bit components, before a decoder that does not report errors sees it (nvJPEG through
+    torchvision returns uninitialised pixels for some malformed streams instead of failing). Walks every segment up to the first scan, and
     requires quantization and Huffman tables (or arithmetic coding), a frame, a scan and the
     EOI marker at the end. Damage *inside* the entropy-coded data is not detectable here, as
     libjpeg does not detect it either.
@@ -210,13 +209,16 @@ class CompressedRegion:
     at: tuple[int, int]  # the region's top-left in level px (negative: before the level)
     cpu_read: Callable
 
+    def tile_corner(self, k: int) -> tuple[int, int]:
+        """Top-left of tile ``k`` in region px."""
+        r, c = divmod(k, self.cols)
+        return self.origin[0] + c * self.tile[1], self.origin[1] + r * self.tile[0]
+
     def tile_rect(self, k: int) -> tuple[int, int, int, int]:
         """Level px (x, y, w, h) of tile ``k`` clipped to the region's valid part."""
-        r, c = divmod(k, self.cols)
         th, tw = self.tile
-        ox, oy = self.origin
+        tx, ty = self.tile_corner(k)
         x0, y0, x1, y1 = self.valid
-        tx, ty = ox + c * tw, oy + r * th  # region px
         ix0, iy0 = max(tx, x0), max(ty, y0)
         ix1, iy1 = min(tx + tw, x1), min(ty + th, y1)
         return ix0 + self.at[0], iy0 + self.at[1], max(0, ix1 - ix0), max(0, iy1 - iy0)

@@ -600,16 +600,13 @@ class TiffSlide(Slide):
             return None
         io = self._io[level]
         lx, ly, x0, y0, x1, y1 = self._level_window(x, y, w, h, level)
-        if x0 >= x1 or y0 >= y1:  # wholly outside the level: no tiles, all fill
-            x0 = x1 = y0 = y1 = 0
-            c0 = c1 = r0 = r1 = 0
-            streams: list = []
-            rows = cols = 0
+        streams: list = []
+        if x0 >= x1 or y0 >= y1:  # wholly outside the level: no tiles, all fill (valid is empty)
+            c0 = r0 = rows = cols = 0
         else:
             c0, c1 = x0 // io.seg_w, (x1 - 1) // io.seg_w
             r0, r1 = y0 // io.seg_h, (y1 - 1) // io.seg_h
             rows, cols = r1 - r0 + 1, c1 - c0 + 1
-            streams = []
             tables = io.jpeg["tables"]
             for r in range(r0, r1 + 1):
                 for data in self._fetch(io, [r * io.n_across + c for c in range(c0, c1 + 1)]):

@@ -8,12 +8,13 @@ the CPU readers (processes or threads) as before. So the lane adds decode throug
 CPU decode bounds the pipeline (few cores for the GPU); where the CPU keeps up it stays idle and
 costs the model nothing (on the 16-core H200 host, sharing the GPU with the lane made a 4 Gpx
 slide 10 % slower in one run: nvJPEG, the tile layout and the lane's Python share the GPU and
-the GIL with the launches). A lane chunk needs no host
-ring slot and crosses PCIe only as compressed bytes: a lane thread ``pread``s the tiles'
-bytes (:meth:`~trtwsi.slide.base.Slide.compressed_region`), decodes them on the lane's own
-stream (:class:`~trtwsi.read.jpeg_batch.JpegBatchDecoder`) and records an event; when the
-pipeline consumes the chunk (in order), the copy stream waits on that event and lays the
-decoded tiles into the chunk's device slot (:meth:`place`).
+the GIL with the launches).
+
+A lane chunk needs no host ring slot and crosses PCIe only as compressed bytes: a lane thread
+``pread``s the tiles' bytes (:meth:`~trtwsi.slide.base.Slide.compressed_region`), decodes them
+on the lane's own stream (:class:`~trtwsi.read.jpeg_batch.JpegBatchDecoder`) and records an
+event; when the pipeline consumes the chunk (in order), the copy stream waits on that event and
+lays the decoded tiles into the chunk's device slot (:meth:`place`).
 
 Device memory: at most ``depth`` decoded chunks (≤ (4096 + tile)² × 3 bytes each) wait at once,
 whatever the slide's size.
