@@ -303,7 +303,7 @@ class LocalPool:
             while slot.conn.poll():  # messages sent just before exiting
                 try:
                     handle(slot, slot.conn.recv())
-                except EOFError:
+                except (EOFError, OSError):  # closed, or reset by a killed worker
                     break
             slot.proc.join()
             code = slot.proc.exitcode
@@ -421,7 +421,9 @@ class LocalPool:
                     if obj is s.conn:
                         try:
                             msg = s.conn.recv()
-                        except EOFError:
+                        except (EOFError, OSError):
+                            # a worker killed with unread data on its socket resets it
+                            # (ConnectionResetError) instead of closing it (EOFError)
                             died(s)
                             continue
                         handle(s, msg)
