@@ -262,6 +262,8 @@ def time_stream(
                 out["passes"][-1]["gpu_jpeg_lane"] = {
                     "chunks": lane.chunks, "device_tiles": lane.device_tiles,
                     "cpu_tiles": lane.cpu_tiles,
+                    # the nvJPEG probe, in the background since the runtime started
+                    "probe_s": rt._pipe.decode_probe_seconds,
                 }  # fmt: skip
             print(f"pass {p}: {wall:.2f} s, cpu {out['passes'][-1]['main_cpu_s']} s", flush=True)
         t0 = time.perf_counter()

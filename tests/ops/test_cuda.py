@@ -241,6 +241,30 @@ def test_preprocess_chunk_matches_reference(H, W, th, tw, dst, dtype):
 
 
 @_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(("H", "W", "th", "tw", "dst"), PRE_CASES[:3] + PRE_CASES[-2:])
+def test_preprocess_into_channels_last_matches_reference(H, W, th, tw, dst, dtype):
+    """NHWC memory (a channels_last ``out``, what the torch engine's static input is): the
+    same values as the reference at the same (b, c, y, x), and rows past B untouched."""
+    chunk = synth_rgb(H, W, seed=H * W)
+    offsets = [(0, 0), (W - tw, H - th), ((W - tw) // 2, (H - th) // 3)]
+    exp = ref.preprocess(chunk, offsets, (th, tw), dst, dtype=dtype)
+    out = torch.full((len(offsets) + 1, 3, dst, dst), -7.0, dtype=dtype, device="cuda")
+    out = out.contiguous(memory_format=torch.channels_last)
+    got = cuda.preprocess_chunk(torch.from_numpy(chunk).cuda(), offsets, (th, tw), dst, out=out)
+    assert got.data_ptr() == out.data_ptr() and not got.is_contiguous()
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    lb = ref.letterbox_params(th, tw, dst)
+    _assert_preprocess_close(got, exp, exact=(lb.new_h, lb.new_w) == (th, tw))
+    assert bool((out[len(offsets) :] == -7.0).all())
+    with pytest.raises(ValueError, match="contiguous"):  # neither layout
+        cuda.preprocess_chunk(
+            torch.from_numpy(chunk).cuda(), offsets, (th, tw), dst,
+            out=torch.empty((3, dst, dst, 3), dtype=dtype, device="cuda").permute(0, 3, 2, 1),
+        )  # fmt: skip
+
+
+@_gpu
 def test_preprocess_is_bit_exact_with_resize_too():
     """Not part of the contract (which allows 2e-6 / 1 ulp), but expected: the kernel repeats the
     reference's float64 arithmetic operation for operation. A failure here alone is a precision

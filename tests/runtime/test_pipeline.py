@@ -167,6 +167,8 @@ def test_cuda_graph_replay_equals_eager():
     g = m.load_engine("cuda", half=True, batch_size=4)
     e = TorchEngine(m, "cuda", half=True, batch_size=4, cuda_graph=False)
     assert g.use_graph and not e.use_graph
+    # the preprocess kernel writes NHWC there: the forward converts nothing
+    assert g.input.is_contiguous(memory_format=torch.channels_last)
     x = torch.rand((4, 3, m.imgsz, m.imgsz), device="cuda", dtype=torch.float16)
     a = g.infer(x).clone()
     b = e.infer(x)
@@ -224,6 +226,29 @@ def test_gpu_jpeg_lane_matches_cpu_decode(slide):
             gt.boxes, gt.class_names,
         ):  # fmt: skip
             assert st.precision >= 0.9 and st.recall >= 0.9, st.as_dict()
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_jpeg_lane_joins_after_its_probe(slide):
+    """decode="auto" does not wait for the nvJPEG probe: the runtime starts with the CPU
+    readers and the lane joins once its probe is done; a failed probe leaves the CPU."""
+    path, _ = slide
+    m = trtwsi.Model(NMS_MODEL)
+    with Runtime([m], device="cuda", decode="auto") as rt:
+        pipe = rt._pipe
+        probe = pipe._lane_probe
+        if probe is not None:
+            assert rt.decode == "cpu" or probe.done()
+            probe.result()
+        why = pipe.decode_off if pipe.adopt_lane() is None else None
+        if why:
+            assert rt.decode == "cpu"
+            pytest.skip(why)
+        assert rt.decode == "gpu+cpu" and pipe.decode_probe_seconds > 0
+        got = rt.run(path)
+        assert got.params["decode"] == "gpu+cpu" and pipe.lane.chunks > 0
+        assert not got.errors
 
 
 @gpu

@@ -40,7 +40,8 @@ class TorchEngine:
     float32.
 
     With a CUDA graph the engine owns a static input ``self.input`` ``(batch_size, 3, imgsz,
-    imgsz)`` of ``self.dtype``: a caller that writes its batch there (the GPU pipeline's
+    imgsz)`` of ``self.dtype``, in NHWC memory (``torch.channels_last``) when ``channels_last``
+    is on: a caller that writes its batch there (the GPU pipeline's
     preprocess kernel does) saves a copy; any other tensor is copied into it. The graph is
     replayed on the caller's current stream (``torch.cuda.current_stream()``), nothing is
     synchronized, and the returned float32 output is a static buffer overwritten by the next
@@ -79,9 +80,15 @@ class TorchEngine:
         self._output = None
         self.use_graph = bool(cuda_graph and device.type == "cuda" and batch_size is not None)
         if self.use_graph:
+            # channels_last: NHWC memory, which the preprocess kernel writes directly, so the
+            # forward's first conversion is a no-op
             self.input = torch.zeros(
                 (batch_size, 3, self.imgsz, self.imgsz), dtype=self.dtype, device=device
-            )
+            ).contiguous(memory_format=self._layout)
+
+    @property
+    def _layout(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         """One eval forward; ultralytics heads return ``(y, extras)``, take ``y``."""

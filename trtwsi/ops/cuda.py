@@ -171,7 +171,13 @@ def _check_cuda(t: Any, name: str, device: torch.device | None = None) -> torch.
 
 
 def _check_out(
-    t: torch.Tensor, name: str, rows: int, tail: tuple[int, ...], dtypes, device
+    t: torch.Tensor,
+    name: str,
+    rows: int,
+    tail: tuple[int, ...],
+    dtypes,
+    device,
+    channels_last: bool = False,
 ) -> torch.Tensor:
     _check_cuda(t, name, device)
     if t.dtype not in dtypes:
@@ -179,8 +185,12 @@ def _check_out(
     if t.ndim != 1 + len(tail) or t.shape[0] < rows or tuple(t.shape[1:]) != tail:
         want = ", ".join(["≥" + str(rows), *map(str, tail)])
         raise ValueError(f"{name} must have shape ({want}), got {tuple(t.shape)}")
-    if not t.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+    if not t.is_contiguous() and not (
+        channels_last and t.is_contiguous(memory_format=torch.channels_last)
+    ):
+        raise ValueError(
+            f"{name} must be contiguous" + (" (NCHW or channels_last)" if channels_last else "")
+        )
     return t
 
 
@@ -281,8 +291,9 @@ def preprocess(
             from (``W * 3``).
         tile_size: ``(th, tw)`` tile size in chunk px (the same for all tiles).
         dst: side of the square model input (input px).
-        out: ``(>= B, 3, dst, dst)`` float16 or float32 contiguous CUDA tensor; ``out[:B]`` is
-            written entirely (content and padding).
+        out: ``(>= B, 3, dst, dst)`` float16 or float32 CUDA tensor, contiguous (NCHW) or
+            ``torch.channels_last`` (NHWC memory, what a channels_last model reads without a
+            copy); ``out[:B]`` is written entirely (content and padding).
         pad_value: grey level of the padding (0..255), 114 as ultralytics.
 
     Returns:
@@ -313,7 +324,9 @@ def preprocess(
     if dst > 46340:  # dst * dst must fit the kernel's 32-bit pixel index
         raise ValueError(f"dst must be <= 46340 px, got {dst}")
     lb = reference.letterbox_params(th, tw, dst)
-    _check_out(out, "out", B, (3, dst, dst), (torch.float16, torch.float32), dev)
+    _check_out(out, "out", B, (3, dst, dst), (torch.float16, torch.float32), dev, True)
+    # NCHW, or NHWC memory (a channels_last tensor: a channels_last model reads it as is)
+    nhwc = not out.is_contiguous()
     if B == 0:
         return out[:0]
     if B > _MAX_GRID_Y:
@@ -333,6 +346,8 @@ def preprocess(
         np.float64(th / lb.new_h),  # n_in / n_out, as reference._source_coords
         np.float64(tw / lb.new_w),
         np.float32(pad_value),
+        np.int32(3 if nhwc else 1),  # pix_stride
+        np.int32(1 if nhwc else dst * dst),  # chan_stride
         _ptr(out),
     )
     grid = (-(-dst * dst // _PREPROCESS_THREADS), B)

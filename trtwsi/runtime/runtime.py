@@ -243,7 +243,7 @@ class Runtime:
             )  # fmt: skip
         self.start_timings["pipeline"] = time.perf_counter() - t0
         self.start_timings["warm_up"] = getattr(self._pipe, "warm_up_seconds", 0.0)
-        self.start_timings["decode_probe"] = getattr(self._pipe, "decode_probe_seconds", 0.0)
+        self.start_timings["decode_probe"] = getattr(self._pipe, "decode_wait_seconds", 0.0)
         t0 = time.perf_counter()
         self._gpu_tissue = self._pick_tissue(tissue, probe_done)
         self.start_timings["tissue"] = time.perf_counter() - t0

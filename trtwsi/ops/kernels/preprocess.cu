@@ -1,11 +1,14 @@
 // trtwsi kernels: preprocess family.
 //
 // Crop B tiles out of uint8 RGB HWC chunk(s) already on the device, bilinear-resize each to the
-// letterboxed size, pad with grey, scale to [0, 1] and write NCHW float32 or float16: exactly
-// trtwsi.ops.reference.preprocess, one launch for the whole batch.
+// letterboxed size, pad with grey, scale to [0, 1] and write float32 or float16: exactly
+// trtwsi.ops.reference.preprocess, one launch for the whole batch. The output is NCHW
+// (pix_stride 1, chan_stride dst*dst) or NHWC, i.e. a torch channels_last (B, 3, dst, dst)
+// tensor (pix_stride 3, chan_stride 1), which a channels_last model reads without a copy.
 //
 // Launch: grid (ceil(dst * dst / 256), B), block 256; one thread per output pixel of one tile,
-// writing its 3 channel planes (coalesced per plane). No shared memory.
+// writing its 3 channel values (coalesced per plane for NCHW, 3 adjacent values for NHWC).
+// No shared memory.
 
 #include "common.cuh"
 
@@ -39,7 +42,8 @@ __device__ __forceinline__ void preprocess_impl(
     int pad_x, int pad_y, int new_w, int new_h, // letterbox (input px)
     double ratio_y, double ratio_x,             // th / new_h, tw / new_w (host float64)
     float pad_value,                            // grey level, 0..255
-    T* __restrict__ out)                        // (B, 3, dst, dst) contiguous
+    int pix_stride, int chan_stride,            // NCHW: 1, dst*dst; NHWC: 3, 1
+    T* __restrict__ out)                        // (B, 3, dst, dst): 3*dst*dst per tile
 {
     const int b = blockIdx.y;
     const int plane = dst * dst;  // < 2^31: the host checks dst <= 46340
@@ -47,13 +51,13 @@ __device__ __forceinline__ void preprocess_impl(
     if (p >= plane) return;
     const int y = p / dst;  // 32-bit division (64-bit would dominate this kernel)
     const int x = p - y * dst;
-    T* o = out + (long long)b * 3 * plane + p;
+    T* o = out + (long long)b * 3 * plane + (long long)p * pix_stride;
     const int oy = y - pad_y, ox = x - pad_x;
     if (oy < 0 || oy >= new_h || ox < 0 || ox >= new_w) {
         const float v = f_div(pad_value, 255.0f);  // reference: full(114.0, fp32) / 255
         store_f(o, 0, v);
-        store_f(o, plane, v);
-        store_f(o, 2LL * plane, v);
+        store_f(o, chan_stride, v);
+        store_f(o, 2LL * chan_stride, v);
         return;
     }
     int y0, y1, x0, x1;
@@ -74,23 +78,24 @@ __device__ __forceinline__ void preprocess_impl(
         const double right = d_add(tr, d_mul(d_sub(br, tr), wy));
         const double v = d_add(left, d_mul(d_sub(right, left), wx));
         // reference: (fp32 value) / 255 in fp32
-        store_f(o, (long long)c * plane, f_div(d2f(v), 255.0f));
+        store_f(o, (long long)c * chan_stride, f_div(d2f(v), 255.0f));
     }
 }
 
 #define PREPROCESS_ARGS                                                                        \
     const unsigned char* __restrict__ src, const long long* __restrict__ tile_offsets,         \
         const long long* __restrict__ row_strides, int th, int tw, int dst, int pad_x,         \
-        int pad_y, int new_w, int new_h, double ratio_y, double ratio_x, float pad_value
+        int pad_y, int new_w, int new_h, double ratio_y, double ratio_x, float pad_value,    \
+        int pix_stride, int chan_stride
 
 extern "C" __global__ void __launch_bounds__(PREPROCESS_THREADS)
     preprocess_f32(PREPROCESS_ARGS, float* __restrict__ out) {
     preprocess_impl<float>(src, tile_offsets, row_strides, th, tw, dst, pad_x, pad_y, new_w,
-                           new_h, ratio_y, ratio_x, pad_value, out);
+                           new_h, ratio_y, ratio_x, pad_value, pix_stride, chan_stride, out);
 }
 
 extern "C" __global__ void __launch_bounds__(PREPROCESS_THREADS)
     preprocess_f16(PREPROCESS_ARGS, unsigned short* __restrict__ out) {
     preprocess_impl<unsigned short>(src, tile_offsets, row_strides, th, tw, dst, pad_x, pad_y,
-                                    new_w, new_h, ratio_y, ratio_x, pad_value, out);
+                                    new_w, new_h, ratio_y, ratio_x, pad_value, pix_stride, chan_stride, out);
 }

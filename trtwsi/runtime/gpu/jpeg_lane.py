@@ -22,10 +22,12 @@ whatever the slide's size.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
-__all__ = ["DECODE_DEPTH", "JpegLane"]
+__all__ = ["DECODE_DEPTH", "JpegLane", "start_lane"]
 
 #: Lane chunks decoded ahead of the pipeline's consumption (default).
 DECODE_DEPTH = 8
@@ -109,3 +111,44 @@ class JpegLane:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def start_lane(device, decode_stream, depth: int = DECODE_DEPTH, go=None) -> Future:
+    """Probe nvJPEG and build a :class:`JpegLane` in a daemon thread.
+
+    The probe is slow the first time in a process: importing ``torchvision`` (which imports
+    ``torch._dynamo``) took 1.6–2.2 s on a 2-core CPU machine and 5.2 s on a fresh H200 host,
+    its first device decode 0.64 s. A pipeline that waited for it started 4.9–7.3 s later
+    (H200). So the thread imports at once (no CUDA work: it may overlap an engine's CUDA-graph
+    capture), waits for ``go`` (a ``threading.Event``, None: no wait) before its test decode
+    on the device, and the pipeline reads with the CPU readers until it adopts the lane.
+
+    Returns:
+        a Future of the lane, or of the reason (a string) why nvJPEG cannot decode here
+        (:func:`~trtwsi.read.jpeg_batch.jpeg_batch_unavailable`); it never raises. Its
+        ``seconds`` attribute is the probe's time without the wait for ``go``.
+    """
+    fut: Future = Future()
+
+    def probe() -> None:
+        t0 = time.perf_counter()
+        waited = 0.0
+        try:
+            from trtwsi.read.jpeg_batch import jpeg_batch_unavailable
+
+            with contextlib.suppress(Exception):  # jpeg_batch_unavailable says why
+                import torchvision.io  # noqa: F401  (the slow part, before the wait)
+            if go is not None:
+                t1 = time.perf_counter()
+                go.wait()
+                waited = time.perf_counter() - t1
+            why = jpeg_batch_unavailable(device)
+            result = why if why is not None else JpegLane(device, decode_stream, depth)
+        except Exception as e:  # never lose the reason
+            result = f"the GPU JPEG lane failed to start ({type(e).__name__}: {e})"
+        fut.seconds = time.perf_counter() - t0 - waited
+        fut.set_result(result)
+
+    fut.set_running_or_notify_cancel()
+    threading.Thread(target=probe, name="trtwsi-jpeg-probe", daemon=True).start()
+    return fut

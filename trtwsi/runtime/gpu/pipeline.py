@@ -34,6 +34,7 @@ GPU JPEG lane in ``jpeg_lane.py``, and what remains shares the loop's local stat
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 from collections import deque
@@ -46,7 +47,7 @@ from trtwsi.errors import DeviceError, ReaderStartError
 from trtwsi.read.host import PinnedBuffer
 from trtwsi.read.processes import ReaderPool, process_readable
 from trtwsi.runtime.gpu.device import GpuStreams
-from trtwsi.runtime.gpu.jpeg_lane import DECODE_DEPTH, JpegLane
+from trtwsi.runtime.gpu.jpeg_lane import DECODE_DEPTH, JpegLane, start_lane
 from trtwsi.runtime.gpu.ring import IDLE, BatchBuilder, ChunkRing, SlideTracker
 
 __all__ = ["CHUNK_PIXELS", "GpuPipeline"]
@@ -188,6 +189,19 @@ class GpuPipeline:
         self._arena = torch.empty(
             self.device_slots * self.slot_bytes, dtype=torch.uint8, device=self.device
         )
+        #: the GPU JPEG lane (None until its probe is done, or when off)
+        self.lane: JpegLane | None = None
+        #: why the GPU JPEG lane is off (None when it is on)
+        self.decode_off: str | None = "decode='cpu' was asked for"
+        #: the lane's probe while it runs (decode="auto": chunks go to the CPU readers meanwhile)
+        self._lane_probe = None
+        #: seconds the probe took (in the background for decode="auto"); None while it runs
+        self.decode_probe_seconds: float | None = 0.0
+        warm = threading.Event()  # the probe's device work waits for the engines' warm-up
+        if decode != "cpu":
+            self._lane_probe = start_lane(self.device, self.streams.decode, decode_depth, warm)
+            self.decode_off = "the GPU JPEG probe is still running"
+            self.decode_probe_seconds = None
         # Reader processes start first and import their decoders while the engines warm up
         # (they use no CUDA; the ring is page-locked here, before the graph capture).
         self.pool: ReaderPool | None = None
@@ -208,27 +222,22 @@ class GpuPipeline:
         try:
             self._warm_up()  # before any reader thread exists (CUDA-graph capture)
         except BaseException:
+            warm.set()
             if self.pool is not None:
                 self.pool.close()
             raise
+        warm.set()
         self.warm_up_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        self.lane: JpegLane | None = None
-        #: why the GPU JPEG lane is off (None when it is on)
-        self.decode_off: str | None = "decode='cpu' was asked for"
-        if decode != "cpu":
-            from trtwsi.read.jpeg_batch import jpeg_batch_unavailable
-
-            self.decode_off = jpeg_batch_unavailable(self.device)
-            if self.decode_off is None:
-                self.lane = JpegLane(self.device, self.streams.decode, decode_depth)
-            elif decode == "gpu":
+        if decode == "gpu":
+            self._lane_probe.result()
+            self.adopt_lane()
+            if self.lane is None:
                 if self.pool is not None:
                     self.pool.close()
                 raise DeviceError(f"decode='gpu' cannot run: {self.decode_off}")
-        #: "gpu+cpu" (JPEG chunks shared by the GPU lane and the CPU readers) or "cpu"
-        self.decode = "gpu+cpu" if self.lane is not None else "cpu"
-        self.decode_probe_seconds = time.perf_counter() - t0
+        #: seconds the start waited for the probe (0 for decode="auto")
+        self.decode_wait_seconds = time.perf_counter() - t0
         if self.pool is not None:
             try:
                 self.pool.ready()
@@ -247,6 +256,26 @@ class GpuPipeline:
             n = host_slots or min(self.workers, 8) + 2
             self._host = [PinnedBuffer(self.slot_bytes) for _ in range(n)]
         self.host_slots = len(self._host)
+
+    def adopt_lane(self) -> JpegLane | None:
+        """The GPU JPEG lane, taken over from its probe once that is done (cheap to call
+        per chunk); None while the probe runs or when nvJPEG cannot decode here."""
+        probe = self._lane_probe
+        if probe is not None and probe.done():
+            self._lane_probe = None
+            result = probe.result()
+            self.decode_probe_seconds = round(probe.seconds, 4)
+            if isinstance(result, str):
+                self.decode_off = result
+            else:
+                self.lane, self.decode_off = result, None
+        return self.lane
+
+    @property
+    def decode(self) -> str:
+        """``"gpu+cpu"`` (JPEG chunks shared by the GPU lane and the CPU readers) or
+        ``"cpu"`` (so far: with decode="auto" the lane joins when its probe is done)."""
+        return "gpu+cpu" if self.adopt_lane() is not None else "cpu"
 
     # --- kernels -----------------------------------------------------------------------------
     def _preprocess(self, g: _Group, rs: int) -> None:
@@ -434,7 +463,7 @@ class GpuPipeline:
                 run.timer.add("launch", (time.perf_counter() - t0) * frac)
 
         h2d_events: list = []  # (run, start event, end event, stage)
-        lane = self.lane
+        lane = self.adopt_lane()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="trtwsi-read") as pool:
             # (future, host slot or None for a lane chunk, item) | (None, None, end-of-slide run)
             ahead: deque = deque()
@@ -445,7 +474,9 @@ class GpuPipeline:
 
             def refill() -> None:
                 """Submit reads until both decoders are full, the stream is idle or ends."""
-                nonlocal k, exhausted, cpu_ahead, held
+                nonlocal k, exhausted, cpu_ahead, held, lane
+                if lane is None:
+                    lane = self.adopt_lane()
                 while not exhausted:
                     item, held = (held if held is not None else next(stream, None)), None
                     if item is None:
@@ -556,6 +587,9 @@ class GpuPipeline:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
+        if self._lane_probe is not None:
+            self._lane_probe.result()  # let it finish, then close what it built
+            self.adopt_lane()
         if self.lane is not None:
             self.lane.close()
             self.lane = None
