@@ -231,11 +231,16 @@ def test_gpu_jpeg_lane_matches_cpu_decode(slide):
 @gpu
 @pytest.mark.gpu
 def test_gpu_jpeg_lane_joins_after_its_probe(slide):
-    """decode="auto" does not wait for the nvJPEG probe: the runtime starts with the CPU
-    readers and the lane joins once its probe is done; a failed probe leaves the CPU."""
+    """decode="auto" with few CPU readers does not wait for the nvJPEG probe: the runtime
+    starts with the CPU readers and the lane joins once its probe is done; a failed probe
+    leaves the CPU. With many readers there is no lane and no probe."""
     path, _ = slide
     m = trtwsi.Model(NMS_MODEL)
-    with Runtime([m], device="cuda", decode="auto") as rt:
+    with Runtime([m], device="cuda", decode="auto", workers=8) as rt:
+        # with 8 CPU readers the lane is not worth its start (pipeline.LANE_WORKERS)
+        assert rt._pipe._lane_probe is None and rt._pipe.lane is None
+        assert rt.decode == "cpu" and "keeps up" in rt._pipe.decode_off
+    with Runtime([m], device="cuda", decode="auto", workers=4) as rt:
         pipe = rt._pipe
         probe = pipe._lane_probe
         if probe is not None:
@@ -249,6 +254,27 @@ def test_gpu_jpeg_lane_joins_after_its_probe(slide):
         got = rt.run(path)
         assert got.params["decode"] == "gpu+cpu" and pipe.lane.chunks > 0
         assert not got.errors
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_process_exits_cleanly_while_the_jpeg_probe_runs(slide):
+    """A script that starts a Runtime (decode="auto"), runs a slide and exits without closing
+    it while the nvJPEG probe may still run: exit code 0 (a daemon probe thread inside
+    torchvision's CUDA code at exit aborted the process on the H200)."""
+    import subprocess
+    import sys
+
+    path, _ = slide
+    code = (
+        "import trtwsi\n"
+        "if __name__ == '__main__':\n"
+        f"    rt = trtwsi.Runtime([trtwsi.Model({str(NMS_MODEL)!r})], device='cuda', workers=4)\n"
+        f"    print(len(rt.run({str(path)!r}).detections))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.strip().splitlines()[-1]) > 0
 
 
 @gpu

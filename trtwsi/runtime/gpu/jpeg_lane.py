@@ -114,7 +114,7 @@ class JpegLane:
 
 
 def start_lane(device, decode_stream, depth: int = DECODE_DEPTH, go=None) -> Future:
-    """Probe nvJPEG and build a :class:`JpegLane` in a daemon thread.
+    """Probe nvJPEG and build a :class:`JpegLane` in a thread of its own.
 
     The probe is slow the first time in a process: importing ``torchvision`` (which imports
     ``torch._dynamo``) took 1.6–2.2 s on a 2-core CPU machine and 5.2 s on a fresh H200 host,
@@ -150,5 +150,8 @@ def start_lane(device, decode_stream, depth: int = DECODE_DEPTH, go=None) -> Fut
         fut.set_result(result)
 
     fut.set_running_or_notify_cancel()
-    threading.Thread(target=probe, name="trtwsi-jpeg-probe", daemon=True).start()
+    # not a daemon: the interpreter's exit joins it. A daemon thread still inside torchvision's
+    # CUDA code at exit aborted the process ("terminate called without an active exception",
+    # H200, a script that did not close its Predictor).
+    threading.Thread(target=probe, name="trtwsi-jpeg-probe", daemon=False).start()
     return fut

@@ -52,6 +52,12 @@ from trtwsi.runtime.gpu.ring import IDLE, BatchBuilder, ChunkRing, SlideTracker
 
 __all__ = ["CHUNK_PIXELS", "GpuPipeline"]
 
+#: decode="auto" starts the GPU JPEG lane only with fewer CPU readers than this. On the H200
+#: host the lane made a 4 Gpx slide 1.6x and a 16-slide stream 1.55x faster with 4 reader
+#: processes, and changed nothing measurable with 16, where its start (torchvision's import
+#: and nvJPEG's set-up, beside the first slide) made single slides 0.5-0.9 s slower.
+LANE_WORKERS = 8
+
 #: Largest read (read-level px) of one chunk: 4096² px = 48 MiB of RGB per ring slot.
 CHUNK_PIXELS = 4096 * 4096
 
@@ -100,9 +106,10 @@ class GpuPipeline:
             slots, batches in flight).
         spare_slots: extra slots of the reader pool's ring the pipeline never uses, listed in
             :attr:`spare` (the runtime's planners read thumbnails through them).
-        decode: ``"auto"`` (JPEG chunks are split between the GPU JPEG lane and the CPU
-            readers when torchvision's nvJPEG decode works here, else CPU only), ``"gpu"``
-            (the lane must work: DeviceError if not) or ``"cpu"`` (CPU readers only).
+        decode: ``"auto"`` (with fewer than :data:`LANE_WORKERS` CPU readers, JPEG chunks
+            are split between the GPU JPEG lane and the CPU readers once torchvision's nvJPEG
+            decode is found to work here; else CPU only), ``"gpu"`` (the lane must work:
+            DeviceError if not) or ``"cpu"`` (CPU readers only).
             ``decode_depth``: lane chunks decoded ahead at most.
     """
 
@@ -198,7 +205,12 @@ class GpuPipeline:
         #: seconds the probe took (in the background for decode="auto"); None while it runs
         self.decode_probe_seconds: float | None = 0.0
         warm = threading.Event()  # the probe's device work waits for the engines' warm-up
-        if decode != "cpu":
+        if decode == "auto" and self.workers >= LANE_WORKERS:
+            self.decode_off = (
+                f"decode='auto' with {self.workers} CPU readers: CPU decode keeps up (the GPU "
+                f"lane pays with fewer than {LANE_WORKERS}; decode='gpu' forces it)"
+            )
+        elif decode != "cpu":
             self._lane_probe = start_lane(self.device, self.streams.decode, decode_depth, warm)
             self.decode_off = "the GPU JPEG probe is still running"
             self.decode_probe_seconds = None
