@@ -138,6 +138,16 @@ class UsageError(TrtwsiError, ValueError):
     """An argument has a value that cannot work (the message names it and the valid values)."""
 
 
+class EngineBuildError(TrtwsiError):
+    """A TensorRT engine cannot be built as asked (``python -m trtwsi.export.build``): no
+    builder for that GPU here, or the FP16 graph disagrees with the ``.pt``."""
+
+
+class NvrtcError(TrtwsiError, RuntimeError):
+    """NVRTC rejected a kernel source (the message holds its log) or its child process
+    failed (:mod:`trtwsi.ops.nvrtc`)."""
+
+
 class DeviceError(TrtwsiError):
     """The device asked for is not there or cannot run this (no CUDA GPU, no CuPy, bad index)."""
 

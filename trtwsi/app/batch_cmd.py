@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from trtwsi.app import validate
-from trtwsi.errors import TrtwsiError
+from trtwsi.errors import UsageError
 
 
 def is_batch(a) -> bool:
@@ -41,13 +41,13 @@ def cmd_predict_batch(a) -> int:
     from trtwsi.batch.pools.local import parse_devices
 
     if not a.out:
-        raise TrtwsiError(
+        raise UsageError(
             "a batch (several slides, a folder, --devices or --ray) needs --out DIR: the folder "
             "for one result set per slide and the manifest"
         )
     out = Path(a.out).expanduser()
     if out.exists() and not out.is_dir():
-        raise TrtwsiError(f"--out {a.out!r} is a file; a batch writes into a folder")
+        raise UsageError(f"--out {a.out!r} is a file; a batch writes into a folder")
     validate.check_batch_options(a)
     validate.check_writable_dir(out)
     params = BatchParams(

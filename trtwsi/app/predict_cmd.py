@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from trtwsi.app import validate
-from trtwsi.errors import OutputWriteError, TrtwsiError
+from trtwsi.errors import OutputWriteError, TrtwsiError, UsageError
 
 
 def models_from_args(a) -> list:
@@ -32,7 +32,7 @@ def models_from_args(a) -> list:
     if not models:
         default = _default_models_config()
         if default is None:
-            raise TrtwsiError("no model given: pass --model PATH.pt or --models models.toml")
+            raise UsageError("no model given: pass --model PATH.pt or --models models.toml")
         models = load_models_config(default, trust_weights=trust)
     return models
 

@@ -42,7 +42,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trtwsi.errors import BackendError, MissingDependencyError, TrtwsiError
+from trtwsi.errors import (
+    BackendError,
+    EngineBuildError,
+    MissingDependencyError,
+    ModelNotFoundError,
+    TrtwsiError,
+    UsageError,
+)
 
 __all__ = ["BuildOptions", "build_engine", "build_model", "main"]
 
@@ -181,26 +188,26 @@ def _targets(mod, opts: BuildOptions, gpu_cc: str | None) -> list[str]:
     want = [str(c) for c in opts.compute_capability or []]
     if mod.flavour == "tensorrt":
         if want and want != [gpu_cc]:
-            raise TrtwsiError(
+            raise EngineBuildError(
                 f"--compute-capability {want}: full TensorRT builds only for the GPU it runs on "
                 f"({gpu_cc or 'none here'}); drop the flag, or use --flavour tensorrt_rtx"
             )
         if gpu_cc is None:
-            raise TrtwsiError(
+            raise EngineBuildError(
                 "full TensorRT needs a CUDA GPU to build on and none is visible; build on the "
                 "target machine, or use --flavour tensorrt_rtx --compute-capability X.Y"
             )
         return [gpu_cc]
     targets = want or ([gpu_cc] if gpu_cc else [])
     if not targets:
-        raise TrtwsiError(
+        raise EngineBuildError(
             "no CUDA GPU here, so name the GPU(s) to build for: --compute-capability X.Y "
             f"(TensorRT-RTX supports {', '.join(RTX_COMPUTE_CAPABILITIES)}; e.g. 8.6 for RTX "
             "30xx / A10 / A40, 8.9 for RTX 40xx / L4 / L40S, 12.0 for RTX 50xx)"
         )
     bad = [c for c in targets if c not in RTX_COMPUTE_CAPABILITIES]
     if bad:
-        raise TrtwsiError(
+        raise EngineBuildError(
             f"TensorRT-RTX cannot build for compute capability {bad} (it supports "
             f"{', '.join(RTX_COMPUTE_CAPABILITIES)}; Hopper 9.0 and datacentre Blackwell 10.x need "
             "full TensorRT)"
@@ -246,7 +253,7 @@ def build_engine(
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
     if fp16_flag:
         if not hasattr(trt.BuilderFlag, "FP16"):
-            raise TrtwsiError(
+            raise UsageError(
                 f"--builder-fp16: {mod.label} has no BuilderFlag.FP16 (strongly typed only); drop "
                 "the flag, the FP16 ONNX path is used"
             )
@@ -306,7 +313,7 @@ def _batch_range(opts: BuildOptions) -> tuple[int, int, int]:
     lo, hi = int(opts.min_batch), int(opts.batch_size)
     opt = int(opts.opt_batch) if opts.opt_batch else hi
     if not 1 <= lo <= opt <= hi:
-        raise TrtwsiError(
+        raise UsageError(
             f"need 1 ≤ --min-batch ≤ --opt-batch ≤ --batch-size, got {lo}, {opt}, {hi}"
         )
     return lo, opt, hi
@@ -316,7 +323,8 @@ def build_model(weights: str | Path, opts: BuildOptions) -> tuple[Path, Any]:
     """Build (or find up to date) the engine for one ``.pt``; return ``(engine path, EngineMeta)``.
 
     Raises:
-        TrtwsiError: bad options, the FP16 ONNX check failed, TensorRT failed, or a dependency
+        UsageError: bad options. EngineBuildError: no builder for that GPU here, or the FP16
+            ONNX check failed. TrtwsiError (other subclasses): TensorRT failed, or a dependency
             is missing (the message names the fix).
     """
     import trtwsi
@@ -381,7 +389,7 @@ def build_model(weights: str | Path, opts: BuildOptions) -> tuple[Path, Any]:
             meta.fp16_check = {"tiles": len(tiles), **check.to_dict()}
             _log(f"FP16 ONNX vs .pt (onnxruntime, CPU, {len(tiles)} tiles): {check.summary()}")
             if not check.passed:
-                raise TrtwsiError(
+                raise EngineBuildError(
                     f"the FP16 ONNX of {weights.name} does not agree with the .pt "
                     f"({'; '.join(check.reasons)}); build fp32 with --no-half, or report it"
                 )
@@ -526,7 +534,7 @@ def _weights_list(opts: BuildOptions) -> list[Path]:
     folder = Path(opts.models_dir) if opts.models_dir else bundled_models_dir()
     found = sorted(folder.glob("*.pt"))
     if not found:
-        raise TrtwsiError(f"no .pt files in {str(folder)!r}; pass --model PATH.pt")
+        raise ModelNotFoundError(f"no .pt files in {str(folder)!r}; pass --model PATH.pt")
     return found
 
 

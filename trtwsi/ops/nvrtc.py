@@ -17,11 +17,9 @@ import json
 import subprocess
 import sys
 
+from trtwsi.errors import NvrtcError
+
 __all__ = ["NvrtcError", "available", "compile_ptx"]
-
-
-class NvrtcError(RuntimeError):
-    """NVRTC rejected a source (the message holds its log) or the child process failed."""
 
 
 def available() -> bool:
