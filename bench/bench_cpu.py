@@ -16,6 +16,8 @@ conf 0.25 / NMS IoU 0.45 / max_det 300, 640-px tiles with 0.2 overlap = 512-px s
   same tiles as the two baselines, so per-tile cost compares directly.
 - ``trtwsi-grid-ort``: the same with ``Model(backend="onnxruntime")`` (the model's graph in ONNX
   Runtime instead of PyTorch; ``pip install 'trtwsi[onnxruntime]'``).
+- ``trtwsi-grid-ov``: the same with ``Model(backend="openvino")`` (the graph compiled by
+  OpenVINO for the CPU; ``pip install 'trtwsi[openvino]'``).
 - ``ultralytics``: read level 0 (trtwsi's TIFF reader), cut the same tiles,
   ``YOLO.predict`` on chunks of ``batch`` tiles (a list is one forward pass, whatever its
   length), shift boxes to slide px, merge across seams
@@ -60,8 +62,10 @@ from _machine import host_info, machine_name  # noqa: E402
 
 MODEL = ROOT / "trtwsi" / "models" / "demo-yolo11n.pt"
 CONF, IOU, MAX_DET, TILE, OVERLAP = 0.25, 0.45, 300, 640, 0.2
-MODES = ("trtwsi-slide", "trtwsi-grid", "trtwsi-grid-ort", "ultralytics", "sahi")
-TRTWSI_MODES = ("trtwsi-slide", "trtwsi-grid", "trtwsi-grid-ort")
+MODES = ("trtwsi-slide", "trtwsi-grid", "trtwsi-grid-ort", "trtwsi-grid-ov", "ultralytics", "sahi")
+TRTWSI_MODES = ("trtwsi-slide", "trtwsi-grid", "trtwsi-grid-ort", "trtwsi-grid-ov")
+#: backend of each trtwsi mode that names one
+MODE_BACKEND = {"trtwsi-grid-ort": "onnxruntime", "trtwsi-grid-ov": "openvino"}
 MATCH_IOU = 0.9
 FULL_SIZE = (6144, 4608)  # 12 x 9 = 108 tiles of the full grid
 SMOKE_SIZE = (1280, 1024)  # 3 x 2 = 6 tiles
@@ -85,7 +89,7 @@ def _grid_tiles(slide) -> list[tuple[int, int, int, int]]:
 def _run_trtwsi(mode: str, slide_path: str, threads: int, batch: int) -> dict:
     import trtwsi
 
-    backend = "onnxruntime" if mode.endswith("-ort") else "auto"
+    backend = MODE_BACKEND.get(mode, "auto")
     p = trtwsi.Predictor(
         slide_path,
         [trtwsi.Model(MODEL, min_conf=CONF, iou=IOU, max_det=MAX_DET, backend=backend)],

@@ -1,20 +1,45 @@
-"""backend="onnxruntime": the model's graph in ONNX Runtime on the CPU, against PyTorch."""
+"""backend="onnxruntime" and backend="openvino": the model's graph on the CPU, against PyTorch.
+
+Both are real runtimes installed by the test extras (``trtwsi[onnxruntime]`` via ``export``,
+``trtwsi[openvino]``); a test skips only where its runtime is not importable.
+"""
 
 from __future__ import annotations
+
+import importlib.util
 
 import numpy as np
 import pytest
 
 import trtwsi
 from trtwsi._util.resources import bundled_models_dir
+from trtwsi.engines.graph_check import MAX_ABS_DIFF, output_difference
 from trtwsi.errors import BackendError
 from trtwsi.results.evaluate import match_detections
 from trtwsi.synthetic import make_array
 
-pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 MODELS = bundled_models_dir()
+BACKENDS = [
+    pytest.param(
+        b,
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec(b) is None, reason=f"pip install 'trtwsi[{b}]'"
+        ),
+    )
+    for b in ("onnxruntime", "openvino")
+]
+
+
+def _engine_class(backend):
+    if backend == "onnxruntime":
+        from trtwsi.engines.onnxrt import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine
+    from trtwsi.engines.openvino import OpenVinoEngine
+
+    return OpenVinoEngine
 
 
 @pytest.fixture(scope="module")
@@ -23,41 +48,42 @@ def image():
     return img
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("weights", ["demo-yolo11n.pt", "demo-yolo26n.pt"], ids=["nms", "end2end"])
-def test_raw_outputs_match_torch(weights, image):
-    """Real tiles (a synthetic scene) through both backends: the raw head outputs
-    agree within the engine's own build check, at batch 1 and 3 (dynamic batch): elementwise
-    for the NMS head, row by row (paired by class and closeness) for the end-to-end top K."""
+def test_raw_outputs_match_torch(backend, weights, image):
+    """Real tiles (a synthetic scene) through the graph backend and PyTorch: the raw head
+    outputs agree within the engine's own build check, at batch 1 and 3 (dynamic batch):
+    elementwise for the NMS head, row by row (paired by class and closeness) for the
+    end-to-end top K."""
     import torch
 
-    from trtwsi.engines.onnxrt import MAX_ABS_DIFF, OnnxRuntimeEngine, output_difference
-
     m = trtwsi.Model(MODELS / weights)
-    ort_eng = OnnxRuntimeEngine(m)
+    eng = _engine_class(backend)(m)
     torch_eng = trtwsi.Model(MODELS / weights, backend="torch").load_engine("cpu")
     tiles = np.stack([image[y : y + 640, x : x + 640] for y, x in ((0, 0), (400, 700), (460, 0))])
     for n in (1, 3):  # 640² tiles at imgsz 640: the letterbox is the identity
         x = torch.from_numpy(tiles[:n]).permute(0, 3, 1, 2).float() / 255
-        a, b = ort_eng.infer(x), torch_eng.infer(x)
+        a, b = eng.infer(x), torch_eng.infer(x)
         assert a.shape == b.shape and a.dtype == torch.float32
         assert output_difference(a, b, m.head) <= MAX_ABS_DIFF
         if m.head == "end2end":  # boxes found on these tiles, so the pairing was exercised
             assert (b[..., 4] >= 0.1).sum() > 5
-    assert 0 <= ort_eng.max_abs_diff <= MAX_ABS_DIFF
-    ort_eng.close()
+    assert 0 <= eng.max_abs_diff <= MAX_ABS_DIFF
+    eng.close()
 
 
-def test_predictor_detections_match_torch(image):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_predictor_detections_match_torch(backend, image):
     """The same region through the Predictor with either backend: every box matched at IoU
     0.9, same classes, scores within 0.01."""
     region = (0, 0, 1400, 1100)
     got = trtwsi.Predictor(
-        image, [trtwsi.Model(MODELS / "demo-yolo11n.pt", backend="onnxruntime")], device="cpu"
+        image, [trtwsi.Model(MODELS / "demo-yolo11n.pt", backend=backend)], device="cpu"
     ).run(region=region)
     want = trtwsi.Predictor(
         image, [trtwsi.Model(MODELS / "demo-yolo11n.pt", backend="torch")], device="cpu"
     ).run(region=region)
-    assert got.models[0]["backend"] == "onnxruntime" and want.models[0]["backend"] == "torch"
+    assert got.models[0]["backend"] == backend and want.models[0]["backend"] == "torch"
     g, w = got.detections, want.detections
     assert len(w) > 10 and len(g) == len(w)
     gt = np.column_stack([w.boxes, w.class_id])
@@ -66,23 +92,30 @@ def test_predictor_detections_match_torch(image):
     assert np.abs(g.score - w.score[idx]).max() < 0.01
 
 
-def test_build_check_refuses_a_differing_graph(monkeypatch):
-    """The build-time comparison with PyTorch is a real gate: with no tolerance it refuses."""
-    from trtwsi.engines import onnxrt
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_build_check_refuses_a_differing_graph(backend):
+    """The build-time comparison with PyTorch is a real gate: with no tolerance it refuses,
+    naming the runtime and the fix."""
+    from trtwsi.engines.graph_check import check_against_torch
 
-    monkeypatch.setattr(onnxrt, "MAX_ABS_DIFF", -1.0)
-    with pytest.raises(BackendError, match="differs from PyTorch's"):
-        onnxrt.OnnxRuntimeEngine(trtwsi.Model(MODELS / "demo-yolo11n.pt"))
+    eng = _engine_class(backend)(trtwsi.Model(MODELS / "demo-yolo11n.pt"))
+    with pytest.raises(BackendError, match=r"differs from PyTorch's.*backend='torch'"):
+        check_against_torch(eng, backend, limit=-1.0)
+    assert check_against_torch(eng, backend) == eng.max_abs_diff
 
 
-def test_backend_is_named_in_config_and_cli(tmp_path):
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_backend_is_named_in_config_and_cli(backend, tmp_path):
+    from trtwsi.app.cli import build_parser
     from trtwsi.engines.model import load_models_config
 
     toml = tmp_path / "models.toml"
-    toml.write_text(f'[[model]]\nweights = "{MODELS / "demo-yolo11n.pt"}"\nbackend = "onnxruntime"\n')
+    toml.write_text(f'[[model]]\nweights = "{MODELS / "demo-yolo11n.pt"}"\nbackend = "{backend}"\n')
     (m,) = load_models_config(toml)
-    assert m.backend == "onnxruntime"
-    assert m.resolve_backend("cpu")[0] == "onnxruntime"
+    assert m.backend == backend
+    assert m.resolve_backend("cpu")[0] == backend
+    a = build_parser().parse_args(["predict", "s.tif", "--backend", backend])
+    assert a.backend == backend
     toml.write_text(f'[[model]]\nweights = "{MODELS / "demo-yolo11n.pt"}"\nbackend = "onnx"\n')
-    with pytest.raises(trtwsi.TrtwsiError, match="onnxruntime"):
+    with pytest.raises(trtwsi.TrtwsiError, match=backend):
         load_models_config(toml)

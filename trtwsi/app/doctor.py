@@ -263,6 +263,14 @@ def collect(models_dir: str | os.PathLike | None = None, *, check_kernels: bool 
         else "not installed: backend='onnxruntime' (faster CPU tiles) needs "
         "pip install 'trtwsi[onnxruntime]'",
     )
+    ov_v = _version("openvino")
+    r.add(
+        "OpenVINO",
+        f"{ov_v}: backend='openvino' can run models on the CPU (the fastest CPU backend here)"
+        if ov_v is not None and _version("onnx") is not None
+        else "not installed: backend='openvino' (the fastest CPU tiles) needs "
+        "pip install 'trtwsi[openvino]'",
+    )
     # --- kernel sources, models ---
     if _check_kernel_files(r) and check_kernels:
         _compile_kernels(r, cc)

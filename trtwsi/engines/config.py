@@ -37,6 +37,7 @@ from trtwsi.errors import MissingDependencyError, ModelConfigError, ModelError, 
 __all__ = [
     "BACKENDS",
     "CONFIG_KEYS",
+    "GRAPH_BACKENDS",
     "HEAD_KINDS",
     "IMGSZ_RANGE",
     "MAX_DET_RANGE",
@@ -47,7 +48,9 @@ __all__ = [
     "read_toml",
 ]
 
-BACKENDS = ("auto", "torch", "tensorrt", "onnxruntime")
+BACKENDS = ("auto", "torch", "tensorrt", "onnxruntime", "openvino")
+#: CPU backends that run the model's exported graph, and the runtime's name for messages
+GRAPH_BACKENDS = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
 HEAD_KINDS = ("nms", "end2end")
 DEFAULT_IMGSZ = 640
 DEFAULT_MAX_DET = 300

@@ -25,8 +25,9 @@ Backends: ``resolve_backend`` decides between TensorRT and PyTorch and says why:
 by ``python -m trtwsi.export.build`` next to the ``.pt`` whose sidecar fits this GPU, TensorRT version,
 weights, imgsz, head and batch → ``"tensorrt"``; else ``"torch"`` with the reason and the command
 that builds a fitting engine (an error with ``fallback_to_pt=False`` or ``backend="tensorrt"``).
-``backend="onnxruntime"`` runs the model's graph with ONNX Runtime on the CPU
-(:mod:`~trtwsi.engines.onnxrt`; on CUDA devices the other backends are used).
+``backend="onnxruntime"`` / ``"openvino"`` run the model's graph with ONNX Runtime / OpenVINO
+on the CPU (:mod:`~trtwsi.engines.onnxrt`, :mod:`~trtwsi.engines.openvino`; on CUDA devices
+the other backends are used).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from trtwsi.engines.config import (
     CONFIG_KEYS,
     DEFAULT_IMGSZ,
     DEFAULT_MAX_DET,
+    GRAPH_BACKENDS,
     HEAD_KINDS,
     check_imgsz,
     check_model_args,
@@ -80,9 +82,10 @@ class Model:
         iou: NMS IoU threshold; a box is suppressed by a higher-scored box of its class with
             IoU ``> iou`` (``"nms"`` heads only).
         backend: ``"auto"`` (TensorRT when a matching engine exists, else the .pt with PyTorch),
-            ``"torch"``, ``"tensorrt"``, or ``"onnxruntime"`` (on the CPU: the model's graph in
-            ONNX Runtime, faster per tile than PyTorch on x86; needs ``pip install
-            'trtwsi[onnxruntime]'``; on a GPU it acts as ``"auto"``).
+            ``"torch"``, ``"tensorrt"``, ``"onnxruntime"`` or ``"openvino"`` (on the CPU: the
+            model's graph in ONNX Runtime / OpenVINO, faster per tile than PyTorch on x86; needs
+            ``pip install 'trtwsi[onnxruntime]'`` / ``'trtwsi[openvino]'``; on a GPU they act
+            as ``"auto"``).
         fallback_to_pt: with ``backend="auto"``, allow running the .pt with PyTorch when no
             TensorRT engine can be used; False makes that a :class:`BackendError`.
         imgsz: model input side in px (square). None: the checkpoint's training ``imgsz``, else
@@ -370,8 +373,9 @@ class Model:
         import torch
 
         device = torch.device(device)
-        if self.backend == "onnxruntime" and device.type == "cpu":
-            return "onnxruntime", f"backend='onnxruntime': {self.weights.name}'s graph in ONNX Runtime"
+        if self.backend in GRAPH_BACKENDS and device.type == "cpu":
+            label = GRAPH_BACKENDS[self.backend]
+            return self.backend, f"backend={self.backend!r}: {self.weights.name}'s graph in {label}"
         if self.backend == "torch":
             return (
                 "torch",
@@ -419,6 +423,10 @@ class Model:
             from trtwsi.engines.onnxrt import OnnxRuntimeEngine
 
             return OnnxRuntimeEngine(self, batch_size=batch_size)
+        if kind == "openvino":
+            from trtwsi.engines.openvino import OpenVinoEngine
+
+            return OpenVinoEngine(self, batch_size=batch_size)
         if kind == "tensorrt":
             from trtwsi.engines.tensorrt import TensorRTEngine
 
@@ -426,7 +434,7 @@ class Model:
             return TensorRTEngine(
                 path, device, batch_size, cuda_graph=bool(cuda_graph), expect=self.engine_needs()
             )
-        if self.backend in ("auto", "onnxruntime") and device.type == "cuda":
+        if (self.backend == "auto" or self.backend in GRAPH_BACKENDS) and device.type == "cuda":
             warnings.warn(f"model {self.name!r}: {reason}", stacklevel=2)
         from trtwsi.engines.torch import TorchEngine
 

@@ -9,9 +9,8 @@ nano model). No ONNX file is read from the user's disk, so this adds nothing to 
 file could do.
 
 Before the engine is used, one batch of random images runs through both ONNX Runtime and the
-PyTorch module; a difference of the raw outputs (:func:`output_difference`) over
-:data:`MAX_ABS_DIFF` (px and scores; ONNX Runtime fuses and reorders float32 arithmetic, so a
-few 1e-3 are normal) raises :class:`~trtwsi.errors.BackendError` instead of giving different
+PyTorch module (:func:`~trtwsi.engines.graph_check.check_against_torch`): a difference over
+0.05 px or score raises :class:`~trtwsi.errors.BackendError` instead of giving different
 detections silently.
 """
 
@@ -21,36 +20,11 @@ import tempfile
 from pathlib import Path
 
 from trtwsi.engines.base import check_batch
+from trtwsi.engines.graph_check import check_against_torch
 from trtwsi.engines.onnx_export import INPUT_NAME
-from trtwsi.errors import BackendError, require
+from trtwsi.errors import require
 
-__all__ = ["MAX_ABS_DIFF", "OnnxRuntimeEngine", "output_difference"]
-
-#: Largest raw-output difference to the PyTorch forward accepted at build (px / score units).
-MAX_ABS_DIFF = 0.05
-
-
-def output_difference(got, want, head: str) -> float:
-    """How far two raw head outputs of the same batch are apart (float32 torch tensors).
-
-    ``"nms"`` heads ``(B, 4 + nc, N)``: the largest elementwise difference. ``"end2end"`` heads
-    ``(B, K, 6)`` are the top K by score, so near-equal scores may come in another order: every
-    row of ``want`` scoring ≥ 0.1 is paired with the closest row of ``got`` of the same class
-    scoring ≥ 0.05, and the largest coordinate or score difference of those pairs counts
-    (infinite when a row has no partner).
-    """
-    if head != "end2end":
-        return float((got - want).abs().max()) if want.numel() else 0.0
-    worst = 0.0
-    for g, w in zip(got, want, strict=True):
-        w = w[w[:, 4] >= 0.1]
-        g = g[g[:, 4] >= 0.05]
-        if not len(w):
-            continue
-        d = (w[:, None, :5] - g[None, :, :5]).abs().amax(dim=2)  # (Nw, Ng)
-        d[w[:, None, 5] != g[None, :, 5]] = float("inf")
-        worst = max(worst, float(d.amin(dim=1).max()) if len(g) else float("inf"))
-    return worst
+__all__ = ["OnnxRuntimeEngine"]
 
 
 class OnnxRuntimeEngine:
@@ -90,23 +64,7 @@ class OnnxRuntimeEngine:
         # no busy-waiting between ops: the reader threads share these cores
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
-        self.max_abs_diff = self._check(torch)
-
-    def _check(self, torch) -> float:
-        """Max |ONNX Runtime − PyTorch| of the raw outputs on 2 random images; BackendError
-        above :data:`MAX_ABS_DIFF`."""
-        g = torch.Generator().manual_seed(0)
-        x = torch.rand((self.batch_size or 2, 3, self.imgsz, self.imgsz), generator=g)
-        with torch.inference_mode():
-            want = self.model.module(x)
-        want = want[0] if isinstance(want, (tuple, list)) else want
-        diff = output_difference(self.infer(x), want.float(), self.head)
-        if not diff <= MAX_ABS_DIFF:
-            raise BackendError(
-                f"model {self.model.name!r}: ONNX Runtime's output differs from PyTorch's by "
-                f"{diff:.3g} (more than {MAX_ABS_DIFF}); use backend='torch'"
-            )
-        return diff
+        self.max_abs_diff = check_against_torch(self, "ONNX Runtime")
 
     def infer(self, batch):
         """See :meth:`trtwsi.engines.base.Engine.infer`."""
