@@ -7,17 +7,19 @@ GPU only (every test skips with the reason elsewhere). Run on the GPU machine::
 It writes a summary to ``bench/results/pipeline-<device>.json`` (``$TRTWSI_BENCH_OUT`` overrides
 the path) holding the device, every number below, and the goals from the issue:
 
-- ``ceiling``: the model alone — the demo YOLO11n forward, fp16, batch ``BATCH`` (``$TRTWSI_BENCH_BATCH``, default 32), replayed as a
+- ``ceiling``: the model alone — the demo YOLO11n forward, fp16, channels_last, replayed as a
   CUDA graph on a static input (what :class:`trtwsi.engines.torch.TorchEngine` runs), timed with
-  CUDA events: tiles/s.
+  CUDA events, at the pipeline's batch ``BATCH`` (``$TRTWSI_BENCH_BATCH``, default 32) and at
+  ``$TRTWSI_BENCH_CEILING_BATCHES`` (default 32,64,128): tiles/s of the best
+  (``ceiling_by_batch`` holds each).
 - ``e2e_memory``: ``Predictor(...).run(region=whole image)`` on an in-memory synthetic image
   (``ArraySlide``, no decode cost) of ``MEM_SIDE``² px, same model and batch: tiles/s and its
-  ratio to the ceiling (goal >= 0.85).
+  ratio to the ceiling (goal >= 0.9), and to the model alone at ``BATCH``.
 - ``ultralytics``: ``YOLO.predict(list_of_tiles, batch=BATCH, half=True)`` on ``N_ULTRA`` tiles
   of the same image: tiles/s, and trtwsi's speedup over it (goal >= 8x).
 - ``slides``: synthetic JPEG pyramidal TIFFs of 0.25, 1 and 4 gigapixels (``$TRTWSI_BENCH_SIZES``
-  to change), each run in a fresh subprocess: seconds, tissue gigapixels/s (goal >= 0.5 on the
-  16-core host), slide gigapixels/s, per-stage seconds, peak host RSS and peak device memory
+  to change), each run in a fresh subprocess: seconds, tissue gigapixels/s (goals >= 0.8 at
+  1 Gpx and >= 1.0 at 4 Gpx on the 16-core host), slide gigapixels/s, per-stage seconds, peak host RSS and peak device memory
   (should stay flat as the slide grows).
 """
 
@@ -47,6 +49,10 @@ MODEL = bundled_models_dir() / "demo-yolo11n.pt"
 BATCH = int(os.environ.get("TRTWSI_BENCH_BATCH", "32"))
 MEM_SIDE = int(os.environ.get("TRTWSI_BENCH_MEM_SIDE", 16384))
 N_ULTRA = 256
+#: batches the model-only ceiling is measured at (the best one is the ceiling)
+CEILING_BATCHES = [
+    int(v) for v in os.environ.get("TRTWSI_BENCH_CEILING_BATCHES", "32,64,128").split(",")
+]
 SIZES = [float(v) for v in os.environ.get("TRTWSI_BENCH_SIZES", "0.25,1,4").split(",")]
 WHY = gpu_unavailable_reason()
 pytestmark = pytest.mark.skipif(WHY is not None, reason=f"GPU bench: {WHY}")
@@ -81,10 +87,11 @@ def summary():
         "host": host_info("reads and merging"),
         "model": MODEL.name,
         "batch": BATCH,
-        "goals": {
-            "e2e_over_ceiling": 0.85,
+        "goals": {  # issue 11
+            "e2e_over_ceiling": 0.9,
             "e2e_over_ultralytics": 8.0,
-            "tissue_gpx_per_s_1gpx": 0.5,
+            "tissue_gpx_per_s_1gpx": 0.8,
+            "tissue_gpx_per_s_4gpx": 1.0,
         },
         **RESULTS,
     }
@@ -101,17 +108,16 @@ def image():
     return img
 
 
-def test_ceiling(benchmark):
+def _graph_replays(batch: int, iters: int = 100):
+    """A function timing ``iters`` CUDA-graph replays of the fp16 forward at ``batch`` on a
+    static input (seconds, from CUDA events), and the engine (kept alive by the caller)."""
     import torch
 
     import trtwsi
 
-    m = trtwsi.Model(MODEL)
-    eng = m.load_engine("cuda", half=True, batch_size=BATCH)
-    x = torch.rand(eng.input.shape, device="cuda", dtype=eng.dtype)
-    eng.input.copy_(x)
+    eng = trtwsi.Model(MODEL).load_engine("cuda", half=True, batch_size=batch)
+    eng.input.copy_(torch.rand(eng.input.shape, device="cuda", dtype=eng.dtype))
     eng.infer(eng.input)
-    iters = 100
 
     def run():
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -122,12 +128,34 @@ def test_ceiling(benchmark):
         e1.synchronize()
         return e0.elapsed_time(e1) / 1000
 
+    return run, eng
+
+
+def test_ceiling(benchmark):
+    """The model alone at the pipeline's batch (pytest-benchmark's record) and at the other
+    batches of ``CEILING_BATCHES``: the ceiling is the best of them (issue 11: the best
+    model-only configuration, not the pipeline's own batch)."""
+    iters = 100
+    run, eng = _graph_replays(BATCH, iters)
     secs = benchmark.pedantic(run, rounds=5, warmup_rounds=1)
-    best = min(benchmark.stats.stats.data) if benchmark.stats else secs
-    RESULTS["ceiling"] = {
-        "tiles_per_s": round(iters * BATCH / best, 1),
-        "what": f"CUDA-graph replay of the fp16 forward, batch {BATCH}, static input",
+    by_batch = {
+        BATCH: iters * BATCH / (min(benchmark.stats.stats.data) if benchmark.stats else secs)
     }
+    del eng
+    for b in CEILING_BATCHES:
+        if b not in by_batch:
+            run, eng = _graph_replays(b, iters)
+            run()
+            by_batch[b] = iters * b / min(run() for _ in range(5))
+            del eng
+    best = max(by_batch, key=by_batch.get)
+    RESULTS["ceiling"] = {
+        "tiles_per_s": round(by_batch[best], 1),
+        "batch": best,
+        "what": f"CUDA-graph replay of the fp16 channels_last forward, batch {best} (the best of "
+        f"{sorted(by_batch)}), static input",
+    }
+    RESULTS["ceiling_by_batch"] = {str(b): round(v, 1) for b, v in sorted(by_batch.items())}
 
 
 def test_e2e_memory(benchmark, image):
@@ -163,6 +191,9 @@ def test_e2e_memory(benchmark, image):
     }
     if "ceiling" in RESULTS:
         RESULTS["e2e_memory"]["over_ceiling"] = round(tps / RESULTS["ceiling"]["tiles_per_s"], 3)
+        same = RESULTS["ceiling_by_batch"].get(str(BATCH))
+        if same:  # against the model alone at the pipeline's own batch
+            RESULTS["e2e_memory"]["over_same_batch_ceiling"] = round(tps / same, 3)
 
 
 def test_ultralytics(benchmark, image):
@@ -185,7 +216,9 @@ def test_ultralytics(benchmark, image):
     def run():
         # ultralytics runs a list of arrays as ONE forward whatever batch= says: hand it
         # batch-sized chunks, as a user streaming tiles would
-        out = [r for i in range(0, len(tiles), BATCH) for r in yolo.predict(tiles[i : i + BATCH], **kw)]
+        out = [
+            r for i in range(0, len(tiles), BATCH) for r in yolo.predict(tiles[i : i + BATCH], **kw)
+        ]
         torch.cuda.synchronize()
         return out
 
