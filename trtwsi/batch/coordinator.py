@@ -371,7 +371,17 @@ def run_batch(
                 specs = [{**model_spec(m), "sha256": m.sha256} for m in models]
                 pool.run(jobs, specs, params, emit, max_retries=max_retries, log=say)
         except BaseException as e:
+            # A slide's final record may have reached the manifest just before the interrupt
+            # (between its write and the bookkeeping after it): it is not interrupted.
+            latest: dict = {}
+            if not isinstance(e, ManifestWriteError):
+                with contextlib.suppress(OSError):
+                    latest = latest_slide_records(read_manifest(manifest.path))
             for rec in list(inflight.values()) if not isinstance(e, ManifestWriteError) else []:
+                final = latest.get(rec["slide"], {})
+                if final.get("run") == manifest.run_id and final.get("status") != "running":
+                    records[rec["slide"]] = final
+                    continue
                 emit(
                     {
                         **{k: rec.get(k) for k in ("record", "slide", "path", "key", "attempt")},
