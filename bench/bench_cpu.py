@@ -12,8 +12,9 @@ conf 0.25 / NMS IoU 0.45 / max_det 300, 640-px tiles with 0.2 overlap = 512-px s
 
 - ``trtwsi-slide``: ``Predictor(slide).run()``: tissue sections found, glass tiles skipped,
   per-section grids. The real use; its tile count is smaller than the others'.
-- ``trtwsi-grid``: ``Predictor(slide).run(region=whole slide)``: the full grid, no skipping: the
-  same tiles as the two baselines, so per-tile cost compares directly.
+- ``trtwsi-grid``: ``Predictor(slide).run(region=whole slide)`` with ``backend="torch"``: the
+  full grid, no skipping: the same tiles as the two baselines, so per-tile cost compares
+  directly. (``trtwsi-slide`` uses ``backend="auto"``: OpenVINO where it is installed.)
 - ``trtwsi-grid-ort``: the same with ``Model(backend="onnxruntime")`` (the model's graph in ONNX
   Runtime instead of PyTorch; ``pip install 'trtwsi[onnxruntime]'``).
 - ``trtwsi-grid-ov``: the same with ``Model(backend="openvino")`` (the graph compiled by
@@ -65,7 +66,11 @@ CONF, IOU, MAX_DET, TILE, OVERLAP = 0.25, 0.45, 300, 640, 0.2
 MODES = ("trtwsi-slide", "trtwsi-grid", "trtwsi-grid-ort", "trtwsi-grid-ov", "ultralytics", "sahi")
 TRTWSI_MODES = ("trtwsi-slide", "trtwsi-grid", "trtwsi-grid-ort", "trtwsi-grid-ov")
 #: backend of each trtwsi mode that names one
-MODE_BACKEND = {"trtwsi-grid-ort": "onnxruntime", "trtwsi-grid-ov": "openvino"}
+MODE_BACKEND = {
+    "trtwsi-grid": "torch",
+    "trtwsi-grid-ort": "onnxruntime",
+    "trtwsi-grid-ov": "openvino",
+}
 MATCH_IOU = 0.9
 FULL_SIZE = (6144, 4608)  # 12 x 9 = 108 tiles of the full grid
 SMOKE_SIZE = (1280, 1024)  # 3 x 2 = 6 tiles

@@ -24,6 +24,7 @@ What is compared, and how strictly:
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +68,9 @@ class Case:
         self.stats = {}
 
     def model(self, imgsz: int | None = None) -> Model:
-        return Model(self.weights, head=self._head, imgsz=imgsz)
+        # PyTorch's parity (the CPU default with OpenVINO installed is covered by the graph
+        # backend and one-tile-region tests below)
+        return Model(self.weights, head=self._head, imgsz=imgsz, backend="torch")
 
     def predict(self, tile_rgb: np.ndarray, model: Model, conf: float) -> torch.Tensor:
         threads = torch.get_num_threads()  # ultralytics' select_device lowers it for the process
@@ -315,3 +318,33 @@ def test_one_tile_region_gives_exactly_ultralytics_detections(weights):
     )
     case = Case(weights, None, synthetic=False)
     _compare(case, model, [crop], [mine], model.min_conf, "one-tile region", exact=True)
+
+
+GRAPH_BACKENDS = [
+    pytest.param(
+        b,
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec(b) is None, reason=f"pip install 'trtwsi[{b}]'"
+        ),
+    )
+    for b in ("onnxruntime", "openvino")
+]
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+@pytest.mark.parametrize("weights", EXTRA_MODELS, ids=[p.name for p in EXTRA_MODELS])
+def test_graph_backend_matches_ultralytics_on_a_scene_tile(weights, backend):
+    """The CPU graph backends (ONNX Runtime, OpenVINO) hold ultralytics' own tolerances on a
+    real scene tile at the model's threshold: every detection pairs up within 1 px and 1e-3.
+    Same input as ultralytics (a tile of exactly imgsz), so only their float32 arithmetic
+    differs from PyTorch's."""
+    from trtwsi.synthetic import make_array
+
+    img, _ = make_array(1920, 1920, seed=11, n_sections=1, nucleus_density=3000)
+    model = Model(weights, backend=backend)
+    s = model.imgsz
+    tile = np.ascontiguousarray(img[640 : 640 + s, 640 : 640 + s])
+    _, mine = _ours(model, ref.preprocess(tile, [(0, 0)], (s, s), s), (s, s), model.min_conf)
+    assert len(mine[0]) > 20
+    case = Case(weights, None, synthetic=False)
+    _compare(case, model, [tile], mine, model.min_conf, f"{backend} {s}x{s} scene tile", exact=True)

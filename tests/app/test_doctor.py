@@ -26,7 +26,7 @@ def test_doctor_without_gpu(capsys):
     assert "none visible to torch" in out
     assert "JPEG on GPU" in out and "off: no GPU (torchvision" in out
     assert "backend='onnxruntime' can run models on the CPU" in out  # test extras install it
-    assert "backend='openvino' can run models on the CPU" in out  # and this one
+    assert "models run on the CPU with it (backend='auto'" in out  # OpenVINO: test extras too
     assert "demo-yolo11n.pt: no engine (python -m trtwsi.export.build --fp16 --model" in out
     assert "runs on the CPU" in out
 

@@ -104,6 +104,34 @@ def test_build_check_refuses_a_differing_graph(backend):
     assert check_against_torch(eng, backend) == eng.max_abs_diff
 
 
+@pytest.mark.skipif(importlib.util.find_spec("openvino") is None, reason="needs openvino")
+def test_auto_on_the_cpu_is_openvino_and_falls_back_to_torch(monkeypatch):
+    """backend="auto" on the CPU runs OpenVINO when it is installed; if OpenVINO cannot build
+    the model, one warning names why and PyTorch runs it."""
+    from trtwsi.engines import openvino
+    from trtwsi.engines.model import cpu_graph_backend
+    from trtwsi.engines.torch import TorchEngine
+
+    assert cpu_graph_backend() == "openvino"
+    m = trtwsi.Model(MODELS / "demo-yolo11n.pt")
+    assert type(m.load_engine("cpu")).__name__ == "OpenVinoEngine"
+
+    def broken(self, *a, **k):
+        raise RuntimeError("no CPU plugin")
+
+    monkeypatch.setattr(openvino.OpenVinoEngine, "__init__", broken)
+    with pytest.warns(
+        UserWarning, match=r"OpenVINO could not run it \(RuntimeError: no CPU plugin"
+    ):
+        assert isinstance(m.load_engine("cpu"), TorchEngine)
+    for strict in (
+        trtwsi.Model(MODELS / "demo-yolo11n.pt", backend="openvino"),  # asked for by name
+        trtwsi.Model(MODELS / "demo-yolo11n.pt", fallback_to_pt=False),  # PyTorch refused
+    ):
+        with pytest.raises(RuntimeError, match="no CPU plugin"):
+            strict.load_engine("cpu")
+
+
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_backend_is_named_in_config_and_cli(backend, tmp_path):
     from trtwsi.app.cli import build_parser

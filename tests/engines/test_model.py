@@ -175,9 +175,15 @@ def test_wrong_task(yolo_pt, cfg, task):
 # --- backends and engines -----------------------------------------------------------------
 
 
-def test_resolve_backend(v11):
+def test_resolve_backend(v11, monkeypatch):
+    import trtwsi.engines.model as model_mod
+
+    monkeypatch.setattr(model_mod, "cpu_graph_backend", lambda: None)  # OpenVINO not installed
     kind, reason = Model(v11).resolve_backend("cpu")
     assert kind == "torch" and "CUDA" in reason and "PyTorch" in reason
+    monkeypatch.setattr(model_mod, "cpu_graph_backend", lambda: "openvino")
+    kind, reason = Model(v11).resolve_backend("cpu")
+    assert kind == "openvino" and "backend='torch' to opt out" in reason
     kind, reason = Model(v11, backend="torch").resolve_backend("cpu")
     assert kind == "torch" and "backend='torch'" in reason
     kind, reason = Model(v11).resolve_backend("cuda")  # resolution only; nothing runs on the GPU
@@ -185,16 +191,22 @@ def test_resolve_backend(v11):
     assert "python -m trtwsi.export.build --fp16 --model" in reason
 
 
-def test_resolve_backend_errors(v11):
+def test_resolve_backend_errors(v11, monkeypatch):
+    import trtwsi.engines.model as model_mod
+
     with pytest.raises(BackendError, match=r"backend='tensorrt' but .* not a CUDA GPU"):
         Model(v11, backend="tensorrt").resolve_backend("cpu")
+    monkeypatch.setattr(model_mod, "cpu_graph_backend", lambda: None)  # no OpenVINO: PyTorch
     with pytest.raises(BackendError, match="fallback_to_pt=False"):
         Model(v11, fallback_to_pt=False).resolve_backend("cpu")
     with pytest.raises(BackendError):
         Model(v11, backend="tensorrt").load_engine("cpu")
 
 
-def test_load_engine_cpu(v11):
+def test_load_engine_cpu(v11, monkeypatch):
+    import trtwsi.engines.model as model_mod
+
+    monkeypatch.setattr(model_mod, "cpu_graph_backend", lambda: None)  # the PyTorch default
     m = Model(v11, imgsz=64)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback warning on the CPU

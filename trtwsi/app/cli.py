@@ -187,9 +187,9 @@ def _add_predict_opts(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "torch", "tensorrt", "onnxruntime", "openvino"],
         help="inference backend for --model: auto (a TensorRT engine next to the .pt when it "
-        "runs here, else torch), torch, tensorrt, onnxruntime or openvino (CPU: faster per tile "
-        "than torch on x86; pip install 'trtwsi[onnxruntime]' / 'trtwsi[openvino]') "
-        "(default auto)",
+        "runs here; on the CPU openvino when installed; else torch), torch, tensorrt, "
+        "onnxruntime or openvino (CPU: faster per tile than torch on x86; pip install "
+        "'trtwsi[onnxruntime]' / 'trtwsi[openvino]') (default auto)",
     )
     p.add_argument(
         "--trust-weights",

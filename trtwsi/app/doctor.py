@@ -266,10 +266,11 @@ def collect(models_dir: str | os.PathLike | None = None, *, check_kernels: bool 
     ov_v = _version("openvino")
     r.add(
         "OpenVINO",
-        f"{ov_v}: backend='openvino' can run models on the CPU (the fastest CPU backend here)"
+        f"{ov_v}: models run on the CPU with it (backend='auto' or 'openvino'; "
+        "backend='torch' opts out)"
         if ov_v is not None and _version("onnx") is not None
-        else "not installed: backend='openvino' (the fastest CPU tiles) needs "
-        "pip install 'trtwsi[openvino]'",
+        else "not installed: the CPU runs models with PyTorch; pip install 'trtwsi[openvino]' "
+        "for faster CPU tiles",
     )
     # --- kernel sources, models ---
     if _check_kernel_files(r) and check_kernels:

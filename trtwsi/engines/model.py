@@ -27,7 +27,8 @@ weights, imgsz, head and batch → ``"tensorrt"``; else ``"torch"`` with the rea
 that builds a fitting engine (an error with ``fallback_to_pt=False`` or ``backend="tensorrt"``).
 ``backend="onnxruntime"`` / ``"openvino"`` run the model's graph with ONNX Runtime / OpenVINO
 on the CPU (:mod:`~trtwsi.engines.onnxrt`, :mod:`~trtwsi.engines.openvino`; on CUDA devices
-the other backends are used).
+the other backends are used). ``backend="auto"`` on the CPU is OpenVINO when it is installed
+(:func:`cpu_graph_backend`), PyTorch otherwise.
 """
 
 from __future__ import annotations
@@ -70,6 +71,25 @@ def _as_imgsz(value: Any) -> int:
     return int(value)
 
 
+def cpu_graph_backend() -> str | None:
+    """The graph backend ``backend="auto"`` uses on the CPU: ``"openvino"`` when OpenVINO and
+    onnx are importable (``pip install 'trtwsi[openvino]'``), else None (PyTorch).
+
+    Only OpenVINO: it ran the forward at least as fast as PyTorch at every thread count
+    measured (1.2–1.4× on 1, 4 and 8 threads of a 16-core Xeon, 1.37× on 2 EPYC cores), and
+    matched ultralytics within 1.2e-4 px and 7e-6 in score on a scene tile. ONNX Runtime, often
+    installed for engine export, was slower than PyTorch at 4–8 threads there, so it stays
+    opt-in (``bench/results/cpu-forward-*.json``).
+    """
+    import importlib.util
+
+    try:
+        ok = all(importlib.util.find_spec(m) is not None for m in ("openvino", "onnx"))
+    except (ImportError, ValueError):
+        ok = False
+    return "openvino" if ok else None
+
+
 class Model:
     """An ultralytics YOLO detection model, loaded from a local ``.pt``, and how to run it.
 
@@ -81,13 +101,16 @@ class Model:
         min_conf: score threshold; detections with score ``> min_conf`` are kept.
         iou: NMS IoU threshold; a box is suppressed by a higher-scored box of its class with
             IoU ``> iou`` (``"nms"`` heads only).
-        backend: ``"auto"`` (TensorRT when a matching engine exists, else the .pt with PyTorch),
+        backend: ``"auto"`` (TensorRT when a matching engine exists; on the CPU OpenVINO when
+            it is installed, falling back to PyTorch with a warning if it cannot run the model;
+            else the .pt with PyTorch),
             ``"torch"``, ``"tensorrt"``, ``"onnxruntime"`` or ``"openvino"`` (on the CPU: the
             model's graph in ONNX Runtime / OpenVINO, faster per tile than PyTorch on x86; needs
             ``pip install 'trtwsi[onnxruntime]'`` / ``'trtwsi[openvino]'``; on a GPU they act
             as ``"auto"``).
         fallback_to_pt: with ``backend="auto"``, allow running the .pt with PyTorch when no
-            TensorRT engine can be used; False makes that a :class:`BackendError`.
+            TensorRT engine (on the CPU: OpenVINO) can be used; False makes that an error
+            (:class:`BackendError`, or OpenVINO's own).
         imgsz: model input side in px (square). None: the checkpoint's training ``imgsz``, else
             640. Must be a multiple of the model's stride, in ``[32, 4096]`` (the checkpoint's
             too).
@@ -363,8 +386,10 @@ class Model:
         """Decide how this model runs on ``device``: ``(kind, reason)``.
 
         ``kind`` is ``"tensorrt"`` when a matching engine sits next to the ``.pt`` (see
-        :meth:`_tensorrt_engine`), else ``"torch"``; ``reason`` is a sentence for logs/warnings
-        saying why (for a fallback: the mismatch and the command that fixes it).
+        :meth:`_tensorrt_engine`); on the CPU with ``backend="auto"``, ``"openvino"`` when
+        OpenVINO is installed (:func:`cpu_graph_backend`); else ``"torch"``. ``reason`` is a
+        sentence for logs/warnings saying why (for a fallback: the mismatch and the command that
+        fixes it).
 
         Raises:
             BackendError: ``backend="tensorrt"`` and no engine fits, or ``backend="auto"`` with
@@ -380,6 +405,11 @@ class Model:
             return (
                 "torch",
                 f"backend='torch' was requested: running {self.weights.name} with PyTorch",
+            )
+        if self.backend == "auto" and device.type == "cpu" and cpu_graph_backend() is not None:
+            return "openvino", (
+                f"backend='auto' on the CPU: {self.weights.name}'s graph in OpenVINO (installed; "
+                "faster per tile than PyTorch; backend='torch' to opt out)"
             )
         engine, why = self._tensorrt_engine(device, batch_size)
         if engine is not None:
@@ -426,7 +456,16 @@ class Model:
         if kind == "openvino":
             from trtwsi.engines.openvino import OpenVinoEngine
 
-            return OpenVinoEngine(self, batch_size=batch_size)
+            if self.backend == "openvino" or not self.fallback_to_pt:
+                return OpenVinoEngine(self, batch_size=batch_size)
+            try:  # chosen by "auto": PyTorch still runs this model if OpenVINO cannot
+                return OpenVinoEngine(self, batch_size=batch_size)
+            except Exception as e:
+                warnings.warn(
+                    f"model {self.name!r}: OpenVINO could not run it ({type(e).__name__}: "
+                    f"{str(e)[:300]}); running {self.weights.name} with PyTorch",
+                    stacklevel=2,
+                )
         if kind == "tensorrt":
             from trtwsi.engines.tensorrt import TensorRTEngine
 
