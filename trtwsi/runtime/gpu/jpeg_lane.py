@@ -31,6 +31,8 @@ __all__ = ["DECODE_DEPTH", "JpegLane", "start_lane"]
 
 #: Lane chunks decoded ahead of the pipeline's consumption (default).
 DECODE_DEPTH = 8
+#: Seconds :func:`start_lane`'s probe waits for its go (the engines' warm-up) at most.
+GO_TIMEOUT = 600.0
 
 
 class JpegLane:
@@ -140,8 +142,10 @@ def start_lane(device, decode_stream, depth: int = DECODE_DEPTH, go=None) -> Fut
                 import torchvision.io  # noqa: F401  (the slow part, before the wait)
             if go is not None:
                 t1 = time.perf_counter()
-                go.wait()
+                ready = go.wait(GO_TIMEOUT)
                 waited = time.perf_counter() - t1
+                if not ready:  # never wait forever: this thread holds up the interpreter's exit
+                    raise TimeoutError(f"no go after {GO_TIMEOUT:.0f} s (warm-up not finished)")
             why = jpeg_batch_unavailable(device)
             result = why if why is not None else JpegLane(device, decode_stream, depth)
         except Exception as e:  # never lose the reason

@@ -228,6 +228,7 @@ class GpuPipeline:
                 )
             except ReaderStartError as e:
                 if not auto:
+                    warm.set()  # the probe thread must not wait for a warm-up that never comes
                     raise
                 warnings.warn(f"{e}; reading with threads instead", RuntimeWarning, stacklevel=3)
         t0 = time.perf_counter()
