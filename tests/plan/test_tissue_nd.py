@@ -12,7 +12,7 @@ import pytest
 
 from trtwsi.errors import TilingError
 from trtwsi.plan.tissue import find_sections
-from trtwsi.plan.tissue_nd import otsu_threshold
+from trtwsi.plan.tissue_nd import array_modules, component_stats, otsu_threshold
 from trtwsi.slide import ArraySlide
 from trtwsi.synthetic import Scene, make_array
 
@@ -101,3 +101,36 @@ def test_unknown_backend_is_refused():
 @pytest.mark.parametrize("slide", SLIDES)
 def test_cupy_path_matches_opencv(slide):
     _assert_same_sections(find_sections(slide), find_sections(slide, backend="cupy"))
+
+
+def _random_labels(seed: int):
+    """A random binary image (blobs, specks, thin lines, border-touching), labelled 8-connected by
+    OpenCV: (labels int32, n, OpenCV's stats)."""
+    rng = np.random.default_rng(seed)
+    h, w = rng.integers(1, 300, 2)
+    m = (rng.random((h, w)) < rng.uniform(0.001, 0.6)).astype(np.uint8)
+    if seed % 2:
+        m = cv2.dilate(m, np.ones((3, 3), np.uint8))
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    return labels.astype(np.int32), n, stats.astype(np.int64)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_component_stats_match_opencv(seed):
+    labels, n, want = _random_labels(seed)
+    got = component_stats(labels, n, np)
+    assert got.dtype == np.int64 and got.shape == (n, 5)
+    assert np.array_equal(got[1:], want[1:])  # row 0 (the background) is not used
+    assert got[0, 4] == want[0, 4]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("seed", range(12))
+def test_component_stats_on_the_gpu_match_opencv(seed):
+    cp, _ = array_modules("cupy")
+    labels, n, want = _random_labels(seed)
+    got = component_stats(cp.asarray(labels), n, cp)
+    assert isinstance(got, np.ndarray)
+    assert np.array_equal(got[1:], want[1:])
+    assert got[0, 4] == want[0, 4]

@@ -350,10 +350,15 @@ def find_sections(
         m = math.ceil(pad_t) + 2
         cx0, cy0 = max(0, tx0 - m), max(0, ty0 - m)
         cx1, cy1 = min(tw, tx1 + m), min(th, ty1 + m)
-        crop = np.isin(labels[cy0:cy1, cx0:cx1], comps)
-        if pad_t > 0:
-            d = cv2.distanceTransform((~crop).astype(np.uint8), cv2.DIST_L2, 5)
-            crop = d <= pad_t
+        if backend == "cv2":
+            crop = np.isin(labels[cy0:cy1, cx0:cx1], comps)
+            if pad_t > 0:
+                d = cv2.distanceTransform((~crop).astype(np.uint8), cv2.DIST_L2, 5)
+                crop = d <= pad_t
+        else:  # where the labels are (the device for "cupy")
+            from trtwsi.plan.tissue_nd import group_crop
+
+            crop = group_crop(parts, g, (cx0, cy0, cx1, cy1), pad_t)
         # resample onto the section grid (nearest: mask px centre -> thumbnail px)
         mw, mh = math.ceil((x1 - x0) / ds), math.ceil((y1 - y0) / ds)
         jj = np.floor((x0 + (np.arange(mw) + 0.5) * ds) / dsx).astype(np.int64) - cx0

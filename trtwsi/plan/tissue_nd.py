@@ -8,9 +8,10 @@ one section. It runs the same steps as the OpenCV implementation in :mod:`trtwsi
 
 Differences from the OpenCV path, by design:
 
-- the merge distance uses the exact Euclidean distance transform, OpenCV's path its 5×5 mask
-  approximation (error up to ~2 % of the distance): components whose gap is within ~2 % of the
-  merge distance can group differently;
+- the merge distance and the sections' pad use the exact Euclidean distance transform, OpenCV's
+  path its 5×5 mask approximation (error up to ~2 % of the distance): components whose gap is
+  within ~2 % of the merge distance can group differently, and a section mask's edge can move
+  by a thumbnail pixel where the distance to the tissue is within ~2 % of the pad;
 - component numbering differs (it never reaches the caller: sections are put in reading order).
 
 Everything else (glass colour, feature, median, Otsu threshold, closing/opening with the same
@@ -23,23 +24,46 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-__all__ = ["Components", "array_modules", "components", "otsu_threshold"]
+__all__ = [
+    "Components",
+    "array_modules",
+    "component_stats",
+    "components",
+    "group_crop",
+    "otsu_threshold",
+]
 
 _FLT_EPSILON = float(np.finfo(np.float32).eps)
 
 
 class Components(NamedTuple):
-    """Host (NumPy) arrays describing the tissue components of a ``(th, tw)`` thumbnail.
+    """The tissue components of a ``(th, tw)`` thumbnail.
 
-    ``labels``: int32 ``(th, tw)``, 0 = background, 1..n-1 = components (8-connected).
-    ``stats``: int64 ``(n, 5)``: left, top, width, height, area (thumbnail px), row 0 unused
-    (OpenCV's ``connectedComponentsWithStats`` layout). ``group_of``: int64 ``(n,)``, the merge
-    group of each component (-1 for row 0): components of one group form one section.
+    ``labels``: int32 ``(th, tw)``, 0 = background, 1..n-1 = components (8-connected), in the
+    module that found them (a CuPy array stays on the device; :func:`group_crop` reads it
+    there). ``stats``: host int64 ``(n, 5)``: left, top, width, height, area (thumbnail px), row
+    0 unused (OpenCV's ``connectedComponentsWithStats`` layout). ``group_of``: host int64
+    ``(n,)``, the merge group of each component (-1 for row 0): components of one group form
+    one section.
     """
 
-    labels: np.ndarray
+    labels: Any
     stats: np.ndarray
     group_of: np.ndarray
+
+
+def group_crop(parts: Components, group: int, box, pad: float) -> np.ndarray:
+    """Host bool mask of merge group ``group`` in the thumbnail crop ``box = (x0, y0, x1, y1)``
+    (thumbnail px), grown by ``pad`` thumbnail px (pixels within that exact Euclidean distance
+    of the group), computed in the module of ``parts.labels``."""
+    labels = parts.labels
+    xp, ndi = array_modules("numpy" if isinstance(labels, np.ndarray) else "cupy")
+    x0, y0, x1, y1 = box
+    comps = xp.asarray(np.nonzero(parts.group_of == group)[0])
+    crop = xp.isin(labels[y0:y1, x0:x1], comps)
+    if pad > 0:
+        crop = ndi.distance_transform_edt(~crop) <= pad
+    return _host(crop)
 
 
 def array_modules(backend: str) -> tuple[Any, Any]:
@@ -171,18 +195,39 @@ def components(
     else:
         group_of = np.arange(n, dtype=np.int64)
     group_of[0] = -1
-    labels_h = _host(labels).astype(np.int32, copy=False)
-    return Components(labels_h, _stats(labels_h, n), group_of)
+    return Components(labels.astype(xp.int32, copy=False), component_stats(labels, n, xp), group_of)
 
 
-def _stats(labels: np.ndarray, n: int) -> np.ndarray:
-    """OpenCV-layout stats (left, top, width, height, area) of labels 1..n-1 (host)."""
-    import scipy.ndimage as sndi
+def component_stats(labels, n: int, xp) -> np.ndarray:
+    """OpenCV-layout stats (left, top, width, height, area) of the labels 1..n-1 of an int
+    ``(h, w)`` label image of module ``xp``, as host int64 ``(n, 5)``; row 0 holds only the
+    background's pixel count. Computed where ``labels`` lives (a bounding box is a min/max per
+    label over the foreground pixels), so only ``n`` rows cross to the host."""
+    h, w = labels.shape
+    flat = labels.ravel()
+    idx = xp.flatnonzero(flat)
+    lab = flat[idx].astype(xp.int64)
+    ys = (idx // w).astype(xp.int32)
+    xs = (idx - (idx // w) * w).astype(xp.int32)
+    lo = xp.full((2, n), max(h, w), dtype=xp.int32)
+    hi = xp.full((2, n), -1, dtype=xp.int32)
+    for k, v in enumerate((xs, ys)):
+        _scatter(xp, "min", lo[k], lab, v)
+        _scatter(xp, "max", hi[k], lab, v)
+    out = xp.zeros((n, 5), dtype=xp.int64)
+    out[:, :2] = lo.T
+    out[:, 2:4] = (hi - lo + 1).T
+    out[:, 4] = xp.bincount(flat.astype(xp.int64), minlength=n)[:n]
+    out[0, :4] = 0
+    out[out[:, 4] == 0, :4] = 0  # a label without pixels (none from ndi.label): no box
+    return _host(out)
 
-    stats = np.zeros((n, 5), np.int64)
-    stats[:, 4] = np.bincount(labels.ravel(), minlength=n)[:n]
-    for i, sl in enumerate(sndi.find_objects(labels, max_label=n - 1), start=1):
-        if sl is not None:
-            ys, xs = sl
-            stats[i, :4] = (xs.start, ys.start, xs.stop - xs.start, ys.stop - ys.start)
-    return stats
+
+def _scatter(xp, op: str, target, index, value) -> None:
+    """``target[index] = op(target[index], value)`` with repeated indices (unbuffered)."""
+    if xp is np:
+        (np.minimum if op == "min" else np.maximum).at(target, index, value)
+    else:
+        import cupyx
+
+        (cupyx.scatter_min if op == "min" else cupyx.scatter_max)(target, index, value)
