@@ -87,7 +87,9 @@ class Predictor:
         self.device = pick_device(device)
         self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
         self.batch = (
-            int(batch) if batch is not None else default_batch(self.device, self.gpu_pipeline)
+            int(batch)
+            if batch is not None
+            else default_batch(self.device, self.gpu_pipeline, self.models)
         )
         self._runtime_args = dict(
             device=self.device,

@@ -4,7 +4,6 @@ GPU tests (marker ``gpu``) skip with the reason unless torch sees a CUDA GPU and
 installed; the CPU tests check the pipeline's selection and errors where no GPU exists.
 """
 
-
 import numpy as np
 import pytest
 
@@ -63,7 +62,31 @@ def test_default_batch_per_device():
 
     assert default_batch("cpu", False) == 2
     assert default_batch("cuda:1", False) == 8
-    assert default_batch("cuda:0", True) == 32
+    assert default_batch("cuda:0", True) == 64
+
+
+class _EngineUpTo:
+    """A model whose TensorRT engine fits batches up to ``hi`` (None: no engine). A stand-in:
+    no machine here can run a TensorRT engine on its GPU (TensorRT-RTX does not run on Hopper,
+    the full TensorRT is not installable), so the real fit check cannot say yes."""
+
+    def __init__(self, hi):
+        self.hi = hi
+
+    def resolve_backend(self, device, batch_size=None):
+        if self.hi is None or (batch_size is not None and batch_size > self.hi):
+            return "torch", "no engine fits"
+        return "tensorrt", "fits"
+
+
+@pytest.mark.parametrize(
+    ("engines", "want"),
+    [((None,), 64), ((128,), 64), ((32,), 32), ((48,), 32), ((None, 16), 16), ((1,), 1)],
+)
+def test_default_gpu_batch_keeps_a_fitting_engine(engines, want):
+    from trtwsi.runtime.select import default_batch
+
+    assert default_batch("cuda:0", True, [_EngineUpTo(h) for h in engines]) == want
 
 
 def test_gpu_pipeline_on_cpu_is_a_clear_error():

@@ -219,7 +219,7 @@ def _add_predict_opts(p: argparse.ArgumentParser) -> None:
         "--batch",
         type=int,
         default=None,
-        help="tiles per batch (default: 32 on the GPU pipeline, 2 on the CPU, 8 for torch on CUDA without CuPy)",
+        help="tiles per batch (default: 64 on the GPU pipeline, or the largest a fitting TensorRT engine takes; 2 on the CPU; 8 for torch on CUDA without CuPy)",
     )
     p.add_argument("--workers", type=int, default=None, help="reader threads (default: CPU count)")
     p.add_argument(

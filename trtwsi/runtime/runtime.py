@@ -171,7 +171,9 @@ class Runtime:
             )
         self._decode = decode
         self.batch = (
-            int(batch) if batch is not None else default_batch(self.device, self.gpu_pipeline)
+            int(batch)
+            if batch is not None
+            else default_batch(self.device, self.gpu_pipeline, self.models)
         )
         if threads is not None:
             if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

@@ -5,17 +5,53 @@ from __future__ import annotations
 
 from trtwsi.errors import DeviceError, UsageError
 
-__all__ = ["default_batch", "device_index", "gpu_tissue_probe", "pick_device", "pick_pipeline"]
+__all__ = [
+    "GPU_BATCH",
+    "default_batch",
+    "device_index",
+    "gpu_tissue_probe",
+    "pick_device",
+    "pick_pipeline",
+]
 
 
-def default_batch(device: str, gpu_pipeline: bool) -> int:
-    """Tiles per forward when none is given: 32 on the GPU pipeline, 8 for torch on CUDA without
-    it, 2 on the CPU. On the CPU a larger batch costs more CPU per tile (larger temporaries, worse
-    cache use): ``bench/bench_cpu.py`` on 2 AMD EPYC cores gave 5.5 / 5.1 / 5.1 tiles/s at batch
-    1 / 2 / 8 with 1 thread and 7.9 / 8.7 / 7.3 with 2 (``bench/results/cpu-amd-epyc-2c.json``)."""
-    if gpu_pipeline:
-        return 32
-    return 8 if device.startswith("cuda") else 2
+#: Tiles per forward on the GPU pipeline when none is given. On the H100 (16 host cores) batch
+#: 64 ran the 1 Gpx synthetic slide in 0.519 s vs 0.561 s at 32 and the 4 Gpx one in 1.51-1.53 s
+#: vs 1.55 s (1.28-1.38 s vs 1.39-1.42 s in a warm runtime), with half the host launch time;
+#: 128 was slower (1.69 s); in memory 32 and 64 were equal (``bench/results/pipeline-*.json``).
+GPU_BATCH = 64
+
+
+def default_batch(device: str, gpu_pipeline: bool, models=()) -> int:
+    """Tiles per forward when none is given: :data:`GPU_BATCH` on the GPU pipeline, 8 for torch
+    on CUDA without it, 2 on the CPU. On the CPU a larger batch costs more CPU per tile (larger
+    temporaries, worse cache use): ``bench/bench_cpu.py`` on 2 AMD EPYC cores gave 5.5 / 5.1 /
+    5.1 tiles/s at batch 1 / 2 / 8 with 1 thread and 7.9 / 8.7 / 7.3 with 2
+    (``bench/results/cpu-amd-epyc-2c.json``).
+
+    On the GPU pipeline, a model of ``models`` (:class:`~trtwsi.engines.model.Model`) whose
+    TensorRT engines fit ``device`` only at smaller batches (an engine built for batches up to
+    32, ``export.build``'s default) lowers the batch to the largest power of two they accept,
+    so the default never leaves a fitting engine unused."""
+    if not gpu_pipeline:
+        return 8 if device.startswith("cuda") else 2
+    batch = GPU_BATCH
+    for m in models:
+        if _runs_engine(m, device, batch) or not _runs_engine(m, device, None):
+            continue
+        while batch > 1 and not _runs_engine(m, device, batch):
+            batch //= 2
+    return batch
+
+
+def _runs_engine(model, device: str, batch: int | None) -> bool:
+    """Whether ``model`` would run a TensorRT engine on ``device`` at ``batch`` (None: any)."""
+    from trtwsi.errors import BackendError
+
+    try:
+        return model.resolve_backend(device, batch)[0] == "tensorrt"
+    except BackendError:
+        return False
 
 
 def gpu_tissue_probe(index: int):
