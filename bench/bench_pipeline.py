@@ -9,7 +9,7 @@ the path) holding the device, every number below, and the goals from the issue:
 
 - ``ceiling``: the model alone — the demo YOLO11n forward, fp16, channels_last, replayed as a
   CUDA graph on a static input (what :class:`trtwsi.engines.torch.TorchEngine` runs), timed with
-  CUDA events, at the pipeline's batch ``BATCH`` (``$TRTWSI_BENCH_BATCH``, default 32) and at
+  CUDA events, at the pipeline's batch ``BATCH`` (``$TRTWSI_BENCH_BATCH``, default the runtime's, 64) and at
   ``$TRTWSI_BENCH_CEILING_BATCHES`` (default 32,64,128): tiles/s of the best
   (``ceiling_by_batch`` holds each).
 - ``e2e_memory``: ``Predictor(...).run(region=whole image)`` on an in-memory synthetic image
@@ -18,7 +18,8 @@ the path) holding the device, every number below, and the goals from the issue:
 - ``ultralytics``: ``YOLO.predict(list_of_tiles, batch=BATCH, half=True)`` on ``N_ULTRA`` tiles
   of the same image: tiles/s, and trtwsi's speedup over it (goal >= 8x).
 - ``slides``: synthetic JPEG pyramidal TIFFs of 0.25, 1 and 4 gigapixels (``$TRTWSI_BENCH_SIZES``
-  to change), each run in a fresh subprocess: seconds, tissue gigapixels/s (goals >= 0.8 at
+  to change), each run in a fresh subprocess (then ``again`` in the same, warm runtime, as a
+  slide of a stream runs; ``$TRTWSI_BENCH_SWITCH_INTERVAL`` sets the GIL switch interval): seconds, tissue gigapixels/s (goals >= 0.8 at
   1 Gpx and >= 1.0 at 4 Gpx on the 16-core host), slide gigapixels/s, per-stage seconds, peak host RSS and peak device memory
   (should stay flat as the slide grows).
 """
@@ -44,9 +45,10 @@ from _machine import host_info  # noqa: E402
 
 from trtwsi._util.resources import bundled_models_dir  # noqa: E402
 from trtwsi.runtime.gpu.device import gpu_unavailable_reason  # noqa: E402
+from trtwsi.runtime.select import GPU_BATCH  # noqa: E402
 
 MODEL = bundled_models_dir() / "demo-yolo11n.pt"
-BATCH = int(os.environ.get("TRTWSI_BENCH_BATCH", "32"))
+BATCH = int(os.environ.get("TRTWSI_BENCH_BATCH", GPU_BATCH))
 MEM_SIDE = int(os.environ.get("TRTWSI_BENCH_MEM_SIDE", 16384))
 N_ULTRA = 256
 #: batches the model-only ceiling is measured at (the best one is the ceiling)
@@ -242,6 +244,9 @@ def _one_slide(path: str) -> dict:
 
     import trtwsi
 
+    switch = os.environ.get("TRTWSI_BENCH_SWITCH_INTERVAL")
+    if switch:  # experiment: the interpreter's GIL hand-over interval (default 5 ms)
+        sys.setswitchinterval(float(switch))
     m = trtwsi.Model(MODEL)
     workers = int(os.environ.get("TRTWSI_BENCH_WORKERS", "0")) or None
     p = trtwsi.Predictor(path, [m], device="cuda", batch=BATCH, workers=workers)
@@ -250,6 +255,10 @@ def _one_slide(path: str) -> dict:
     t = time.perf_counter()
     res = p.run()
     secs = time.perf_counter() - t
+    # the same slide again in the same (now warm) runtime: what each slide of a stream costs
+    t = time.perf_counter()
+    again = p.run()
+    secs_again = time.perf_counter() - t
     tissue = sum(s["area"] for s in res.sections)
     w, h = p.slide.dimensions
     return {
@@ -268,6 +277,14 @@ def _one_slide(path: str) -> dict:
         "decode": res.params.get("decode"),
         "workers": p.runtime.workers,
         "gpu_decoded_tiles": getattr(p.runtime._pipe.lane, "device_tiles", 0),
+        "batch": BATCH,
+        "switch_interval_s": sys.getswitchinterval(),
+        "again": {
+            "seconds": round(secs_again, 3),
+            "tissue_gpx_per_s": round(tissue / secs_again / 1e9, 3),
+            "same_detections": len(again.detections) == len(res.detections),
+            "timings": again.timings,
+        },
     }
 
 
