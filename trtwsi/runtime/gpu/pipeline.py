@@ -411,6 +411,9 @@ class GpuPipeline:
                     sel = rows[owner == ri]
                     if len(sel):
                         run.rows[mi].append(sel)
+            # the batch's uploads (and all recorded before them) are done: count them before
+            # ``returned`` may finish a slide and round its timings
+            drain_h2d()
             tracker.returned(b)
             if self.bar is not None:
                 self.bar.update(b.n)
@@ -475,7 +478,14 @@ class GpuPipeline:
             for run, frac in pb.share().items():
                 run.timer.add("launch", (time.perf_counter() - t0) * frac)
 
-        h2d_events: list = []  # (run, start event, end event, stage)
+        h2d_events: deque = deque()  # (run, start event, end event, stage), in stream order
+
+        def drain_h2d() -> None:
+            """Add the finished uploads' GPU times to their slides' timers."""
+            while h2d_events and h2d_events[0][2].query():
+                run, e0, e1, stage = h2d_events.popleft()
+                run.timer.add(f"gpu_{stage}", e0.elapsed_time(e1) / 1000)
+
         lane = self.adopt_lane()
         with ThreadPoolExecutor(self.workers, thread_name_prefix="trtwsi-read") as pool:
             # (future, host slot or None for a lane chunk, item) | (None, None, end-of-slide run)
@@ -580,10 +590,7 @@ class GpuPipeline:
                     item.run.pending += 1
                     if builder.full():
                         launch()
-                if self.timing:
-                    while h2d_events and h2d_events[0][2].query():
-                        run, e0, e1, stage = h2d_events.pop(0)
-                        run.timer.add(f"gpu_{stage}", e0.elapsed_time(e1) / 1000)
+                drain_h2d()
             launch()
             while inflight:
                 collect(inflight.popleft())
