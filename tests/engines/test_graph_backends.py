@@ -72,6 +72,32 @@ def test_raw_outputs_match_torch(backend, weights, image):
     eng.close()
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("openvino") is None, reason="pip install 'trtwsi[openvino]'"
+)
+@pytest.mark.parametrize("weights", ["demo-yolo11n.pt", "demo-yolo26n.pt"], ids=["nms", "end2end"])
+def test_openvino_static_shape_pads_and_splits_other_batches(weights, image):
+    """Compiled for batch 2 (``shape_batch``), batches of 1, 2, 3 and 5 (padded, exact, split
+    and padded) give each tile the output the dynamic-batch engine gives it."""
+    import torch
+
+    from trtwsi.engines.openvino import OpenVinoEngine
+
+    m = trtwsi.Model(MODELS / weights)
+    static, dynamic = OpenVinoEngine(m, shape_batch=2), OpenVinoEngine(m)
+    assert static.shape_batch == 2 and dynamic.shape_batch is None
+    corners = ((0, 0), (400, 700), (460, 0), (0, 760), (300, 300))
+    tiles = np.stack([image[y : y + 640, x : x + 640] for y, x in corners])
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    want = dynamic.infer(x)
+    for n in (1, 2, 3, 5):
+        got = static.infer(x[:n])
+        assert got.shape == want[:n].shape
+        assert output_difference(got, want[:n], m.head) <= 1e-3
+    with pytest.raises(ValueError, match="shape_batch"):
+        OpenVinoEngine(m, shape_batch=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_predictor_detections_match_torch(backend, image):
     """The same region through the Predictor with either backend: every box matched at IoU

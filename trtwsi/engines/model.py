@@ -434,6 +434,7 @@ class Model:
         half: bool | None = None,
         batch_size: int | None = None,
         cuda_graph: bool | None = None,
+        shape_batch: int | None = None,
     ) -> Engine:
         """Resolve the backend and build its :class:`~trtwsi.engines.base.Engine`.
 
@@ -444,6 +445,9 @@ class Model:
         command that fixes it. ``cuda_graph``: capture one forward/enqueue as a CUDA graph and
         replay it (needs a fixed ``batch_size`` on CUDA). None: on for the torch backend
         (verified on an H100), off for TensorRT (its capture has not run on a GPU yet).
+        ``shape_batch``: with ``batch_size`` None, the batch the caller will mostly run (the
+        runtime's); OpenVINO compiles that static shape (less memory than a dynamic one) and
+        pads or splits other batches. Other backends ignore it.
         """
         import torch
 
@@ -456,10 +460,11 @@ class Model:
         if kind == "openvino":
             from trtwsi.engines.openvino import OpenVinoEngine
 
+            ov_args = dict(batch_size=batch_size, shape_batch=shape_batch)
             if self.backend == "openvino" or not self.fallback_to_pt:
-                return OpenVinoEngine(self, batch_size=batch_size)
+                return OpenVinoEngine(self, **ov_args)
             try:  # chosen by "auto": PyTorch still runs this model if OpenVINO cannot
-                return OpenVinoEngine(self, batch_size=batch_size)
+                return OpenVinoEngine(self, **ov_args)
             except Exception as e:
                 warnings.warn(
                     f"model {self.name!r}: OpenVINO could not run it ({type(e).__name__}: "

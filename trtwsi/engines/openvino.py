@@ -20,17 +20,34 @@ __all__ = ["OpenVinoEngine"]
 
 class OpenVinoEngine(CpuGraphEngine):
     """The model's float32 graph compiled by OpenVINO for the CPU (arguments:
-    :class:`~trtwsi.engines.cpu_graph.CpuGraphEngine`). A dynamic batch ran as fast as a static
-    one here. Threads are not pinned to cores: the reader threads share them."""
+    :class:`~trtwsi.engines.cpu_graph.CpuGraphEngine`, and ``shape_batch``). Threads are not
+    pinned to cores: the reader threads share them.
+
+    The graph is compiled for a static batch, ``batch_size`` or else ``shape_batch`` (the batch
+    the caller mostly runs): on 2 EPYC cores that took about 40 MB less memory than a dynamic
+    batch, at the same speed. With ``batch_size`` None, other batches still run: a smaller one
+    is padded (with zeros; those outputs are dropped), a larger one split. Without either, the
+    batch stays dynamic.
+    """
 
     backend = "OpenVINO"
     module = "openvino"
     extra = "openvino"
 
+    def __init__(self, model, batch_size=None, threads=None, shape_batch: int | None = None):
+        if shape_batch is not None and (not isinstance(shape_batch, int) or shape_batch <= 0):
+            raise ValueError(f"shape_batch must be a positive int or None, got {shape_batch!r}")
+        #: the compiled static batch, or None (dynamic)
+        self.shape_batch = batch_size if batch_size is not None else shape_batch
+        super().__init__(model, batch_size, threads)
+
     def _load(self, ov, path) -> None:
         core = ov.Core()
+        net = core.read_model(str(path))
+        if self.shape_batch is not None:
+            net.reshape([self.shape_batch, 3, self.imgsz, self.imgsz])
         self.compiled = core.compile_model(
-            core.read_model(str(path)),
+            net,
             "CPU",
             {
                 "INFERENCE_NUM_THREADS": self.threads,
@@ -43,7 +60,19 @@ class OpenVinoEngine(CpuGraphEngine):
         self._output = self.compiled.output(0)
 
     def _run(self, x):
-        return self._request.infer({0: x})[self._output]  # a copy (share_outputs=False)
+        b = self.shape_batch
+        if b is None or len(x) == b:
+            return self._request.infer({0: x})[self._output]  # a copy (share_outputs=False)
+        import numpy as np
+
+        outs = []
+        for i in range(0, len(x), b):
+            part = x[i : i + b]
+            n = len(part)
+            if n < b:
+                part = np.concatenate([part, np.zeros((b - n, *part.shape[1:]), part.dtype)])
+            outs.append(self._request.infer({0: part})[self._output][:n])
+        return np.concatenate(outs)
 
     def close(self) -> None:
         self._request = None

@@ -289,15 +289,19 @@ class Runtime:
 
     def _load(self, m, half: bool, batch_size: int | None):
         if self._cache is None:
-            eng = m.load_engine(self.device, half=half, batch_size=batch_size)
+            eng = m.load_engine(
+                self.device, half=half, batch_size=batch_size, shape_batch=self.batch
+            )
             self._own.append(eng)
             return eng
-        key = (id(m), self.device, half, batch_size)
+        key = (id(m), self.device, half, batch_size, self.batch)
         hit = self._cache.get(key)
         if hit is None or hit[0] is not m:  # (the model is kept: its id cannot be reused)
             hit = self._cache[key] = (
                 m,
-                m.load_engine(self.device, half=half, batch_size=batch_size),
+                m.load_engine(
+                    self.device, half=half, batch_size=batch_size, shape_batch=self.batch
+                ),
             )
         return hit[1]
 
