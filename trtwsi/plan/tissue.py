@@ -358,7 +358,7 @@ def find_sections(
         else:  # where the labels are (the device for "cupy")
             from trtwsi.plan.tissue_nd import group_crop
 
-            crop = group_crop(parts, g, (cx0, cy0, cx1, cy1), pad_t)
+            crop = group_crop(labels, comps, (cx0, cy0, cx1, cy1), pad_t)
         # resample onto the section grid (nearest: mask px centre -> thumbnail px)
         mw, mh = math.ceil((x1 - x0) / ds), math.ceil((y1 - y0) / ds)
         jj = np.floor((x0 + (np.arange(mw) + 0.5) * ds) / dsx).astype(np.int64) - cx0

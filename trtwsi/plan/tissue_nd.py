@@ -52,15 +52,14 @@ class Components(NamedTuple):
     group_of: np.ndarray
 
 
-def group_crop(parts: Components, group: int, box, pad: float) -> np.ndarray:
-    """Host bool mask of merge group ``group`` in the thumbnail crop ``box = (x0, y0, x1, y1)``
+def group_crop(labels, comps: np.ndarray, box, pad: float) -> np.ndarray:
+    """Host bool mask of the components ``comps`` (host label ids: one merge group) of
+    ``labels`` (:attr:`Components.labels`) in the thumbnail crop ``box = (x0, y0, x1, y1)``
     (thumbnail px), grown by ``pad`` thumbnail px (pixels within that exact Euclidean distance
-    of the group), computed in the module of ``parts.labels``."""
-    labels = parts.labels
+    of them), computed in the module of ``labels``."""
     xp, ndi = array_modules("numpy" if isinstance(labels, np.ndarray) else "cupy")
     x0, y0, x1, y1 = box
-    comps = xp.asarray(np.nonzero(parts.group_of == group)[0])
-    crop = xp.isin(labels[y0:y1, x0:x1], comps)
+    crop = xp.isin(labels[y0:y1, x0:x1], xp.asarray(comps))
     if pad > 0:
         crop = ndi.distance_transform_edt(~crop) <= pad
     return _host(crop)
@@ -207,8 +206,9 @@ def component_stats(labels, n: int, xp) -> np.ndarray:
     flat = labels.ravel()
     idx = xp.flatnonzero(flat)
     lab = flat[idx].astype(xp.int64)
-    ys = (idx // w).astype(xp.int32)
-    xs = (idx - (idx // w) * w).astype(xp.int32)
+    row = idx // w
+    ys = row.astype(xp.int32)
+    xs = (idx - row * w).astype(xp.int32)
     lo = xp.full((2, n), max(h, w), dtype=xp.int32)
     hi = xp.full((2, n), -1, dtype=xp.int32)
     for k, v in enumerate((xs, ys)):

@@ -17,7 +17,8 @@ import numpy as np
 
 __all__ = ["CPU_CHUNK_PIXELS", "ReferenceRunner", "prefetch"]
 
-#: Read-level pixels per chunk read on the CPU path (4 × 4 tiles of 640 px at 0.2 overlap).
+#: Read-level pixels per chunk read on the CPU path (3 × 3 tiles of 640 px at 0.2 overlap: a
+#: 1665² read; at most a few chunks are held at once, see ``prefetch``).
 CPU_CHUNK_PIXELS = 1700 * 1700
 
 

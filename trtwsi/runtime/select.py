@@ -3,7 +3,7 @@ the default batch, and the GPU tissue probe (used by the Runtime and the Predict
 
 from __future__ import annotations
 
-from trtwsi.errors import DeviceError, UsageError
+from trtwsi.errors import BackendError, DeviceError, UsageError
 
 __all__ = [
     "GPU_BATCH",
@@ -18,7 +18,8 @@ __all__ = [
 #: Tiles per forward on the GPU pipeline when none is given. On the H100 (16 host cores) batch
 #: 64 ran the 1 Gpx synthetic slide in 0.519 s vs 0.561 s at 32 and the 4 Gpx one in 1.51-1.53 s
 #: vs 1.55 s (1.28-1.38 s vs 1.39-1.42 s in a warm runtime), with half the host launch time;
-#: 128 was slower (1.69 s); in memory 32 and 64 were equal (``bench/results/pipeline-*.json``).
+#: 128 was slower (1.69 s) (``bench/results/slides-nvidia-h100-batch-switch.json``); in memory 32
+#: and 64 were equal (``bench/results/pipeline-nvidia-h100-batch-sweep.json``).
 GPU_BATCH = 64
 
 
@@ -46,8 +47,6 @@ def default_batch(device: str, gpu_pipeline: bool, models=()) -> int:
 
 def _runs_engine(model, device: str, batch: int | None) -> bool:
     """Whether ``model`` would run a TensorRT engine on ``device`` at ``batch`` (None: any)."""
-    from trtwsi.errors import BackendError
-
     try:
         return model.resolve_backend(device, batch)[0] == "tensorrt"
     except BackendError:
