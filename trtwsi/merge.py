@@ -104,6 +104,8 @@ __all__ = [
     "MergeResult",
     "combine_merges",
     "merge_detections",
+    "merge_edges",
+    "merge_over_edges",
     "merge_reference",
     "overlapping_pairs",
     "pair_overlap",
@@ -521,16 +523,53 @@ def merge_detections(
     b, s, c, g, t, threshold = _check_inputs(
         boxes, scores, classes, groups, tiles, method, metric, threshold, box_merge
     )
+    i, j = merge_edges(b, c, g, t, metric=metric, threshold=threshold, class_aware=class_aware)
+    return merge_over_edges(b, s, c, i, j, method=method, box_merge=box_merge)
+
+
+def merge_edges(
+    b: np.ndarray,
+    c: np.ndarray,
+    groups: np.ndarray | None,
+    tiles: np.ndarray | None,
+    *,
+    metric: Metric,
+    threshold: float,
+    class_aware: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The edges :func:`merge_detections` decides over: pairs ``i < j`` (two ``(P,)`` int64)
+    of boxes ``b`` ``(N, 4)`` float64 that may merge (same class if ``class_aware``, same
+    group, different tile) and overlap by more than ``threshold``. Inputs as checked by
+    :func:`merge_detections`. Boxes in different connected components of these edges never
+    affect each other, so a merge can be split along components (see :func:`combine_merges`)."""
+    if b.shape[0] < 2:
+        e = np.empty(0, dtype=np.int64)
+        return e, e.copy()
+    bucket = _buckets(c, groups, class_aware)
+    i, j = overlapping_pairs(b, metric=metric, threshold=threshold, buckets=bucket)
+    if tiles is not None:  # same-tile pairs are no edges: neither suppresses nor absorbs
+        m = tiles[i] != tiles[j]
+        i, j = i[m], j[m]
+    return i, j
+
+
+def merge_over_edges(
+    b: np.ndarray,
+    s: np.ndarray,
+    c: np.ndarray,
+    i: np.ndarray,
+    j: np.ndarray,
+    *,
+    method: Method = DEFAULT_METHOD,
+    box_merge: BoxMerge = "union",
+) -> MergeResult:
+    """The merge of boxes ``b`` ``(N, 4)`` float64, scores ``s`` ``(N,)``, classes ``c``
+    ``(N,)`` over the edges ``i``, ``j`` of :func:`merge_edges` (of exactly these boxes)."""
     n = b.shape[0]
     order = _rank_order(s)
     if n == 0:
         e = np.empty(0, dtype=np.int64)
         return MergeResult(keep=e, boxes=b.copy(), scores=s.copy(), classes=c.copy(), cluster=e)
-    bucket = _buckets(c, g, class_aware)
-    i, j = overlapping_pairs(b, metric=metric, threshold=threshold, buckets=bucket)
-    if t is not None:  # same-tile pairs are no edges: neither suppresses nor absorbs the other
-        m = t[i] != t[j]
-        i, j = i[m], j[m]
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     ri, rj = rank[i], rank[j]

@@ -133,65 +133,66 @@ def test_tracker_hands_slides_on_in_order_when_their_batches_are_back():
     tr.drain()
 
 
-def test_tracker_reports_each_section_when_its_last_tile_is_back():
-    """Two sections, two input sizes, batches that mix sections and slides: a section is
-    reported once, when its last tile (over both sizes) is back; a failed slide never."""
+def test_tracker_reports_each_slides_tiles_of_a_returned_batch():
+    """A batch that mixes slides: each slide hears of exactly its own tiles; a failed slide
+    hears nothing."""
     from types import SimpleNamespace
 
-    plan = SimpleNamespace(
-        targets=[(0, None), (3, None)], grids={640: [[1] * 3, [1] * 2], 320: [[1], []]}
-    )
+    plan = SimpleNamespace()
     a, b = SlideRun(index=0, source=0, plan=plan), SlideRun(index=1, source=1, plan=plan)
-    fired: list = []
-    tr = SlideTracker(lambda r: None, lambda r, sec: fired.append((r.index, sec)))
+    heard: list = []
+    tr = SlideTracker(lambda r: None, lambda r, t: heard.append((r.index, t.tolist())))
 
     def batch(*tiles):
         bb = BatchBuilder(8)
-        for run, sec in tiles:
+        for run, tile in tiles:
             bb.add(run=run, group=0, geometry=(640, 1.0), slot=0, offset=0, stride=1,
-                   origin=(0, 0), section=sec, tile=0)  # fmt: skip
-        return bb.take()
+                   origin=(0, 0), section=0, tile=tile)  # fmt: skip
+        pb = bb.take()
+        tr.launched(pb)
+        return pb
 
-    tr.returned(batch((a, 0), (a, 0), (a, 3), (b, 3)))
-    assert fired == [] and a.section_left == {0: 2, 3: 1}
-    tr.returned(batch((a, 3), (b, 0)))
-    assert fired == [(0, 3)]
+    tr.returned(batch((a, 0), (a, 1), (b, 5), (b, 6)))
+    assert heard == [(0, [0, 1]), (1, [5, 6])]
     b.fail(RuntimeError("read failed"))
-    tr.returned(batch((a, 0), (b, 3)))
-    assert fired == [(0, 3)]  # a's section 0 still has its 320-px tile out; b failed
-    tr.returned(batch((a, 0)))
-    assert fired == [(0, 3), (0, 0)] and a.section_left == {0: 0, 3: 0}
+    tr.returned(batch((a, 2), (b, 7)))
+    assert heard[2:] == [(0, [2])]
 
 
-def test_sections_merged_early_give_the_same_detections():
-    """merge_rows with some sections merged early (as the GPU runtime does while the slide
-    runs) equals one merge of all rows: same boxes, scores, classes, sections, same order."""
-    from concurrent.futures import Future
-
-    from trtwsi.runtime.finish import merge_rows, merge_section
+def test_merge_rows_with_the_seam_merger_gives_the_same_detections():
+    """finish.merge_rows given the SeamMerger that ran beside the slide equals one merge of
+    all rows: same boxes, scores, classes, sections, same order."""
+    from trtwsi.runtime.finish import merge_rows
+    from trtwsi.runtime.seams import SeamMerger
 
     rng = np.random.default_rng(3)
     model = trtwsi.Model(MODEL)
+    from trtwsi.plan.slide_plan import plan_slide
 
-    def rows(n):
-        xy = rng.uniform(0, 3000, (n, 2))
-        wh = rng.uniform(10, 80, (n, 2))
-        r = np.column_stack([xy, xy + wh, rng.integers(0, 5, n) / 4.0, rng.integers(0, 2, n),
-                             rng.integers(0, 3, n), rng.integers(0, 6, n)])  # fmt: skip
-        return r.astype(np.float64)
-
-    per_model = [[rows(int(rng.integers(0, 300))) for _ in range(7)]]
-    for early_secs in ([0], [0, 1, 2], [2]):
-        early = {}
-        for sec in early_secs:
-            f: Future = Future()
-            f.set_result(merge_section(per_model, sec, {}))
-            early[sec] = f
-        got = merge_rows(per_model, [model], {}, early)
-        want = merge_rows(per_model, [model], {})
-        assert len(want) > 100
-        np.testing.assert_array_equal(got.to_numpy(), want.to_numpy())
-        np.testing.assert_array_equal(got.section, want.section)
+    slide = trtwsi.open_slide(np.zeros((3000, 4000, 3), np.uint8))
+    plan = plan_slide(slide, [640], SlideOptions(region=(0, 0, 4000, 3000)))
+    tiles = plan.grids[640][0].tiles
+    per_model: list = [[]]
+    merger = SeamMerger(plan, per_model, {})
+    for k in range(0, len(tiles), 4):
+        out = []
+        for t in range(k, min(k + 4, len(tiles))):
+            x, y, w, h = tiles[t]
+            n = int(rng.integers(0, 40))
+            x1 = rng.uniform(x, x + w - 5, n)
+            y1 = rng.uniform(y, y + h - 5, n)
+            x2 = np.minimum(x1 + rng.uniform(5, 90, n), x + w)
+            y2 = np.minimum(y1 + rng.uniform(5, 90, n), y + h)
+            out.append(np.column_stack([x1, y1, x2, y2, rng.integers(1, 5, n) / 4.0,
+                                        rng.integers(0, 2, n), np.full(n, -1), np.full(n, t)]))  # fmt: skip
+        per_model[0].append(np.concatenate(out))
+        if merger.returned(np.arange(k, min(k + 4, len(tiles)))):
+            merger.drain()
+    got = merge_rows(per_model, [model], {}, merger)
+    want = merge_rows(per_model, [model], {})
+    assert len(want) > 100 and merger._models[0].pieces
+    np.testing.assert_array_equal(got.to_numpy(), want.to_numpy())
+    np.testing.assert_array_equal(got.section, want.section)
 
 
 def test_builder_refuses_mixing_geometries_and_tracker_catches_leftovers():

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from trtwsi.merge import combine_merges, merge_detections
+from trtwsi.merge import merge_detections
 from trtwsi.results import Detections, Results
 
-__all__ = ["describe_model", "finish_slide", "merge_rows", "merge_section"]
+__all__ = ["describe_model", "finish_slide", "merge_rows"]
 
 #: Columns of the per-model rows the runners hand to :func:`finish_slide`.
 ROW_COLUMNS = ("x1", "y1", "x2", "y2", "score", "class", "section", "tile")
@@ -32,26 +32,14 @@ def _merge(d: np.ndarray, merge_opts: dict, groups: bool):
     )
 
 
-def merge_section(per_model: Sequence[Sequence[np.ndarray]], section: int, merge_opts: dict):
-    """The seam merge of one section whose tiles are all back, per model: a list of
-    :class:`~trtwsi.merge.MergeResult` over that section's rows in arrival order (the order
-    they have in the slide's concatenated rows). Safe while other sections' rows arrive."""
-    out = []
-    for rows in per_model:
-        sel = [r[r[:, 6] == section] for r in list(rows) if len(r)]
-        d = np.concatenate(sel) if sel else np.empty((0, 8))
-        out.append(_merge(d, merge_opts, groups=False))
-    return out
-
-
 def merge_rows(
-    per_model: Sequence[Sequence[np.ndarray]], models, merge_opts: dict, early: dict | None = None
+    per_model: Sequence[Sequence[np.ndarray]], models, merge_opts: dict, early=None
 ) -> Detections:
     """Merge duplicates across tile seams, per model; returns Detections.
 
-    ``early``: section → future of :func:`merge_section` for sections merged while the slide
-    ran; the other sections are merged here, and :func:`~trtwsi.merge.combine_merges` makes
-    the same result as one merge of all rows.
+    ``early``: the :class:`~trtwsi.runtime.seams.SeamMerger` that merged the slide's rows
+    while its tiles came back; it gives the same result as one merge of all rows, and
+    whatever it did not merge (or all of it, if it turned itself off) is merged here.
     """
     parts = []
     for mi, rows in enumerate(per_model):
@@ -59,22 +47,9 @@ def merge_rows(
         if not rows:
             continue
         d = np.concatenate(rows)
-        if not early:
+        merged = early.result(mi, len(d)) if early is not None else None
+        if merged is None:
             merged = _merge(d, merge_opts, groups=True)
-        else:
-            sec = d[:, 6].astype(np.int64)
-            pieces = []
-            for s in np.unique(sec).tolist():
-                idx = np.flatnonzero(sec == s)
-                fut = early.get(s)
-                res = fut.result()[mi] if fut is not None else _merge(d[idx], merge_opts, False)
-                if len(res.cluster) != len(idx):
-                    raise RuntimeError(
-                        f"section {s} was merged early over {len(res.cluster)} rows but has "
-                        f"{len(idx)} (pipeline bookkeeping bug)"
-                    )
-                pieces.append((idx, res))
-            merged = combine_merges(len(d), pieces)
         parts.append((mi, merged, d[:, :7]))
     return Detections.from_merged(parts, models=models)
 

@@ -33,8 +33,9 @@ from trtwsi.plan.slide_plan import SlideOptions, plan_slide
 from trtwsi.plan.tissue import TISSUE_THUMBNAIL, find_sections
 from trtwsi.read.processes import process_readable
 from trtwsi.runtime.cpu import ReferenceRunner
-from trtwsi.runtime.finish import describe_model, finish_slide, merge_section
+from trtwsi.runtime.finish import describe_model, finish_slide
 from trtwsi.runtime.gpu.ring import IDLE, SlideRun
+from trtwsi.runtime.seams import SeamMerger
 from trtwsi.runtime.select import (
     default_batch,
     device_index,
@@ -399,8 +400,8 @@ class Runtime:
         imgsizes = [m.imgsz for m in self.models]
         planners = ThreadPoolExecutor(self.planners, thread_name_prefix="trtwsi-plan")
         finisher = ThreadPoolExecutor(1, thread_name_prefix="trtwsi-finish")
-        # seam merges of sections whose tiles are all back, while the slide's other sections
-        # (and the next slides) are on the GPU; the finisher merges only what is left
+        # seam merges of the tiles that are back, while the rest of the slide (and the next
+        # slides) are on the GPU; the finisher merges only what is left
         merger = ThreadPoolExecutor(2, thread_name_prefix="trtwsi-merge")
         done: list[Future] = []  # finisher futures, in slide order
         opened: dict[int, Slide] = {}  # slides this stream opened (closed when finished)
@@ -431,6 +432,8 @@ class Runtime:
                     if sections is None and thumb is not None:
                         sections = find_sections(slide, thumbnail=thumb)
                 run.plan = plan_slide(slide, imgsizes, opts, sections)
+                if self._pipe is not None:
+                    run.seams = SeamMerger(run.plan, run.rows, dict(run.plan.options.merge))
                 run.timer.add("open", t0 - run.t_start)
                 run.timer.add("sections", time.perf_counter() - t0)  # tissue + tile grids
             except Exception as e:
@@ -496,10 +499,10 @@ class Runtime:
                     timings = run.timer.rounded() if self.timing else {}
                     out.results = finish_slide(
                         run.plan, run.rows, self.models, timings=timings,
-                        params=self._params(), model_info=self._model_info, early=run.early,
+                        params=self._params(), model_info=self._model_info, early=run.seams,
                     )  # fmt: skip
-                    if self.timing and run.early:
-                        out.results.timings["merge_early"] = round(run.timer.t["merge_early"], 6)
+                    if self.timing and run.seams is not None:
+                        out.results.timings["merge_early"] = round(run.seams.seconds, 6)
                 except Exception as e:
                     out.error = e
             else:
@@ -515,22 +518,16 @@ class Runtime:
         def hand_on(run: SlideRun) -> None:
             done.append(finisher.submit(finish, run))
 
-        def merge_early(run: SlideRun, section: int):
-            t0 = time.perf_counter()
-            try:
-                return merge_section(run.rows, section, dict(run.plan.options.merge))
-            finally:
-                run.timer.add("merge_early", time.perf_counter() - t0)
-
-        def section_done(run: SlideRun, section: int) -> None:
-            run.early[section] = merger.submit(merge_early, run, section)
+        def tiles_back(run: SlideRun, tiles) -> None:
+            if run.seams is not None and run.seams.returned(tiles):
+                merger.submit(run.seams.drain)
 
         feeder = threading.Thread(target=feed, name="trtwsi-feed", daemon=True)
         feeder.start()
         try:
             if self._pipe is not None:
                 yield from self._drive(
-                    lambda: self._pipe.run(runs(), hand_on, section_done), done, stop
+                    lambda: self._pipe.run(runs(), hand_on, tiles_back), done, stop
                 )
             else:
                 for run in runs():

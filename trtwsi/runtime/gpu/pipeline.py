@@ -346,18 +346,18 @@ class GpuPipeline:
                             yield _Item(run, gi, grid, c, sec, base)
             yield run  # end marker of this slide
 
-    def run(self, runs, on_slide_done, on_section_done=None) -> None:
+    def run(self, runs, on_slide_done, on_tiles=None) -> None:
         """Stream ``runs`` (an iterator of :class:`~trtwsi.runtime.gpu.ring.SlideRun`, each
         with a ``plan`` or an ``error``) through the GPU; calls ``on_slide_done(run)`` (from
         this thread) for each slide once all its detections are back (``run.rows``), in the
-        order the slides came, and ``on_section_done(run, section)`` as soon as all the tiles
-        of one section are back (before its slide is done; must return quickly)."""
+        order the slides came, and ``on_tiles(run, tiles)`` with the slide-wide ids of each
+        batch's tiles of ``run`` once their rows are in ``run.rows`` (must return quickly)."""
         import torch
 
         from trtwsi.ops.reference import letterbox_params
 
         S = self.streams
-        tracker = SlideTracker(on_slide_done, on_section_done)
+        tracker = SlideTracker(on_slide_done, on_tiles)
         ring = ChunkRing(self.device_slots)
         builder = BatchBuilder(self.batch)
         inflight: deque = deque()

@@ -8,8 +8,8 @@
 - :class:`SlideRun` and :class:`SlideTracker`: per-slide state (rows, timer, error) and the
   rule that a slide is finished when all its chunks were taken, none of its tiles waits in a
   partial batch and none of its batches is in flight; finished slides are handed on in the
-  order they came. A section is finished when every tile of it (over all input sizes) is back:
-  ``on_section`` hears of it at once, so its seam merge can run beside the rest of the slide.
+  order they came. ``on_tiles`` hears of every batch's tiles as they come back (their rows
+  are in ``run.rows`` by then), so the seam merge can run beside the rest of the slide.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ __all__ = [
     "PendingBatch",
     "SlideRun",
     "SlideTracker",
-    "section_tiles",
 ]
 
 
@@ -74,10 +73,8 @@ class SlideRun:
     inflight: int = 0
     issued: bool = False
     t_start: float = 0.0
-    #: tiles of each section not back yet (set at the slide's first returned batch)
-    section_left: dict | None = None
-    #: what the runtime attached per finished section (e.g. a future of its early merge)
-    early: dict = field(default_factory=dict)
+    #: what merges the slide's rows while its tiles come back (runtime/seams.py), or None
+    seams: object = None
 
     def fail(self, e: BaseException) -> None:
         if self.error is None:
@@ -164,27 +161,18 @@ class BatchBuilder:
         return pb
 
 
-def section_tiles(plan) -> dict[int, int]:
-    """Tiles per section (``-1``: a region) of a slide plan, over all input sizes."""
-    left: dict[int, int] = {}
-    for grids in plan.grids.values():
-        for (sec, _), g in zip(plan.targets, grids, strict=True):
-            left[sec] = left.get(sec, 0) + len(g)
-    return left
-
-
 class SlideTracker:
-    """Hands finished slides to ``on_done`` in the order they were added, and each finished
-    section (all its tiles back, their rows in ``run.rows``) to ``on_section(run, section)``
-    as soon as it is (from the thread that calls :meth:`returned`)."""
+    """Hands finished slides to ``on_done`` in the order they were added, and the slide-wide
+    ids of each returned batch's tiles to ``on_tiles(run, tiles)`` per slide (from the thread
+    that calls :meth:`returned`, after the batch's rows were added to ``run.rows``)."""
 
     def __init__(
         self,
         on_done: Callable[[SlideRun], None],
-        on_section: Callable[[SlideRun, int], None] | None = None,
+        on_tiles: Callable[[SlideRun, np.ndarray], None] | None = None,
     ):
         self.on_done = on_done
-        self.on_section = on_section
+        self.on_tiles = on_tiles
         self._order: deque[SlideRun] = deque()
 
     def add(self, run: SlideRun) -> None:
@@ -205,18 +193,12 @@ class SlideTracker:
     def returned(self, pb: PendingBatch) -> None:
         for run in pb.runs:
             run.inflight -= 1
-        if self.on_section is not None:
+        if self.on_tiles is not None:
             owner = np.asarray(pb.runs_index, dtype=np.int64)
+            tiles = np.asarray(pb.tiles, dtype=np.int64)
             for ri, run in enumerate(pb.runs):
-                if run.error is not None or run.plan is None:
-                    continue
-                if run.section_left is None:
-                    run.section_left = section_tiles(run.plan)
-                secs, counts = np.unique(np.asarray(pb.sections)[owner == ri], return_counts=True)
-                for sec, k in zip(secs.tolist(), counts.tolist(), strict=True):
-                    run.section_left[sec] -= k
-                    if run.section_left[sec] == 0:
-                        self.on_section(run, sec)
+                if run.error is None and run.plan is not None:
+                    self.on_tiles(run, tiles[owner == ri] if len(pb.runs) > 1 else tiles)
         self._emit()
 
     def _emit(self) -> None:

@@ -1,0 +1,186 @@
+"""The seam merge while tiles come back (runtime/seams.py) equals one merge of all rows."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from trtwsi.merge import merge_detections
+from trtwsi.plan.grid import axis_positions
+from trtwsi.runtime.seams import SeamMerger, tile_neighbours
+
+
+def _grid(x0, y0, w, h, tile, stride, keep):
+    xs = axis_positions(x0, w, tile, stride, 10**9)
+    ys = axis_positions(y0, h, tile, stride, 10**9)
+    t = np.array([(x, y, tile, tile) for y in ys for x in xs], dtype=np.int64)
+    return SimpleNamespace(tiles=t[keep(len(t))])
+
+
+def _plan(rng, tile=640, stride=512):
+    """Two sections (the second with tiles dropped as glass) and a second input size over the
+    first section: three grids, slide-wide tile ids as plan_slide numbers them."""
+    every = lambda n: np.arange(n)  # noqa: E731
+    some = lambda n: np.sort(rng.choice(n, int(n * 0.7), replace=False))  # noqa: E731
+    grids = {
+        tile: [_grid(0, 0, 5000, 3600, tile, stride, every),
+               _grid(6000, 0, 3000, 4000, tile, stride, some)],
+        320: [_grid(0, 0, 2000, 1500, 320, 256, every), _grid(6000, 0, 10, 10, 320, 256, every)],
+    }  # fmt: skip
+    bases, base = {}, 0
+    for size, gs in grids.items():
+        bases[size] = []
+        for g in gs:
+            bases[size].append(base)
+            base += len(g.tiles)
+    return SimpleNamespace(
+        grids=grids, tile_base=bases, targets=[(0, None), (1, None)], n_tiles=base
+    )
+
+
+def _tile_rows(rng, plan, size, objects):
+    """Rows ``(M, 8)`` per slide-wide tile id: each object seen by every tile of ``size`` that
+    overlaps it, clipped to the tile (partial boxes at seams), with a jittered score."""
+    out = {}
+    for sec, (g, base) in enumerate(zip(plan.grids[size], plan.tile_base[size], strict=True)):
+        for k, (x, y, w, h) in enumerate(g.tiles):
+            inside = (objects[:, 2] > x) & (objects[:, 0] < x + w)
+            inside &= (objects[:, 3] > y) & (objects[:, 1] < y + h)
+            o = objects[inside]
+            b = np.column_stack([np.clip(o[:, 0], x, x + w), np.clip(o[:, 1], y, y + h),
+                                 np.clip(o[:, 2], x, x + w), np.clip(o[:, 3], y, y + h)])  # fmt: skip
+            n = len(b)
+            score = np.round(rng.uniform(0.25, 1.0, n), 2)  # ties happen
+            out[base + k] = np.column_stack(
+                [b, score, o[:, 4], np.full(n, sec), np.full(n, base + k)]
+            ).astype(np.float64)
+    return out
+
+
+def _objects(rng, n, extent):
+    xy = rng.uniform(0, extent, (n, 2))
+    wh = rng.uniform(8, 160, (n, 2))
+    return np.column_stack([xy, xy + wh, rng.integers(0, 3, n)])
+
+
+def _feed(merger, rows, per_tile, order, batch, rng, drains):
+    """Append each batch's rows like the pipeline (one array per batch) and report its tiles;
+    drain at random moments."""
+    for k in range(0, len(order), batch):
+        tiles = order[k : k + batch]
+        for mi, model_rows in enumerate(per_tile):
+            got = [model_rows[t] for t in tiles if t in model_rows]
+            rows[mi].append(np.concatenate(got) if got else np.empty((0, 8)))
+        if merger.returned(np.asarray(tiles)) or rng.random() < drains:
+            merger.drain()
+
+
+def _want(rows, opts):
+    d = np.concatenate([r for r in rows if len(r)])
+    return merge_detections(
+        d[:, :4], d[:, 4], d[:, 5].astype(np.int64), groups=d[:, 6].astype(np.int64),
+        tiles=d[:, 7].astype(np.int64), **opts,
+    ), len(d)  # fmt: skip
+
+
+def _same(got, want, weighted=False):
+    for f in ("keep", "cluster", "scores", "classes", "boxes"):
+        if f == "boxes" and weighted:  # weighted means: sums in another order, ≤ 1 ulp apart
+            np.testing.assert_allclose(got.boxes, want.boxes, rtol=1e-14, atol=0)
+        else:
+            np.testing.assert_array_equal(getattr(got, f), getattr(want, f), err_msg=f)
+
+
+OPTIONS = [
+    {},
+    {"method": "greedy", "metric": "ios", "threshold": 0.3},
+    {"method": "greedy", "box_merge": "weighted", "metric": "iou", "threshold": 0.1},
+    {"class_aware": False, "threshold": 0.0},
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("seed", range(4))
+def test_merge_while_tiles_come_back_equals_one_merge(seed, opts):
+    """Two models (one per input size), tiles back in chunk order or shuffled, in batches of
+    several sizes: every field of every model's result equals merge_detections over all rows,
+    and in order, most rows were merged before the last batch."""
+    rng = np.random.default_rng(seed)
+    plan = _plan(rng)
+    objects = _objects(rng, 900, 9000)
+    per_tile = [_tile_rows(rng, plan, 640, objects), _tile_rows(rng, plan, 320, objects)]
+    n = plan.n_tiles
+    order = np.arange(n) if seed % 2 == 0 else rng.permutation(n)
+    rows: list = [[], []]
+    merger = SeamMerger(plan, rows, opts)
+    _feed(merger, rows, per_tile, order[:-8], int(rng.integers(3, 40)), rng, 0.3)
+    merger.drain()
+    early = sum(len(idx) for idx, _ in merger._models[0].pieces)
+    _feed(merger, rows, per_tile, order[-8:], 8, rng, 0.0)
+    for mi in range(2):
+        want, total = _want(rows[mi], opts)
+        got = merger.result(mi, total)
+        assert got is not None and not merger.broken
+        _same(got, want, opts.get("box_merge") == "weighted")
+    if seed % 2 == 0:  # in order, all but the last rows of tiles close early
+        assert early > 0.5 * sum(len(r) for r in rows[0])
+
+
+def test_concurrent_drains_and_result():
+    """The pipeline thread reports batches while two merge threads drain (as the runtime
+    does): the result is still exactly one merge of all rows."""
+    rng = np.random.default_rng(11)
+    plan = _plan(rng)
+    objects = _objects(rng, 1500, 9000)
+    per_tile = [_tile_rows(rng, plan, 640, objects)]
+    rows: list = [[]]
+    merger = SeamMerger(plan, rows, {})
+    threads = []
+    for k in range(0, plan.n_tiles, 5):
+        tiles = np.arange(k, min(k + 5, plan.n_tiles))
+        got = [per_tile[0][t] for t in tiles if t in per_tile[0]]
+        rows[0].append(np.concatenate(got) if got else np.empty((0, 8)))
+        if merger.returned(tiles):
+            threads.append(threading.Thread(target=merger.drain))
+            threads[-1].start()
+    want, total = _want(rows[0], {})
+    got = merger.result(0, total)
+    for t in threads:
+        t.join()
+    _same(got, want)
+
+
+def test_a_box_outside_its_tile_turns_the_early_merge_off():
+    """The early merge relies on boxes lying inside their tiles; a row that does not makes
+    result() say None (the finisher then merges all rows at once)."""
+    rng = np.random.default_rng(5)
+    plan = _plan(rng)
+    rows: list = [[]]
+    merger = SeamMerger(plan, rows, {})
+    x, y, w, _ = plan.grids[640][0].tiles[0]
+    rows[0].append(np.array([[x + w - 10, y, x + w + 40, y + 30, 0.9, 0, 0, 0]], dtype=float))
+    merger.returned(np.array([0]))
+    merger.drain()
+    assert merger.broken and merger.result(0, 1) is None
+
+
+def test_tile_neighbours_are_the_touching_tiles_of_one_grid():
+    rng = np.random.default_rng(0)
+    plan = _plan(rng)
+    extent, ptr, idx = tile_neighbours(plan)
+    grid_of = np.concatenate(
+        [np.full(len(g.tiles), k) for k, g in enumerate(plan.grids[640] + plan.grids[320])]
+    )
+    for t in range(plan.n_tiles):
+        nb = set(idx[ptr[t] : ptr[t + 1]].tolist())
+        a = extent[t]
+        touch = {
+            u for u in range(plan.n_tiles)
+            if grid_of[u] == grid_of[t]
+            and extent[u, 0] <= a[2] + 2 and extent[u, 2] >= a[0] - 2
+            and extent[u, 1] <= a[3] + 2 and extent[u, 3] >= a[1] - 2
+        }  # fmt: skip
+        assert nb == touch, t

@@ -1,0 +1,226 @@
+"""The seam merge of one slide while its tiles come back, so none of it waits for the last batch.
+
+Rows in: per model, the slide's ``(M, 8)`` float64 arrays ``x1 y1 x2 y2 score class section
+tile`` (level-0 px; ``tile``: the slide-wide tile id of :class:`~trtwsi.plan.SlidePlan`), in the
+order the pipeline appends them to ``run.rows``. Out: per model, the
+:class:`~trtwsi.merge.MergeResult` that one :func:`~trtwsi.merge.merge_detections` of all the
+rows (``groups=section``, ``tiles=tile``) gives, identical in every field (the boxes of
+``box_merge="weighted"`` to the last bit of float rounding: their sums run in another order).
+
+Why it is exact. Two boxes affect each other's fate only through a chain of merge edges
+(:func:`~trtwsi.merge.merge_edges`), so a merge splits along the connected components of the
+edge graph (:func:`~trtwsi.merge.combine_merges`). A box lies inside its tile (the decode clips
+to the tile), so it can gain an edge only to a box of a tile that touches its own. A tile is
+*closed* once it and every tile touching it are back; a component all of whose boxes are in
+closed tiles can gain no box, and is merged at once. Every box is checked against its tile
+when it arrives; a box outside it (which the decode never makes) turns the early merge off for
+the slide, and the end merges all rows at once as before.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+
+import numpy as np
+
+from trtwsi.merge import (
+    DEFAULT_METHOD,
+    DEFAULT_METRIC,
+    DEFAULT_THRESHOLD,
+    MergeResult,
+    combine_merges,
+    merge_edges,
+    merge_over_edges,
+    overlapping_pairs,
+)
+
+__all__ = ["SeamMerger", "tile_neighbours"]
+
+#: A box may reach this far (level-0 px) past its tile's edge and still count as inside it
+#: (float rounding of the decode's clip); tiles this close count as touching.
+_SLACK = 1.0
+
+
+def tile_neighbours(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Tiles of ``plan`` and which touch which.
+
+    Returns ``extent`` ``(T, 4)`` float64 ``x1 y1 x2 y2`` level-0 px per slide-wide tile id,
+    and a CSR list ``(ptr (T + 1,), idx)`` int64 of each tile's neighbours *including itself*:
+    the tiles of the same grid whose extents, grown by ``_SLACK`` px, overlap. Tiles of
+    different grids (sections, input sizes) never merge, so they are never neighbours.
+    """
+    n = plan.n_tiles
+    extent = np.zeros((n, 4), dtype=np.float64)
+    src, dst = [np.arange(n, dtype=np.int64)], [np.arange(n, dtype=np.int64)]
+    for size, grids in plan.grids.items():
+        for grid, base in zip(grids, plan.tile_base[size], strict=True):
+            t = np.asarray(grid.tiles, dtype=np.float64).reshape(-1, 4)
+            ext = np.column_stack([t[:, 0], t[:, 1], t[:, 0] + t[:, 2], t[:, 1] + t[:, 3]])
+            extent[base : base + len(t)] = ext
+            grown = ext + np.array([-_SLACK, -_SLACK, _SLACK, _SLACK])
+            i, j = overlapping_pairs(grown, metric="iou", threshold=0.0)
+            src += [i + base, j + base]
+            dst += [j + base, i + base]
+    s, d = np.concatenate(src), np.concatenate(dst)
+    order = np.argsort(s, kind="stable")
+    ptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(s, minlength=n), out=ptr[1:])
+    return extent, ptr, d[order]
+
+
+class _ModelState:
+    """Rows of one model not merged yet (``open``, in arrival order with their global row
+    ``index``) and the merged ``pieces`` ``(global rows, MergeResult)``."""
+
+    def __init__(self):
+        self.taken = 0  # arrays of run.rows[mi] ingested
+        self.n_rows = 0  # rows ingested
+        self.index = np.empty(0, dtype=np.int64)
+        self.open = np.empty((0, 8), dtype=np.float64)
+        self.pieces: list[tuple[np.ndarray, MergeResult]] = []
+
+
+class SeamMerger:
+    """Merges one slide's rows component by component as their tiles close (see the module
+    docstring). The pipeline thread calls :meth:`returned` per batch (cheap), a merge thread
+    :meth:`drain`, the finisher :meth:`result`; all three are safe to call concurrently.
+
+    ``rows``: the run's per-model lists of row arrays (appended to by the pipeline);
+    ``merge_opts``: :class:`~trtwsi.plan.SlideOptions` ``merge`` (method, metric, threshold,
+    class_aware, box_merge).
+    """
+
+    def __init__(self, plan, rows: list, merge_opts: dict):
+        opts = dict(merge_opts)
+        self.method = opts.pop("method", DEFAULT_METHOD)
+        self.metric = opts.pop("metric", DEFAULT_METRIC)
+        self.threshold = float(opts.pop("threshold", DEFAULT_THRESHOLD))
+        self.class_aware = bool(opts.pop("class_aware", True))
+        self.box_merge = opts.pop("box_merge", "union")
+        if opts:
+            raise TypeError(f"unknown merge options {sorted(opts)}")
+        self.rows = rows
+        self.extent, self._ptr, self._idx = tile_neighbours(plan)
+        self._need = np.diff(self._ptr)  # per tile: itself and its neighbours not back yet
+        self._models = [_ModelState() for _ in rows]
+        self._pending: deque = deque()
+        self._lock = threading.Lock()
+        self._scheduled = False
+        #: a box outside its tile was seen: nothing more merges early; :meth:`result` says None
+        self.broken = False
+        #: seconds spent in :meth:`drain`
+        self.seconds = 0.0
+
+    # --- pipeline thread ---------------------------------------------------------------------
+    def returned(self, tiles: np.ndarray) -> bool:
+        """The rows of ``tiles`` (slide-wide ids) are in ``rows`` now. True when the caller
+        should schedule a :meth:`drain` (none is scheduled yet)."""
+        self._pending.append((np.asarray(tiles, dtype=np.int64), [len(r) for r in self.rows]))
+        if self._scheduled:
+            return False
+        self._scheduled = True
+        return True
+
+    # --- merge thread ------------------------------------------------------------------------
+    def drain(self) -> None:
+        """Take in every returned batch so far and merge the components that closed."""
+        t0 = time.perf_counter()
+        with self._lock:
+            self._scheduled = False
+            self._drain_locked()
+        self.seconds += time.perf_counter() - t0
+
+    def _drain_locked(self) -> None:
+        items = []
+        while self._pending:
+            items.append(self._pending.popleft())
+        if not items:
+            return
+        tiles = np.concatenate([t for t, _ in items])
+        starts, stops = self._ptr[tiles], self._ptr[tiles + 1]
+        lengths = stops - starts
+        flat = np.repeat(stops - lengths.cumsum(), lengths) + np.arange(int(lengths.sum()))
+        np.subtract.at(self._need, self._idx[flat], 1)
+        snap = np.max([s for _, s in items], axis=0)
+        for mi, st in enumerate(self._models):
+            self._ingest(st, self.rows[mi][st.taken : int(snap[mi])])
+            st.taken = max(st.taken, int(snap[mi]))
+            if not self.broken:
+                self._close(st)
+
+    def _ingest(self, st: _ModelState, arrays: list) -> None:
+        arrays = [a for a in arrays if len(a)]
+        if not arrays:
+            return
+        new = np.concatenate(arrays)
+        ext = self.extent[new[:, 7].astype(np.int64)]
+        inside = (new[:, :2] >= ext[:, :2] - _SLACK) & (new[:, 2:4] <= ext[:, 2:] + _SLACK)
+        if not inside.all():
+            self.broken = True
+        st.index = np.concatenate([st.index, np.arange(st.n_rows, st.n_rows + len(new))])
+        st.open = np.concatenate([st.open, new])
+        st.n_rows += len(new)
+
+    def _edges(self, d: np.ndarray):
+        return merge_edges(
+            d[:, :4], d[:, 5].astype(np.int64), d[:, 6].astype(np.int64),
+            d[:, 7].astype(np.int64), metric=self.metric, threshold=self.threshold,
+            class_aware=self.class_aware,
+        )  # fmt: skip
+
+    def _merge(self, d: np.ndarray, i: np.ndarray, j: np.ndarray) -> MergeResult:
+        return merge_over_edges(
+            d[:, :4], d[:, 4], d[:, 5].astype(np.int64), i, j,
+            method=self.method, box_merge=self.box_merge,
+        )  # fmt: skip
+
+    def _close(self, st: _ModelState) -> None:
+        """Merge the open rows whose whole component lies in closed tiles."""
+        d = st.open
+        if not len(d):
+            return
+        closed = self._need[d[:, 7].astype(np.int64)] == 0
+        if not closed.any():
+            return
+        i, j = self._edges(d)
+        n = len(d)
+        if i.size:
+            from scipy.sparse import coo_matrix
+            from scipy.sparse.csgraph import connected_components
+
+            graph = coo_matrix((np.ones(i.size, dtype=np.int8), (i, j)), shape=(n, n))
+            n_comp, label = connected_components(graph, directed=False)
+        else:
+            n_comp, label = n, np.arange(n)
+        still_open = np.zeros(n_comp, dtype=bool)
+        still_open[label[~closed]] = True
+        done = ~still_open[label]
+        if not done.any():
+            return
+        sel = np.flatnonzero(done)
+        local = np.full(n, -1, dtype=np.int64)
+        local[sel] = np.arange(sel.size)
+        m = done[i]  # components are closed under edges: both ends are done, or neither
+        st.pieces.append((st.index[sel], self._merge(d[sel], local[i[m]], local[j[m]])))
+        st.index, st.open = st.index[~done], d[~done]
+
+    # --- finisher ----------------------------------------------------------------------------
+    def result(self, mi: int, n_rows: int) -> MergeResult | None:
+        """The merge of model ``mi``'s ``n_rows`` rows (every row of the slide: call it once
+        the slide is finished), or None when the early merge was turned off (then merge the
+        rows at once)."""
+        with self._lock:
+            self._drain_locked()
+            st = self._models[mi]
+            self._ingest(st, self.rows[mi][st.taken :])
+            st.taken = len(self.rows[mi])
+            if self.broken or st.n_rows != n_rows:
+                return None
+            if len(st.open):  # what is left: whole components, whatever the tiles say
+                d = st.open
+                i, j = self._edges(d)
+                st.pieces.append((st.index, self._merge(d, i, j)))
+                st.index, st.open = st.index[:0], d[:0]
+            return combine_merges(n_rows, st.pieces)
