@@ -15,6 +15,9 @@ the path) holding the device, every number below, and the goals from the issue:
 - ``e2e_memory``: ``Predictor(...).run(region=whole image)`` on an in-memory synthetic image
   (``ArraySlide``, no decode cost) of ``MEM_SIDE``² px, same model and batch: tiles/s and its
   ratio to the ceiling (goal >= 0.9), and to the model alone at ``BATCH``.
+- ``e2e_memory_stream``: ``$TRTWSI_BENCH_STREAM_IMAGES`` (4) copies of that image streamed
+  through one warm :class:`~trtwsi.runtime.Runtime`: the steady tiles/s of a batch of slides,
+  whose fills and last merges overlap the neighbouring images' GPU work.
 - ``ultralytics``: ``YOLO.predict(list_of_tiles, batch=BATCH, half=True)`` on ``N_ULTRA`` tiles
   of the same image: tiles/s, and trtwsi's speedup over it (goal >= 8x).
 - ``slides``: synthetic JPEG pyramidal TIFFs of 0.25, 1 and 4 gigapixels (``$TRTWSI_BENCH_SIZES``
@@ -51,6 +54,8 @@ MODEL = bundled_models_dir() / "demo-yolo11n.pt"
 BATCH = int(os.environ.get("TRTWSI_BENCH_BATCH", GPU_BATCH))
 MEM_SIDE = int(os.environ.get("TRTWSI_BENCH_MEM_SIDE", 16384))
 N_ULTRA = 256
+#: in-memory images streamed through one runtime by test_e2e_memory_stream
+STREAM_IMAGES = int(os.environ.get("TRTWSI_BENCH_STREAM_IMAGES", 4))
 #: batches the model-only ceiling is measured at (the best one is the ceiling)
 CEILING_BATCHES = [
     int(v) for v in os.environ.get("TRTWSI_BENCH_CEILING_BATCHES", "32,64,128").split(",")
@@ -196,6 +201,46 @@ def test_e2e_memory(benchmark, image):
         same = RESULTS["ceiling_by_batch"].get(str(BATCH))
         if same:  # against the model alone at the pipeline's own batch
             RESULTS["e2e_memory"]["over_same_batch_ceiling"] = round(tps / same, 3)
+
+
+def test_e2e_memory_stream(benchmark, image):
+    """``STREAM_IMAGES`` copies of the in-memory image streamed through one warm Runtime (how
+    a batch of slides runs): the runtime's steady tiles/s, where each image's pipeline fill
+    and last merge overlap its neighbours' GPU work."""
+    import torch
+
+    import trtwsi
+    from trtwsi.plan.slide_plan import SlideOptions
+    from trtwsi.runtime import Runtime
+
+    H, W = image.shape[:2]
+    opts = SlideOptions(region=(0, 0, W, H), overlap=0.2)
+    with Runtime([trtwsi.Model(MODEL)], device="cuda", batch=BATCH) as rt:
+        list(rt.stream([image], opts))  # warm-up
+        outs = {}
+
+        def run():
+            torch.cuda.synchronize()
+            outs["o"] = list(rt.stream([image] * STREAM_IMAGES, opts))
+
+        benchmark.pedantic(run, rounds=3, warmup_rounds=0)
+    best = min(benchmark.stats.stats.data)
+    res = [o.results for o in outs["o"]]
+    tiles = sum(r.n_tiles for r in res)
+    tps = tiles / best
+    RESULTS["e2e_memory_stream"] = {
+        "images": STREAM_IMAGES,
+        "image_px": [W, H],
+        "tiles": tiles,
+        "seconds": round(best, 4),
+        "tiles_per_s": round(tps, 1),
+        "same_detections": all(len(r.detections) == len(res[0].detections) for r in res),
+        "timings_last_image": res[-1].timings,
+    }
+    if "ceiling" in RESULTS:
+        RESULTS["e2e_memory_stream"]["over_ceiling"] = round(
+            tps / RESULTS["ceiling"]["tiles_per_s"], 3
+        )
 
 
 def test_ultralytics(benchmark, image):
