@@ -184,3 +184,27 @@ def test_tile_neighbours_are_the_touching_tiles_of_one_grid():
             and extent[u, 1] <= a[3] + 2 and extent[u, 3] >= a[1] - 2
         }  # fmt: skip
         assert nb == touch, t
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_components_equal_scipys(seed):
+    """Random graphs (chains, stars, isolated nodes, repeated edges): the same partition as
+    scipy.sparse.csgraph.connected_components, each labelled by its smallest node."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from trtwsi.runtime.seams import components
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 400))
+    e = int(rng.integers(0, 2 * n))
+    i, j = rng.integers(0, n, e), rng.integers(0, n, e)
+    if seed == 0:  # one long chain in a shuffled order: the worst case for hooking
+        perm = rng.permutation(n)
+        i, j = perm[:-1], perm[1:]
+    got = components(n, i.astype(np.int64), j.astype(np.int64))
+    _, want = connected_components(coo_matrix((np.ones(len(i)), (i, j)), shape=(n, n)))
+    first = {}
+    for node, lab in enumerate(want):
+        first.setdefault(lab, node)
+    np.testing.assert_array_equal(got, [first[lab] for lab in want])

@@ -36,7 +36,7 @@ from trtwsi.merge import (
     overlapping_pairs,
 )
 
-__all__ = ["SeamMerger", "tile_neighbours"]
+__all__ = ["SeamMerger", "components", "tile_neighbours"]
 
 #: A box may reach this far (level-0 px) past its tile's edge and still count as inside it
 #: (float rounding of the decode's clip); tiles this close count as touching.
@@ -68,6 +68,28 @@ def tile_neighbours(plan) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.bincount(s, minlength=n), out=ptr[1:])
     return extent, ptr, d[order]
+
+
+def components(n: int, i: np.ndarray, j: np.ndarray) -> np.ndarray:
+    """Connected components of the graph of ``n`` nodes and edges ``(i, j)`` (int64): per
+    node ``(n,)`` int64, the smallest node of its component. Hooks roots onto smaller roots
+    across edges and compresses paths until every edge lies inside one component (a few
+    rounds for the short chains of duplicate boxes; SciPy's csgraph costs 0.25 s to import,
+    in the middle of the first slide)."""
+    label = np.arange(n, dtype=np.int64)
+    while i.size:
+        li, lj = label[i], label[j]
+        cross = li != lj
+        if not cross.any():
+            break
+        i, j, li, lj = i[cross], j[cross], li[cross], lj[cross]
+        np.minimum.at(label, np.maximum(li, lj), np.minimum(li, lj))  # roots hook downwards
+        while True:
+            up = label[label]
+            if np.array_equal(up, label):
+                break
+            label = up
+    return label
 
 
 class _ModelState:
@@ -186,15 +208,8 @@ class SeamMerger:
             return
         i, j = self._edges(d)
         n = len(d)
-        if i.size:
-            from scipy.sparse import coo_matrix
-            from scipy.sparse.csgraph import connected_components
-
-            graph = coo_matrix((np.ones(i.size, dtype=np.int8), (i, j)), shape=(n, n))
-            n_comp, label = connected_components(graph, directed=False)
-        else:
-            n_comp, label = n, np.arange(n)
-        still_open = np.zeros(n_comp, dtype=bool)
+        label = components(n, i, j)
+        still_open = np.zeros(n, dtype=bool)
         still_open[label[~closed]] = True
         done = ~still_open[label]
         if not done.any():
