@@ -173,7 +173,7 @@ def test_merge_rows_with_the_seam_merger_gives_the_same_detections():
     plan = plan_slide(slide, [640], SlideOptions(region=(0, 0, 4000, 3000)))
     tiles = plan.grids[640][0].tiles
     per_model: list = [[]]
-    merger = SeamMerger(plan, per_model, {})
+    merger = SeamMerger(plan, per_model, {}, every=8)
     for k in range(0, len(tiles), 4):
         out = []
         for t in range(k, min(k + 4, len(tiles))):

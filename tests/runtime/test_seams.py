@@ -115,7 +115,7 @@ def test_merge_while_tiles_come_back_equals_one_merge(seed, opts):
     n = plan.n_tiles
     order = np.arange(n) if seed % 2 == 0 else rng.permutation(n)
     rows: list = [[], []]
-    merger = SeamMerger(plan, rows, opts)
+    merger = SeamMerger(plan, rows, opts, every=int(rng.integers(1, 60)))
     _feed(merger, rows, per_tile, order[:-8], int(rng.integers(3, 40)), rng, 0.3)
     merger.drain()
     early = sum(len(idx) for idx, _ in merger._models[0].pieces)
@@ -137,7 +137,7 @@ def test_concurrent_drains_and_result():
     objects = _objects(rng, 1500, 9000)
     per_tile = [_tile_rows(rng, plan, 640, objects)]
     rows: list = [[]]
-    merger = SeamMerger(plan, rows, {})
+    merger = SeamMerger(plan, rows, {}, every=1)
     threads = []
     for k in range(0, plan.n_tiles, 5):
         tiles = np.arange(k, min(k + 5, plan.n_tiles))
@@ -208,3 +208,16 @@ def test_components_equal_scipys(seed):
     for node, lab in enumerate(want):
         first.setdefault(lab, node)
     np.testing.assert_array_equal(got, [first[lab] for lab in want])
+
+
+def test_drains_are_asked_for_every_eighth_of_the_slide():
+    """returned() asks for a drain once ``every`` tiles came back since the last one (an
+    eighth of the slide by default, at least 256 tiles), and not while one is scheduled."""
+    rng = np.random.default_rng(2)
+    plan = _plan(rng)
+    assert SeamMerger(plan, [[]], {}).every == max(256, plan.n_tiles // 8)
+    merger = SeamMerger(plan, [[]], {}, every=10)
+    asks = [merger.returned(np.arange(k, k + 4)) for k in range(0, 40, 4)]
+    assert asks == [False, False, True, False, False, False, False, False, False, False]
+    merger.drain()  # clears "scheduled"; 28 tiles came back meanwhile
+    assert merger.returned(np.arange(40, 44))

@@ -111,10 +111,10 @@ class SeamMerger:
 
     ``rows``: the run's per-model lists of row arrays (appended to by the pipeline);
     ``merge_opts``: :class:`~trtwsi.plan.SlideOptions` ``merge`` (method, metric, threshold,
-    class_aware, box_merge).
+    class_aware, box_merge). ``every``: see :attr:`every`.
     """
 
-    def __init__(self, plan, rows: list, merge_opts: dict):
+    def __init__(self, plan, rows: list, merge_opts: dict, every: int | None = None):
         opts = dict(merge_opts)
         self.method = opts.pop("method", DEFAULT_METHOD)
         self.metric = opts.pop("metric", DEFAULT_METRIC)
@@ -130,6 +130,9 @@ class SeamMerger:
         self._pending: deque = deque()
         self._lock = threading.Lock()
         self._scheduled = False
+        self._since = 0  # tiles back since the last drain was scheduled
+        #: tiles back between drains (default: an eighth of the slide, at least 256)
+        self.every = max(256, plan.n_tiles // 8) if every is None else max(1, int(every))
         #: a box outside its tile was seen: nothing more merges early; :meth:`result` says None
         self.broken = False
         #: seconds spent in :meth:`drain`
@@ -138,11 +141,15 @@ class SeamMerger:
     # --- pipeline thread ---------------------------------------------------------------------
     def returned(self, tiles: np.ndarray) -> bool:
         """The rows of ``tiles`` (slide-wide ids) are in ``rows`` now. True when the caller
-        should schedule a :meth:`drain` (none is scheduled yet)."""
-        self._pending.append((np.asarray(tiles, dtype=np.int64), [len(r) for r in self.rows]))
-        if self._scheduled:
+        should schedule a :meth:`drain`: none is scheduled and ``every`` tiles came back
+        since the last one was (fewer, larger drains: each one recomputes the edges of the
+        rows still open, and its Python holds the pipeline thread's GIL)."""
+        tiles = np.asarray(tiles, dtype=np.int64)
+        self._pending.append((tiles, [len(r) for r in self.rows]))
+        self._since += len(tiles)
+        if self._scheduled or self._since < self.every:
             return False
-        self._scheduled = True
+        self._scheduled, self._since = True, 0
         return True
 
     # --- merge thread ------------------------------------------------------------------------
