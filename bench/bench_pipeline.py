@@ -22,7 +22,9 @@ the path) holding the device, every number below, and the goals from the issue:
   of the same image: tiles/s, and trtwsi's speedup over it (goal >= 8x).
 - ``slides``: synthetic JPEG pyramidal TIFFs of 0.25, 1 and 4 gigapixels (``$TRTWSI_BENCH_SIZES``
   to change), each run in a fresh subprocess (then ``again`` in the same, warm runtime, as a
-  slide of a stream runs; ``$TRTWSI_BENCH_SWITCH_INTERVAL`` sets the GIL switch interval): seconds, tissue gigapixels/s (goals >= 0.8 at
+  slide of a stream runs; ``$TRTWSI_BENCH_SWITCH_INTERVAL`` sets the GIL switch interval,
+  ``$TRTWSI_BENCH_SEAM_EVERY`` the tiles between seam-merge drains, ``never``: all at the
+  slide's end): seconds, tissue gigapixels/s (goals >= 0.8 at
   1 Gpx and >= 1.0 at 4 Gpx on the 16-core host), slide gigapixels/s, per-stage seconds, peak host RSS and peak device memory
   (should stay flat as the slide grows).
 """
@@ -293,6 +295,14 @@ def _one_slide(path: str) -> dict:
     switch = os.environ.get("TRTWSI_BENCH_SWITCH_INTERVAL")
     if switch:  # experiment: the interpreter's GIL hand-over interval (default 5 ms)
         sys.setswitchinterval(float(switch))
+    every = os.environ.get("TRTWSI_BENCH_SEAM_EVERY")
+    if every:  # experiment: tiles between seam-merge drains ("never": all at the slide's end)
+        import functools
+
+        from trtwsi.runtime import seams
+
+        n = 2**62 if every == "never" else int(every)
+        seams.SeamMerger.__init__ = functools.partialmethod(seams.SeamMerger.__init__, every=n)
     m = trtwsi.Model(MODEL)
     workers = int(os.environ.get("TRTWSI_BENCH_WORKERS", "0")) or None
     p = trtwsi.Predictor(path, [m], device="cuda", batch=BATCH, workers=workers)
@@ -325,6 +335,7 @@ def _one_slide(path: str) -> dict:
         "gpu_decoded_tiles": getattr(p.runtime._pipe.lane, "device_tiles", 0),
         "batch": BATCH,
         "switch_interval_s": sys.getswitchinterval(),
+        "seam_every": every or "default",
         "again": {
             "seconds": round(secs_again, 3),
             "tissue_gpx_per_s": round(tissue / secs_again / 1e9, 3),
