@@ -107,3 +107,23 @@ def test_from_file_rejects_non_image(tmp_path):
     path.write_bytes(b"not a png")
     with pytest.raises(UnsupportedFormatError, match=r"fake\.png"):
         ArraySlide.from_file(path)
+
+
+def test_pyramid_levels_are_made_on_first_read_the_same_as_before(big):
+    """Opening makes no level (a region run over level 0 never pays for them); the first read
+    of a level makes it and the ones above it, equal to area-averaging 4x level by level, once
+    even when 8 threads read at the same time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = ArraySlide(big)
+    assert len(s.levels) == 3 and s._images[1] is None and s._images[2] is None
+    s.read_region(0, 0, 64, 64)
+    assert s._images[1] is None
+    l1 = cv2.resize(big, (s.levels[1].width, s.levels[1].height), interpolation=cv2.INTER_AREA)
+    l2 = cv2.resize(l1, (s.levels[2].width, s.levels[2].height), interpolation=cv2.INTER_AREA)
+    lv = s.levels[2]
+    with ThreadPoolExecutor(8) as ex:
+        outs = list(ex.map(lambda _: s.read_region(0, 0, lv.width, lv.height, level=2), range(8)))
+    for o in outs:
+        np.testing.assert_array_equal(o, l2)
+    np.testing.assert_array_equal(s._images[1], l1)

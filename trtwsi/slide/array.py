@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,8 @@ class ArraySlide(Slide):
     """A slide held in memory as one RGB uint8 ``(H, W, 3)`` array, with a computed pyramid.
 
     Levels: downsamples 1, 4, 16, … (area-averaged) until the longer side is < 1024 px, so
-    ``thumbnail`` and tissue detection stay cheap on large arrays.
+    ``thumbnail`` and tissue detection stay cheap on large arrays; each is made on its first
+    read, so opening costs nothing and reading only level 0 never makes them.
     """
 
     def __init__(
@@ -53,17 +55,15 @@ class ArraySlide(Slide):
         img = to_rgb_uint8(image)
         if img.shape[0] == 0 or img.shape[1] == 0:
             raise CorruptSlideError(f"image has an empty dimension: shape {img.shape}")
-        self._images = [np.ascontiguousarray(img)]
+        self._images: list[np.ndarray | None] = [np.ascontiguousarray(img)]
+        self._build = threading.RLock()  # a level builds the one above it first
         self.levels = [Level(img.shape[1], img.shape[0], 1.0)]
-        while max(self._images[-1].shape[:2]) >= 1024:
-            import cv2
-
-            prev = self._images[-1]
-            nh, nw = max(1, prev.shape[0] // 4), max(1, prev.shape[1] // 4)
-            small = cv2.resize(prev, (nw, nh), interpolation=cv2.INTER_AREA)
-            self._images.append(small)
+        h, w = img.shape[:2]
+        while max(h, w) >= 1024:
+            h, w = max(1, h // 4), max(1, w // 4)
             lv0 = self.levels[0]
-            self.levels.append(Level(nw, nh, level_downsample(lv0.width, lv0.height, nw, nh)))
+            self.levels.append(Level(w, h, level_downsample(lv0.width, lv0.height, w, h)))
+            self._images.append(None)  # built on first read (0.57 s for 16384² at open)
         self.mpp = mpp
         self.path = path
         self.format = format
@@ -107,4 +107,21 @@ class ArraySlide(Slide):
         )
 
     def _read_level(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:
-        out[...] = self._images[level][y : y + h, x : x + w]
+        out[...] = self._level_image(level)[y : y + h, x : x + w]
+
+    def _level_image(self, level: int) -> np.ndarray:
+        """Level ``level``'s pixels: the previous level area-averaged 4×, made on first use
+        (reads of level 0 alone, e.g. a region run, never pay for the pyramid)."""
+        img = self._images[level]
+        if img is not None:
+            return img
+        with self._build:
+            if self._images[level] is None:
+                import cv2
+
+                prev = self._level_image(level - 1) if level > 1 else self._images[0]
+                lv = self.levels[level]
+                self._images[level] = cv2.resize(
+                    prev, (lv.width, lv.height), interpolation=cv2.INTER_AREA
+                )
+            return self._images[level]
