@@ -159,7 +159,7 @@ class SeamMerger:
         with self._lock:
             self._scheduled = False
             self._drain_locked()
-        self.seconds += time.perf_counter() - t0
+            self.seconds += time.perf_counter() - t0  # waits for the lock included
 
     def _drain_locked(self) -> None:
         items = []
