@@ -12,6 +12,7 @@ method × metric × threshold on simulated tiled layouts (trtwsi.synthetic.tiled
 The merge is given each report's tile (``tiles=sim.tile_index``: same-tile boxes are never
 compared, issue 10); ``--all-pairs`` measures the old rule (every pair compared) into the
 ``defaults_table_all_pairs`` section instead, ``--seed N`` (N > 0) into ``..._seedN``.
+``--seams`` measures only the CPU cost of merging while tiles come back (:func:`seam_costs`).
 """
 
 from __future__ import annotations
@@ -170,6 +171,74 @@ def time_merge(maker, n: int, repeat: int = 3, **kw) -> dict:
     return {"n_boxes": int(s.size), "n_kept": len(r), "seconds": best, "tiles": t is not None, **kw}
 
 
+def seam_costs(sections: int = 3, side: int = 18000, objects: int = 36000, batch: int = 64):
+    """CPU cost of merging a slide while its tiles come back (``runtime/seams.py``) against
+    merging all at the end: ``sections`` square sections of ``side`` level-0 px tiled 640 px
+    with 0.2 overlap, tiles in the GPU pipeline's order (7 × 7 chunks, row-major), ``objects``
+    boxes of 15–45 px per section, each reported (clipped) by every tile it touches, batches of
+    ``batch`` tiles. Rows per drain interval: total drain seconds, the merge left after the
+    last batch (``tail_s``), and the per-section merges the runtime did before."""
+    from types import SimpleNamespace
+
+    from trtwsi.plan.grid import axis_positions
+    from trtwsi.runtime.seams import SeamMerger
+
+    rng = np.random.default_rng(0)
+    grids, bases, base = [], [], 0
+    for k in range(sections):
+        xs = axis_positions(k * (side + 2000), side, TILE, 512, 10**9)
+        ys = axis_positions(0, side, TILE, 512, 10**9)
+        t = [(x, y, TILE, TILE) for by in range(0, len(ys), 7) for bx in range(0, len(xs), 7)
+             for y in ys[by : by + 7] for x in xs[bx : bx + 7]]  # fmt: skip
+        grids.append(SimpleNamespace(tiles=np.array(t, np.int64)))
+        bases.append(base)
+        base += len(t)
+    plan = SimpleNamespace(grids={TILE: grids}, tile_base={TILE: bases}, n_tiles=base)
+    per = {}
+    for sec, (g, b) in enumerate(zip(grids, bases, strict=True)):
+        xy = rng.uniform(0, side, (objects, 2)) + g.tiles[:, :2].min(0)
+        o = np.column_stack([xy, xy + rng.uniform(15, 45, (objects, 2)), rng.integers(0, 2, objects)])
+        for k, (x, y, w, h) in enumerate(g.tiles):
+            oo = o[(o[:, 2] > x) & (o[:, 0] < x + w) & (o[:, 3] > y) & (o[:, 1] < y + h)]
+            n = len(oo)
+            box = np.clip(oo[:, :4], [x, y, x, y], [x + w, y + h, x + w, y + h])
+            per[b + k] = np.column_stack(
+                [box, rng.uniform(0.25, 1, n), oo[:, 4], np.full(n, sec), np.full(n, b + k)]
+            )
+    out = {"tiles": base, "sections": sections, "batch": batch, "intervals": []}
+    for every in (batch, None, 2**62):
+        rows: list = [[]]
+        m = SeamMerger(plan, rows, {}, every=every)
+        drains, spent = 0, 0.0
+        for k in range(0, base, batch):
+            ids = np.arange(k, min(k + batch, base))
+            rows[0].append(np.concatenate([per[t] for t in ids]))
+            if m.returned(ids):
+                t0 = time.perf_counter()
+                m.drain()
+                spent += time.perf_counter() - t0
+                drains += 1
+        n = sum(len(r) for r in rows[0])
+        t0 = time.perf_counter()
+        m.result(0, n)
+        out["rows"] = n
+        out["intervals"].append({
+            "every_tiles": m.every if every != 2**62 else "never",
+            "drains": drains,
+            "drain_s": round(spent, 4),
+            "tail_s": round(time.perf_counter() - t0, 4),
+        })  # fmt: skip
+    d = np.concatenate([per[t] for t in range(base)])
+    secs = []
+    for sec in range(sections):
+        x = d[d[:, 6] == sec]
+        t0 = time.perf_counter()
+        merge_detections(x[:, :4], x[:, 4], x[:, 5].astype(np.int64), tiles=x[:, 7].astype(np.int64))
+        secs.append(time.perf_counter() - t0)
+    out["per_section_merge_s"] = [round(v, 4) for v in secs]
+    return out
+
+
 # ------------------------------------------------------------------------------------------
 # pytest-benchmark entry points
 # ------------------------------------------------------------------------------------------
@@ -209,6 +278,12 @@ def test_defaults_table():
     write_results({"defaults_table": rows, "defaults": _defaults()})
 
 
+def test_seam_merge_costs():
+    r = seam_costs()
+    print(r)
+    write_results({"seams": r})
+
+
 def _defaults() -> dict:
     return {"method": DEFAULT_METHOD, "metric": DEFAULT_METRIC, "threshold": DEFAULT_THRESHOLD}
 
@@ -225,9 +300,15 @@ def main(argv=None) -> int:
         "defaults_table_all_pairs",
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of the simulated layouts")
+    ap.add_argument("--seams", action="store_true", help="only the seam-merge drain costs")
     args = ap.parse_args(argv)
     info = machine_info()
     print(f"machine: {info['device']}; numpy {info['numpy']}")
+    if args.seams:
+        r = seam_costs()
+        print(r)
+        print(f"wrote {write_results({'seams': r})}")
+        return 0
     out: dict = {"defaults": _defaults()}
     if not args.table_only:
         speed = []
