@@ -133,6 +133,8 @@ def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=
         # in between: the steady state of a long batch, without the one-time start
         "first_done_s": round(done_at[0], 3) if done_at else None,
         "last_done_s": round(done_at[-1], 3) if done_at else None,
+        # after the last slide: the workers' shutdown the coordinator waits for
+        "after_last_done_s": round(wall - done_at[-1], 3) if done_at else None,
         "steady_slides_per_hour": (
             round((len(done_at) - 1) / (done_at[-1] - done_at[0]) * 3600, 1)
             if len(done_at) > 1 and done_at[-1] > done_at[0]
