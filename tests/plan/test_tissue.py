@@ -236,6 +236,23 @@ def test_tissue_fraction_is_exact_for_partial_pixels():
     )
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 700), (257, 33), (600, 900)])
+def test_integral_image_is_the_summed_area_table(shape):
+    """The mask's summed-area table (OpenCV's) equals two float64 cumsums, for contiguous and
+    strided masks; an empty mask gives zeros."""
+    rng = np.random.default_rng(shape[0])
+    big = rng.random((shape[0] * 2, shape[1])) > 0.4
+    for mask in (big[: shape[0]], big[::2]):
+        s = Section(0, (0, 0, shape[1], shape[0]), mask, 1.0, int(mask.sum()))
+        want = np.zeros((shape[0] + 1, shape[1] + 1))
+        want[1:, 1:] = mask.cumsum(0, dtype=np.float64).cumsum(1)
+        got = s._integral_image()
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, want)
+    empty = Section(0, (0, 0, 5, 5), np.zeros((0, 5), bool), 1.0, 0)
+    np.testing.assert_array_equal(empty._integral_image(), np.zeros((1, 6)))
+
+
 def test_full_slide_section():
     slide = ArraySlide(_glass(700, 1300))
     s = full_slide_section(slide)

@@ -79,10 +79,18 @@ class Section:
 
     # --- geometry ------------------------------------------------------------------------------
     def _integral_image(self) -> np.ndarray:
+        """``(mh + 1, mw + 1)`` float64 summed-area table of the mask (first row and column 0).
+        OpenCV's: 5 ms for 3.6 Mpx where two NumPy cumsums took 66 ms (on the slide's serial
+        planning path, before its first batch)."""
         if self._integral is None:
-            ii = np.zeros((self.mask.shape[0] + 1, self.mask.shape[1] + 1), np.float64)
-            ii[1:, 1:] = self.mask.cumsum(0, dtype=np.float64).cumsum(1)
-            self._integral = ii
+            import cv2
+
+            mh, mw = self.mask.shape
+            if mh == 0 or mw == 0:
+                self._integral = np.zeros((mh + 1, mw + 1), np.float64)
+            else:
+                mask = np.ascontiguousarray(self.mask).view(np.uint8)
+                self._integral = cv2.integral(mask, sdepth=cv2.CV_64F)
         return self._integral
 
     def _area_upto(self, u: np.ndarray, v: np.ndarray) -> np.ndarray:
