@@ -34,7 +34,12 @@ from trtwsi.merge import (
     merge_detections,
 )
 from trtwsi.results.evaluate import evaluate_detections
-from trtwsi.synthetic.tiled import make_layout, simulate_tiled_detections
+from trtwsi.synthetic.tiled import (
+    make_layout,
+    rows_by_tile,
+    simulate_tiled_detections,
+    tile_origins,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TILE, OVERLAP = 640, 0.2
@@ -175,44 +180,43 @@ def seam_costs(sections: int = 3, side: int = 18000, objects: int = 36000, batch
     """CPU cost of merging a slide while its tiles come back (``runtime/seams.py``) against
     merging all at the end: ``sections`` square sections of ``side`` level-0 px tiled 640 px
     with 0.2 overlap, tiles in the GPU pipeline's order (7 × 7 chunks, row-major), ``objects``
-    boxes of 15–45 px per section, each reported (clipped) by every tile it touches, batches of
+    boxes of 15–45 px per section reported by :func:`simulate_tiled_detections`, batches of
     ``batch`` tiles. Rows per drain interval: total drain seconds, the merge left after the
     last batch (``tail_s``), and the per-section merges the runtime did before."""
     from types import SimpleNamespace
 
-    from trtwsi.plan.grid import axis_positions
     from trtwsi.runtime.seams import SeamMerger
 
     rng = np.random.default_rng(0)
-    grids, bases, base = [], [], 0
-    for k in range(sections):
-        xs = axis_positions(k * (side + 2000), side, TILE, 512, 10**9)
-        ys = axis_positions(0, side, TILE, 512, 10**9)
-        t = [(x, y, TILE, TILE) for by in range(0, len(ys), 7) for bx in range(0, len(xs), 7)
-             for y in ys[by : by + 7] for x in xs[bx : bx + 7]]  # fmt: skip
-        grids.append(SimpleNamespace(tiles=np.array(t, np.int64)))
+    origins = tile_origins(side, TILE, OVERLAP)
+    lattice = np.array([(x, y, TILE, TILE) for y in origins for x in origins], np.int64)
+    k = len(origins)
+    blocks = [  # lattice tiles in chunk order: 7 x 7 blocks, row-major
+        r * k + c for by in range(0, k, 7) for bx in range(0, k, 7)
+        for r in range(by, min(by + 7, k)) for c in range(bx, min(bx + 7, k))
+    ]  # fmt: skip
+    grids, bases, per, order = [], [], {}, []
+    for sec in range(sections):
+        x0 = sec * (side + 2000)
+        base = sec * len(lattice)
+        xy = rng.uniform(0, side, (objects, 2))
+        gt = np.column_stack([xy, xy + rng.uniform(15, 45, (objects, 2)), rng.integers(0, 2, objects)])
+        sim = simulate_tiled_detections(gt, TILE, OVERLAP, side, side, rng)
+        per.update(rows_by_tile(sim, (x0, 0), sec, base))
+        grids.append(SimpleNamespace(tiles=lattice + np.array([x0, 0, 0, 0])))
         bases.append(base)
-        base += len(t)
+        order += [base + t for t in blocks]
+    base = sections * len(lattice)
     plan = SimpleNamespace(grids={TILE: grids}, tile_base={TILE: bases}, n_tiles=base)
-    per = {}
-    for sec, (g, b) in enumerate(zip(grids, bases, strict=True)):
-        xy = rng.uniform(0, side, (objects, 2)) + g.tiles[:, :2].min(0)
-        o = np.column_stack([xy, xy + rng.uniform(15, 45, (objects, 2)), rng.integers(0, 2, objects)])
-        for k, (x, y, w, h) in enumerate(g.tiles):
-            oo = o[(o[:, 2] > x) & (o[:, 0] < x + w) & (o[:, 3] > y) & (o[:, 1] < y + h)]
-            n = len(oo)
-            box = np.clip(oo[:, :4], [x, y, x, y], [x + w, y + h, x + w, y + h])
-            per[b + k] = np.column_stack(
-                [box, rng.uniform(0.25, 1, n), oo[:, 4], np.full(n, sec), np.full(n, b + k)]
-            )
+    empty = np.empty((0, 8))
     out = {"tiles": base, "sections": sections, "batch": batch, "intervals": []}
     for every in (batch, None, 2**62):
         rows: list = [[]]
         m = SeamMerger(plan, rows, {}, every=every)
         drains, spent = 0, 0.0
         for k in range(0, base, batch):
-            ids = np.arange(k, min(k + batch, base))
-            rows[0].append(np.concatenate([per[t] for t in ids]))
+            ids = np.array(order[k : k + batch])
+            rows[0].append(np.concatenate([per.get(t, empty) for t in ids]))
             if m.returned(ids):
                 t0 = time.perf_counter()
                 m.drain()
@@ -228,7 +232,7 @@ def seam_costs(sections: int = 3, side: int = 18000, objects: int = 36000, batch
             "drain_s": round(spent, 4),
             "tail_s": round(time.perf_counter() - t0, 4),
         })  # fmt: skip
-    d = np.concatenate([per[t] for t in range(base)])
+    d = np.concatenate([per.get(t, empty) for t in order])
     secs = []
     for sec in range(sections):
         x = d[d[:, 6] == sec]

@@ -9,61 +9,50 @@ import numpy as np
 import pytest
 
 from trtwsi.merge import merge_detections
-from trtwsi.plan.grid import axis_positions
 from trtwsi.runtime.seams import SeamMerger, tile_neighbours
+from trtwsi.synthetic.tiled import rows_by_tile, simulate_tiled_detections, tile_origins
+
+#: the test slide's grids: (section, input size, x0, y0, w, h, tiles kept: all or 70 %)
+GRIDS = [
+    (0, 640, 0, 0, 5000, 3600, False),
+    (1, 640, 6000, 0, 3000, 4000, True),
+    (0, 320, 0, 0, 2000, 1500, False),
+    (1, 320, 6000, 0, 10, 10, False),
+]
 
 
-def _grid(x0, y0, w, h, tile, stride, keep):
-    xs = axis_positions(x0, w, tile, stride, 10**9)
-    ys = axis_positions(y0, h, tile, stride, 10**9)
-    t = np.array([(x, y, tile, tile) for y in ys for x in xs], dtype=np.int64)
-    return SimpleNamespace(tiles=t[keep(len(t))])
-
-
-def _plan(rng, tile=640, stride=512):
-    """Two sections (the second with tiles dropped as glass) and a second input size over the
-    first section: three grids, slide-wide tile ids as plan_slide numbers them."""
-    every = lambda n: np.arange(n)  # noqa: E731
-    some = lambda n: np.sort(rng.choice(n, int(n * 0.7), replace=False))  # noqa: E731
-    grids = {
-        tile: [_grid(0, 0, 5000, 3600, tile, stride, every),
-               _grid(6000, 0, 3000, 4000, tile, stride, some)],
-        320: [_grid(0, 0, 2000, 1500, 320, 256, every), _grid(6000, 0, 10, 10, 320, 256, every)],
-    }  # fmt: skip
-    bases, base = {}, 0
-    for size, gs in grids.items():
-        bases[size] = []
-        for g in gs:
-            bases[size].append(base)
-            base += len(g.tiles)
-    return SimpleNamespace(
+def _slide(rng, n_objects):
+    """A plan of two sections (the second with tiles dropped as glass) and a second input size
+    (grids as ``GRIDS``, slide-wide tile ids as plan_slide numbers them), and per model (input
+    size) its rows per tile id: ``n_objects`` objects of 8–160 px reported by a jittery
+    detector (``simulate_tiled_detections``: clipped to every tile that sees a tenth of them),
+    scores rounded to 0.01 so that ties happen."""
+    xy = rng.uniform(0, 9000, (n_objects, 2))
+    gt = np.column_stack(
+        [xy, xy + rng.uniform(8, 160, (n_objects, 2)), rng.integers(0, 3, n_objects)]
+    )
+    grids: dict = {640: [], 320: []}
+    bases: dict = {640: [], 320: []}
+    per_tile: dict = {640: {}, 320: {}}
+    base = 0
+    for sec, size, x0, y0, w, h, some in GRIDS:
+        xs, ys = tile_origins(w, size, 0.2) + x0, tile_origins(h, size, 0.2) + y0
+        lattice = np.array([(x, y, size, size) for y in ys for x in xs], dtype=np.int64)
+        keep = np.arange(len(lattice))
+        if some:
+            keep = np.sort(rng.choice(len(lattice), int(len(lattice) * 0.7), replace=False))
+        sim = simulate_tiled_detections(
+            gt - [x0, y0, x0, y0, 0], size, 0.2, w, h, rng, jitter_px=2.0, min_visible=0.1
+        )
+        sim = SimpleNamespace(**{**sim.__dict__, "scores": np.round(sim.scores, 2)})
+        per_tile[size].update(rows_by_tile(sim, (x0, y0), sec, base, keep))
+        grids[size].append(SimpleNamespace(tiles=lattice[keep]))
+        bases[size].append(base)
+        base += len(keep)
+    plan = SimpleNamespace(
         grids=grids, tile_base=bases, targets=[(0, None), (1, None)], n_tiles=base
     )
-
-
-def _tile_rows(rng, plan, size, objects):
-    """Rows ``(M, 8)`` per slide-wide tile id: each object seen by every tile of ``size`` that
-    overlaps it, clipped to the tile (partial boxes at seams), with a jittered score."""
-    out = {}
-    for sec, (g, base) in enumerate(zip(plan.grids[size], plan.tile_base[size], strict=True)):
-        for k, (x, y, w, h) in enumerate(g.tiles):
-            inside = (objects[:, 2] > x) & (objects[:, 0] < x + w)
-            inside &= (objects[:, 3] > y) & (objects[:, 1] < y + h)
-            o = objects[inside]
-            b = np.column_stack([np.clip(o[:, 0], x, x + w), np.clip(o[:, 1], y, y + h),
-                                 np.clip(o[:, 2], x, x + w), np.clip(o[:, 3], y, y + h)])  # fmt: skip
-            n = len(b)
-            score = np.round(rng.uniform(0.25, 1.0, n), 2)  # ties happen
-            out[base + k] = np.column_stack(
-                [b, score, o[:, 4], np.full(n, sec), np.full(n, base + k)]
-            ).astype(np.float64)
-    return out
-
-
-def _objects(rng, n, extent):
-    xy = rng.uniform(0, extent, (n, 2))
-    wh = rng.uniform(8, 160, (n, 2))
-    return np.column_stack([xy, xy + wh, rng.integers(0, 3, n)])
+    return plan, [per_tile[640], per_tile[320]]
 
 
 def _feed(merger, rows, per_tile, order, batch, rng, drains):
@@ -109,9 +98,7 @@ def test_merge_while_tiles_come_back_equals_one_merge(seed, opts):
     several sizes: every field of every model's result equals merge_detections over all rows,
     and in order, most rows were merged before the last batch."""
     rng = np.random.default_rng(seed)
-    plan = _plan(rng)
-    objects = _objects(rng, 900, 9000)
-    per_tile = [_tile_rows(rng, plan, 640, objects), _tile_rows(rng, plan, 320, objects)]
+    plan, per_tile = _slide(rng, 900)
     n = plan.n_tiles
     order = np.arange(n) if seed % 2 == 0 else rng.permutation(n)
     rows: list = [[], []]
@@ -133,9 +120,8 @@ def test_concurrent_drains_and_result():
     """The pipeline thread reports batches while two merge threads drain (as the runtime
     does): the result is still exactly one merge of all rows."""
     rng = np.random.default_rng(11)
-    plan = _plan(rng)
-    objects = _objects(rng, 1500, 9000)
-    per_tile = [_tile_rows(rng, plan, 640, objects)]
+    plan, (per_tile_640, _) = _slide(rng, 1500)
+    per_tile = [per_tile_640]
     rows: list = [[]]
     merger = SeamMerger(plan, rows, {}, every=1)
     threads = []
@@ -157,7 +143,7 @@ def test_a_box_outside_its_tile_turns_the_early_merge_off():
     """The early merge relies on boxes lying inside their tiles; a row that does not makes
     result() say None (the finisher then merges all rows at once)."""
     rng = np.random.default_rng(5)
-    plan = _plan(rng)
+    plan, _ = _slide(rng, 10)
     rows: list = [[]]
     merger = SeamMerger(plan, rows, {})
     x, y, w, _ = plan.grids[640][0].tiles[0]
@@ -169,7 +155,7 @@ def test_a_box_outside_its_tile_turns_the_early_merge_off():
 
 def test_tile_neighbours_are_the_touching_tiles_of_one_grid():
     rng = np.random.default_rng(0)
-    plan = _plan(rng)
+    plan, _ = _slide(rng, 10)
     extent, ptr, idx = tile_neighbours(plan)
     grid_of = np.concatenate(
         [np.full(len(g.tiles), k) for k, g in enumerate(plan.grids[640] + plan.grids[320])]
@@ -214,7 +200,7 @@ def test_drains_are_asked_for_every_eighth_of_the_slide():
     """returned() asks for a drain once ``every`` tiles came back since the last one (an
     eighth of the slide by default, at least 256 tiles), and not while one is scheduled."""
     rng = np.random.default_rng(2)
-    plan = _plan(rng)
+    plan, _ = _slide(rng, 10)
     assert SeamMerger(plan, [[]], {}).every == max(256, plan.n_tiles // 8)
     merger = SeamMerger(plan, [[]], {}, every=10)
     asks = [merger.returned(np.arange(k, k + 4)) for k in range(0, 40, 4)]

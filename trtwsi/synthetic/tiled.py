@@ -16,7 +16,13 @@ from trtwsi.errors import MergeError
 from trtwsi.merge import overlapping_pairs
 from trtwsi.plan.grid import axis_positions
 
-__all__ = ["SimulatedDetections", "make_layout", "simulate_tiled_detections", "tile_origins"]
+__all__ = [
+    "SimulatedDetections",
+    "make_layout",
+    "rows_by_tile",
+    "simulate_tiled_detections",
+    "tile_origins",
+]
 
 
 def tile_origins(length: int, tile: int, overlap: float) -> np.ndarray:
@@ -113,6 +119,38 @@ def simulate_tiled_detections(
         tile_index=tidx.astype(np.int64),
         visible=vis,
     )
+
+
+def rows_by_tile(
+    sim: SimulatedDetections,
+    origin: tuple[float, float] = (0.0, 0.0),
+    section: int = 0,
+    base: int = 0,
+    keep: np.ndarray | None = None,
+) -> dict[int, np.ndarray]:
+    """``sim``'s reports as the runtime's rows, per tile: slide-wide tile id → ``(M, 8)``
+    float64 ``x1 y1 x2 y2 score class section tile`` (level-0 px). The simulation ran on a
+    grid whose top-left is ``origin``; ``keep``: the lattice tiles (row-major, ascending) the
+    grid keeps, the others' reports dropped (None: all); tile ids are ``base`` + the position
+    among the kept tiles, as :func:`~trtwsi.plan.slide_plan.plan_slide` numbers them."""
+    tiles = sim.tile_index
+    if keep is None:
+        pos, m = tiles, np.ones(tiles.size, dtype=bool)
+    else:
+        keep = np.asarray(keep, dtype=np.int64)
+        pos = np.searchsorted(keep, tiles)
+        m = (pos < keep.size) & (keep[np.minimum(pos, keep.size - 1)] == tiles)
+    ox, oy = origin
+    rows = np.column_stack([
+        sim.boxes + np.array([ox, oy, ox, oy]), sim.scores, sim.classes,
+        np.full(tiles.size, section), base + pos,
+    ]).astype(np.float64)[m]  # fmt: skip
+    if not len(rows):
+        return {}
+    order = np.argsort(rows[:, 7], kind="stable")
+    rows = rows[order]
+    ids, starts = np.unique(rows[:, 7].astype(np.int64), return_index=True)
+    return dict(zip(ids.tolist(), np.split(rows, starts[1:]), strict=True))
 
 
 def make_layout(
