@@ -289,21 +289,19 @@ class Runtime:
         return "gpu" if t is not None and t.failed is None and self._planner_pool is None else "cpu"
 
     def _load(self, m, half: bool, batch_size: int | None):
-        if self._cache is None:
-            eng = m.load_engine(
+        def load():
+            return m.load_engine(
                 self.device, half=half, batch_size=batch_size, shape_batch=self.batch
             )
+
+        if self._cache is None:
+            eng = load()
             self._own.append(eng)
             return eng
         key = (id(m), self.device, half, batch_size, self.batch)
         hit = self._cache.get(key)
         if hit is None or hit[0] is not m:  # (the model is kept: its id cannot be reused)
-            hit = self._cache[key] = (
-                m,
-                m.load_engine(
-                    self.device, half=half, batch_size=batch_size, shape_batch=self.batch
-                ),
-            )
+            hit = self._cache[key] = (m, load())
         return hit[1]
 
     def _thumbnail(self, slide):
