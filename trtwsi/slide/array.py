@@ -119,7 +119,7 @@ class ArraySlide(Slide):
             if self._images[level] is None:
                 import cv2
 
-                prev = self._level_image(level - 1) if level > 1 else self._images[0]
+                prev = self._level_image(level - 1)
                 lv = self.levels[level]
                 self._images[level] = cv2.resize(
                     prev, (lv.width, lv.height), interpolation=cv2.INTER_AREA
