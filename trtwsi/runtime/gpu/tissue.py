@@ -16,7 +16,8 @@ import threading
 import warnings
 
 from trtwsi.errors import TrtwsiError
-from trtwsi.plan.tissue import Section, find_sections
+from trtwsi.plan.tissue import TISSUE_THUMBNAIL, Section, find_sections
+from trtwsi.slide import open_slide
 
 __all__ = ["GpuTissue", "gpu_tissue_available"]
 
@@ -87,9 +88,6 @@ class GpuTissue:
         compiles take seconds). Returns False (and marks this object failed, with a warning)
         if the GPU path does not work."""
         import numpy as np
-
-        from trtwsi.plan.tissue import TISSUE_THUMBNAIL
-        from trtwsi.slide import open_slide
 
         side = TISSUE_THUMBNAIL
         yy, xx = np.ogrid[:side, :side]
