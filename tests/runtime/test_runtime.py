@@ -95,6 +95,12 @@ def test_tissue_option_is_checked(monkeypatch):
         assert rt.tissue == "cpu"
 
 
+def test_cpu_runtime_has_no_background_warm_up():
+    with Runtime([trtwsi.Model(MODEL)], device="cpu") as rt:
+        assert rt.wait_ready() is True
+        assert rt.start_timings["warm_up"] == 0.0
+
+
 def test_bad_device_is_named():
     with pytest.raises(trtwsi.TrtwsiError, match="'gpu' is not a device"):
         Runtime([trtwsi.Model(MODEL)], device="gpu")
@@ -239,6 +245,56 @@ def test_gpu_stream_gives_each_slide_the_results_it_gets_alone(slides):
         assert got_s == [(s["index"], s["bbox"], s["area"]) for s in want.sections], o.source
         assert o.results.n_tiles == want.n_tiles, o.source
         np.testing.assert_array_equal(_rows(o.results), _rows(want), err_msg=str(o.source))
+
+
+@pytest.mark.gpu
+def test_gpu_runtime_returns_before_its_warm_up_and_runs_wait_for_it(slides, monkeypatch):
+    _gpu_or_skip()
+    import threading
+
+    from trtwsi.runtime.gpu.pipeline import GpuPipeline
+
+    good, _ = slides
+    model = trtwsi.Model(MODEL)
+    with Runtime([model], device="cuda", batch=8, workers=2) as rt:
+        want = rt.run(good[0])
+        assert rt.start_timings["warm_up"] > 0
+    # hold the warm-up: the constructor returns, the slide is planned and read meanwhile, and
+    # its first upload waits; same rows as a runtime that was warm before its run
+    gate = threading.Event()
+    real = GpuPipeline._warm_up
+
+    def held(self):
+        assert gate.wait(60)
+        real(self)
+
+    monkeypatch.setattr(GpuPipeline, "_warm_up", held)
+    rt = Runtime([model], device="cuda", batch=8, workers=2)
+    try:
+        assert rt.start_timings["warm_up"] is None and rt.wait_ready(0.05) is False
+        got: list = []
+        t = threading.Thread(target=lambda: got.append(rt.run(good[0])))
+        t.start()
+        t.join(1.0)
+        assert t.is_alive()  # waiting for the warm-up
+        gate.set()
+        t.join(120)
+        assert rt.wait_ready() is True and rt.start_timings["warm_up"] > 0
+    finally:
+        gate.set()
+        rt.close()
+    np.testing.assert_array_equal(_rows(got[0]), _rows(want))
+
+    def broken(self):
+        raise RuntimeError("out of memory (injected)")
+
+    monkeypatch.setattr(GpuPipeline, "_warm_up", broken)
+    with Runtime([model], device="cuda", batch=8, workers=2) as rt:
+        with pytest.raises(trtwsi.TrtwsiError, match=r"warm-up .* failed .*injected") as e:
+            rt.run(good[0])
+        assert isinstance(e.value.__cause__, RuntimeError)
+        with pytest.raises(trtwsi.TrtwsiError, match="injected"):
+            rt.wait_ready()
 
 
 @pytest.mark.gpu

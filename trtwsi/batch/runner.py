@@ -69,10 +69,21 @@ class SlideRunner:
         #: reader processes), and their parts (``boot``: the worker process's own start,
         #: before this, where the pool knows it)
         self.start_seconds = round(time.perf_counter() - t0, 3)
-        self.start_timings = {"import": round(t_import, 3), **self.runtime.start_timings}
+        self._t_import = round(t_import, 3)
+        #: seconds from the worker process's spawn to its imports (set by the pool that knows)
+        self.boot: float | None = None
         self.options = SlideOptions(
             overlap=params.overlap, mpp=params.mpp, section=params.section, region=params.region
         )
+
+    @property
+    def start_timings(self) -> dict:
+        """``import`` (torch, trtwsi), the runtime's :attr:`~trtwsi.runtime.Runtime.start_timings`
+        (its ``warm_up`` runs in the background, overlapping the first slides) and ``boot``."""
+        out = {"import": self._t_import, **self.runtime.start_timings}
+        if self.boot is not None:
+            out["boot"] = self.boot
+        return out
 
     def close(self) -> None:
         self.runtime.close()

@@ -160,8 +160,7 @@ class Runtime:
             raise UsageError(f"batch must be a positive int, got {batch!r}")
         t0 = time.perf_counter()
         self.models = [m if isinstance(m, Model) else Model(m) for m in models]
-        #: seconds of each start-up step (models, engines, pipeline, warm_up, tissue, planners)
-        self.start_timings: dict[str, float] = {"models": time.perf_counter() - t0}
+        self._start_timings: dict[str, float] = {"models": time.perf_counter() - t0}
         self.device = pick_device(device)
         self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
         tissue = _where("tissue", tissue, "TRTWSI_TISSUE")
@@ -217,7 +216,7 @@ class Runtime:
     def _start(self, half, bs, pipeline_rings, tissue, plan_processes, probe_done) -> None:
         t0 = time.perf_counter()
         self.engines = [self._load(m, half, bs) for m in self.models]
-        self.start_timings["engines"] = time.perf_counter() - t0
+        self._start_timings["engines"] = time.perf_counter() - t0
         self._model_info = [describe_model(m, self.device) for m in self.models]
         t0 = time.perf_counter()
         if self.gpu_pipeline:
@@ -244,12 +243,11 @@ class Runtime:
                 self.models, self.engines, batch=self.batch, workers=self.workers,
                 max_det=self.max_det,
             )  # fmt: skip
-        self.start_timings["pipeline"] = time.perf_counter() - t0
-        self.start_timings["warm_up"] = getattr(self._pipe, "warm_up_seconds", 0.0)
-        self.start_timings["decode_probe"] = getattr(self._pipe, "decode_wait_seconds", 0.0)
+        self._start_timings["pipeline"] = time.perf_counter() - t0
+        self._start_timings["decode_probe"] = getattr(self._pipe, "decode_wait_seconds", 0.0)
         t0 = time.perf_counter()
         self._gpu_tissue = self._pick_tissue(tissue, probe_done)
-        self.start_timings["tissue"] = time.perf_counter() - t0
+        self._start_timings["tissue"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         if plan_processes is None:
             plan_processes = (
@@ -264,8 +262,28 @@ class Runtime:
                 warnings.warn(
                     f"{e}; finding tissue in threads instead", RuntimeWarning, stacklevel=3
                 )
-        self.start_timings["planners"] = time.perf_counter() - t0
-        self.start_timings = {k: round(v, 4) for k, v in self.start_timings.items()}
+        self._start_timings["planners"] = time.perf_counter() - t0
+
+    @property
+    def start_timings(self) -> dict[str, float | None]:
+        """Seconds of each start-up step: ``models``, ``engines``, ``pipeline`` (rings and
+        reader processes), ``decode_probe``, ``tissue`` (waiting for the GPU tissue probe),
+        ``planners``; ``warm_up``: the engines' warm-up, which runs in the background after
+        the constructor returns (None while it runs, 0 without the GPU pipeline)."""
+        out: dict[str, float | None] = {k: round(v, 4) for k, v in self._start_timings.items()}
+        warm = self._pipe.warm_up_seconds if self._pipe is not None else 0.0
+        out["warm_up"] = None if warm is None else round(warm, 4)
+        return out
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until the engines' background warm-up is done (the runtime's runs wait for it
+        themselves; this is for callers that want start-up errors or timings at once).
+        Returns False if ``timeout`` seconds passed first.
+
+        Raises:
+            DeviceError: the warm-up failed.
+        """
+        return self._pipe.wait_warm(timeout) if self._pipe is not None else True
 
     def _pick_tissue(self, tissue: str, probe: Future | None):
         """The GpuTissue planner threads use (from ``probe``), or None for OpenCV on the CPU."""
@@ -425,10 +443,16 @@ class Runtime:
                     sections = self._planner_pool.sections(slide)
                 else:
                     thumb = self._thumbnail(slide)
+                    t1 = time.perf_counter()
                     if self._gpu_tissue is not None:  # None: failed, CPU below
                         sections = self._gpu_tissue.sections(slide, thumbnail=thumb)
                     if sections is None and thumb is not None:
                         sections = find_sections(slide, thumbnail=thumb)
+                    # parts of "sections": the thumbnail (read by the reader processes) and
+                    # the tissue detection on it (planner threads read their own thumbnail
+                    # inside the detection, so that time is all "tissue")
+                    run.timer.add("sections_thumbnail", t1 - t0)
+                    run.timer.add("sections_tissue", time.perf_counter() - t1)
                 run.plan = plan_slide(slide, imgsizes, opts, sections)
                 if self._pipe is not None:
                     run.seams = SeamMerger(run.plan, run.rows, dict(run.plan.options.merge))

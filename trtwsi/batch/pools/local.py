@@ -150,7 +150,7 @@ def _worker_main(
     try:
         runner = SlideRunner(specs, params, run_on, threads)
         if booted is not None:
-            runner.start_timings["boot"] = round(booted, 3)
+            runner.boot = round(booted, 3)
     except Exception as e:
         conn.send(("init_failed", _error_dict(e)))
         return

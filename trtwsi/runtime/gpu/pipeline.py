@@ -231,18 +231,37 @@ class GpuPipeline:
                     warm.set()  # the probe thread must not wait for a warm-up that never comes
                     raise
                 warnings.warn(f"{e}; reading with threads instead", RuntimeWarning, stacklevel=3)
-        t0 = time.perf_counter()
-        try:
-            self._warm_up()  # before any reader thread exists (CUDA-graph capture)
-        except BaseException:
-            warm.set()
-            if self.pool is not None:
-                self.pool.close()
-            raise
-        warm.set()
-        self.warm_up_seconds = time.perf_counter() - t0
+        # The engines' warm-up (the process's first cuDNN calls and the CUDA-graph capture:
+        # 1.4 s on the H100 host) runs in the background, so the runtime's callers plan
+        # slides and the readers fill the host ring meanwhile; the run loop waits for it
+        # before its first upload (wait_warm). The capture is thread-local: other threads
+        # may use the device meanwhile.
+        #: seconds the warm-up took (None while it runs)
+        self.warm_up_seconds: float | None = None
+        self._warm_error: BaseException | None = None
+        self._warmed = threading.Event()
+
+        def warm_up() -> None:
+            t0 = time.perf_counter()
+            try:
+                self._warm_up()
+            except BaseException as e:  # raised by wait_warm in the thread that needs it
+                self._warm_error = e
+            finally:
+                self.warm_up_seconds = time.perf_counter() - t0
+                warm.set()
+                self._warmed.set()
+
+        self._warm_thread = threading.Thread(target=warm_up, name="trtwsi-warm-up", daemon=True)
+        self._warm_thread.start()
         t0 = time.perf_counter()
         if decode == "gpu":
+            try:
+                self.wait_warm()
+            except BaseException:
+                if self.pool is not None:
+                    self.pool.close()
+                raise
             self._lane_probe.result()
             self.adopt_lane()
             if self.lane is None:
@@ -269,6 +288,22 @@ class GpuPipeline:
             n = host_slots or min(self.workers, 8) + 2
             self._host = [PinnedBuffer(self.slot_bytes) for _ in range(n)]
         self.host_slots = len(self._host)
+
+    def wait_warm(self, timeout: float | None = None) -> bool:
+        """Wait for the engines' warm-up; True once it is done (False: ``timeout`` passed).
+
+        Raises:
+            DeviceError: the warm-up failed (its error is the cause); the pipeline cannot run.
+        """
+        if not self._warmed.wait(timeout):
+            return False
+        if self._warm_error is not None:
+            e = self._warm_error
+            raise DeviceError(
+                f"the engines' warm-up on {self.device} failed ({type(e).__name__}: {e}); "
+                "check `trtwsi doctor` and the GPU's free memory"
+            ) from e
+        return True
 
     def adopt_lane(self) -> JpegLane | None:
         """The GPU JPEG lane, taken over from its probe once that is done (cheap to call
@@ -546,6 +581,8 @@ class GpuPipeline:
                     if slot is None:
                         lane.dropped()
                     continue
+                if not self._warmed.is_set():
+                    self.wait_warm()  # the first upload: the reads so far overlapped it
                 t0 = time.perf_counter()
                 c = item.chunk
                 geometry = (item.grid.read_size, item.grid.tile_l0 / item.grid.read_size)
@@ -604,6 +641,7 @@ class GpuPipeline:
     def close(self) -> None:
         """Stop the reader processes and free the shared ring; device buffers go with the
         object (the runtime drops it)."""
+        self._warmed.wait()  # no buffer goes while the warm-up thread uses it
         if self.pool is not None:
             self.pool.close()
             self.pool = None
