@@ -125,7 +125,8 @@ def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=
         # the slowest worker's model load + runtime start, and the wall time after it
         "worker_start_s": max(r.get("worker_start_s", 0.0) for r in recs),
         # its parts in the first worker (boot: spawn to worker main; import; models; engines;
-        # pipeline incl. warm_up; tissue; planners)
+        # pipeline; tissue; planners; warm_up: the engines' warm-up, which runs in the
+        # background after the start, beside the first slides' planning and reads)
         "worker_start": recs[0].get("worker_start") if recs else None,
         "steady_wall_s": round(wall - max(r.get("worker_start_s", 0.0) for r in recs), 3),
         "gpu_busy_fraction": round(gpu_s / (wall * len(devices)), 4),

@@ -522,6 +522,7 @@ class GpuPipeline:
                 run.timer.add(f"gpu_{stage}", e0.elapsed_time(e1) / 1000)
 
         lane = self.adopt_lane()
+        warmed = False
         with ThreadPoolExecutor(self.workers, thread_name_prefix="trtwsi-read") as pool:
             # (future, host slot or None for a lane chunk, item) | (None, None, end-of-slide run)
             ahead: deque = deque()
@@ -581,8 +582,8 @@ class GpuPipeline:
                     if slot is None:
                         lane.dropped()
                     continue
-                if not self._warmed.is_set():
-                    self.wait_warm()  # the first upload: the reads so far overlapped it
+                if not warmed:  # the first upload: the reads so far overlapped the warm-up
+                    warmed = self.wait_warm()
                 t0 = time.perf_counter()
                 c = item.chunk
                 geometry = (item.grid.read_size, item.grid.tile_l0 / item.grid.read_size)
