@@ -129,6 +129,11 @@ class Runtime:
             ``$TRTWSI_DECODE`` overrides it): split between nvJPEG on the GPU
             (:mod:`~trtwsi.runtime.gpu.jpeg_lane`, via torchvision) and the CPU readers when
             that works here, else the CPU; ``"gpu"`` (the split, or DeviceError); ``"cpu"``.
+
+    On the GPU pipeline the constructor returns before the engines' warm-up (the process's
+    first cuDNN calls, the CUDA-graph capture) is done: it runs in the background, slides are
+    planned and read meanwhile, and the first upload waits for it. :meth:`wait_ready` waits
+    for it (and raises its error); a failed warm-up also fails the runs.
     """
 
     def __init__(
