@@ -244,7 +244,8 @@ class GpuPipeline:
         def warm_up() -> None:
             t0 = time.perf_counter()
             try:
-                self._warm_up()
+                with torch.cuda.device(self.device):  # a new thread starts on device 0
+                    self._warm_up()
             except BaseException as e:  # raised by wait_warm in the thread that needs it
                 self._warm_error = e
             finally:
