@@ -1,6 +1,7 @@
 """ProcessReader: worker processes decode regions into a shared ring, identical to direct reads,
 and tile errors they meet are recorded on the parent's slide (runs on the CPU: no pinning)."""
 
+import itertools
 import warnings
 
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 
 from tests.slide.test_bad_input import W, _corrupt
 from trtwsi.errors import TileReadError, TrtwsiError
-from trtwsi.read.processes import ReaderPool, process_readable
+from trtwsi.read.processes import ReaderPool, process_readable, strips
 from trtwsi.slide import open_slide
 from trtwsi.slide.tiff import TiffSlide
 
@@ -46,6 +47,27 @@ def test_tall_regions_are_read_in_strips_by_several_workers(tmp_path):
                 np.testing.assert_array_equal(r.read(0, s, x, y, w, h, lv), want)
         finally:
             r.close()
+
+
+def test_strips_cover_the_region_and_share_no_tile_row():
+    def tile_rows(top, r0, rows, unit):
+        return set(range((top + r0) // unit, (top + r0 + rows - 1) // unit + 1))
+
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        unit = int(rng.choice([240, 256, 512]))
+        top, h, n = int(rng.integers(-600, 40000)), int(rng.integers(1, 5000)), int(rng.integers(1, 17))
+        parts = strips(top, h, n, unit)
+        assert parts[0][0] == 0 and sum(r for _, r in parts) == h
+        assert all(r > 0 for _, r in parts) and len(parts) <= n
+        assert all(a + r == b for (a, r), (b, _) in itertools.pairwise(parts))
+        per = [tile_rows(top, a, r, unit) for a, r in parts]
+        assert sum(len(t) for t in per) == len(tile_rows(top, 0, h, unit))  # each decoded once
+    # a 3952-row level on 256-row tiles over 16 workers: 15 strips, no tile row twice
+    assert len(strips(0, 3952, 16, 256)) == 15
+    # cut every 512 rows from its top (before), a 4225-row chunk starting 100 rows into a tile
+    # row decoded 25 tile rows for its 17
+    assert len(strips(100, 4225, 16, 256)) == 16
 
 
 def test_tile_errors_in_workers_are_recorded_on_the_parent(tmp_path, svs_file):

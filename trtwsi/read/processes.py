@@ -18,6 +18,7 @@ Only slides opened from a file can be read this way; :func:`process_readable` sa
 from __future__ import annotations
 
 import contextlib
+import itertools
 import mmap
 import os
 import tempfile
@@ -40,8 +41,8 @@ from trtwsi.read.host import SharedBuffer
 __all__ = ["OPEN_SLIDES", "ReaderPool", "SlideRef", "process_readable"]
 
 
-#: Strip height (rows) when a region is split across workers: a multiple of the usual 256/512
-#: file-tile heights, so strips rarely share a file tile (which would decode it twice).
+#: Strip boundary unit (level rows) when a region is split across workers and its level has no
+#: file tiles (strip-stored TIFF, OpenSlide without tile sizes); tiled levels cut on their tile rows.
 STRIP_ROWS = 512
 #: Slides each worker keeps open (file handles, parsed headers).
 OPEN_SLIDES = 4
@@ -72,6 +73,22 @@ def process_readable(slide) -> bool:
 
 # --- worker side -------------------------------------------------------------------------------
 _W: dict = {}
+
+
+def strips(top: int, h: int, n: int, unit: int) -> list[tuple[int, int]]:
+    """At most ``n`` horizontal strips ``(first row, rows)`` covering rows ``[0, h)`` of a
+    region whose first row is level row ``top``. Every inner boundary lies on a multiple of
+    ``unit`` level rows (the file's tile height), so no tile row is decoded by two workers: cut
+    anywhere else, a JPEG tile row on the cut is decoded twice (with 512-row strips of 256-row
+    tiles, 1.5× the decode work of a chunk)."""
+    n = max(1, min(n, -(-h // unit)))
+    cuts = [0]
+    for k in range(1, n):
+        c = round((top + k * h / n) / unit) * unit - top
+        if cuts[-1] < c < h:
+            cuts.append(c)
+    cuts.append(h)
+    return [(a, b - a) for a, b in itertools.pairwise(cuts)]
 
 
 def _worker_init(shm_path: str, size: int) -> None:
@@ -228,9 +245,9 @@ class ReaderPool:
         into ``slot``; returns the ``(h, w, 3)`` uint8 view. Tile errors are recorded on
         ``slide`` as if it had read them itself.
 
-        The region is cut into horizontal strips (multiples of :data:`STRIP_ROWS` rows) decoded
-        by different workers at once, so one large chunk is ready in a fraction of the time one
-        process would need. Strips need an integer downsample
+        The region is cut into horizontal strips (:func:`strips`, cut on the level's file-tile
+        rows) decoded by different workers at once, so one large chunk is ready in a fraction
+        of the time one process would need. Strips need an integer downsample
         (``floor((y + r·ds) / ds) == floor(y / ds) + r``); otherwise the region is one task.
         """
         if w * h * 3 > self.slot_bytes:
@@ -240,22 +257,17 @@ class ReaderPool:
             raise RuntimeStateError("the reader pool is closed")
         ref = SlideRef.of(slide)
         buf = self.buffers[slot]
-        ds = float(slide.levels[level].downsample)
-        n = min(self.processes, -(-h // STRIP_ROWS)) if ds.is_integer() else 1
-        rows = -(-h // max(n, 1))
-        rows = -(-rows // STRIP_ROWS) * STRIP_ROWS
+        lv = slide.levels[level]
+        ds = float(lv.downsample)
+        if ds.is_integer():
+            parts = strips(y // int(ds), h, self.processes, lv.tile_height or STRIP_ROWS)
+        else:
+            parts = [(0, h)]
         futures = [
             self._pool.submit(
-                _worker_read,
-                ref,
-                buf.offset + r0 * w * 3,
-                x,
-                y + int(r0 * ds),
-                w,
-                min(rows, h - r0),
-                level,
+                _worker_read, ref, buf.offset + r0 * w * 3, x, y + int(r0 * ds), w, rows, level
             )
-            for r0 in range(0, h, rows)
+            for r0, rows in parts
         ]
         for f in futures:
             for e in f.result():
