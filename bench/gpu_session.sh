@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# One GPU session's measurements in one command, results packed as they come (a command cut at
+# its time limit keeps what it finished). Usage, from the repository root on the GPU host:
+#
+#   bash bench/gpu_session.sh OUTDIR [A/B-REV]
+#
+# OUTDIR gets a .tgz of everything after each step (OUTDIR/results.tgz). With A/B-REV (a commit)
+# the batch and 4 Gpx slide runs alternate between this tree and that commit (a git worktree
+# in /tmp/ab), on the same machine: timings from different machines of one kind differ by up to
+# 30 % (reader-process speed), so only such pairs compare. Needs ultralytics and imagecodecs on
+# the path (the device's wheels), and about 6 minutes (a fresh machine: 8).
+set -u
+out=${1:?usage: bash bench/gpu_session.sh OUTDIR [A/B-REV]}
+ab=${2:-}
+r=/tmp/gpu-session
+mkdir -p "$r" "$out" /tmp/bc
+pack() { tar czf "$out/results.tgz" -C "$r" . ; }
+export YOLO_OFFLINE=1 TRTWSI_BENCH_CACHE=/tmp/bc
+{ nvidia-smi --query-gpu=name --format=csv,noheader 2>&1; git log --oneline -1; git status --short; } > "$r/tree.txt"
+
+# The lent hosts set PYTHONDONTWRITEBYTECODE=1: compile once, as a pip install would, or every
+# process start measures compilation (a fresh `import torch` 7.1 s instead of 1.2-1.4 s).
+dirs="trtwsi $(python3 -c "import site; print(' '.join(site.getsitepackages()))")"
+pp=${PYTHONPATH:-}
+for p in ${pp//:/ }; do  # e.g. the --target dir of the device's wheels
+  [ -d "$p" ] && dirs="$dirs $p"; done
+if [ -n "$ab" ]; then
+  git worktree add -f /tmp/ab "$ab" > "$r/worktree.txt" 2>&1 && dirs="$dirs /tmp/ab/trtwsi"
+fi
+for p in $dirs; do python3 -m compileall -q -j 16 "$p" > /dev/null 2>&1; done
+
+gen() {  # bench slides, in the background while the GPU tests run
+  python3 -c "from trtwsi.synthetic import make_slide as m
+m('/tmp/bc/bench-63232.tif', 63232, 63232, seed=3, n_sections=3)
+m('/tmp/bc/bench-31744.tif', 31744, 31744, seed=3, n_sections=3)" > "$r/gen.txt" 2>&1
+}
+[ -f /tmp/bc/bench-31744.tif ] || gen &
+timeout 240 python3 -m pytest -m gpu tests -q -rf -p no:cacheprovider -W ignore > "$r/gpu-tests.txt" 2>&1
+tail -1 "$r/gpu-tests.txt"; pack
+wait
+
+slides() {  # $1: name, $2: tree
+  (cd "$2" && PYTHONPATH="$2:${PYTHONPATH:-}" TRTWSI_BENCH_SIZES=${SIZES:-1,4} TRTWSI_BENCH_OUT="$r/slides-$1.json" timeout 90 \
+    python3 -m pytest bench/bench_pipeline.py -q -p no:cacheprovider -k slide > "$r/slides-$1.txt" 2>&1)
+  tail -1 "$r/slides-$1.txt"
+}
+batch() {  # $1: name, $2: tree
+  touch "$r/.start"
+  (cd "$2" && PYTHONPATH="$2:${PYTHONPATH:-}" timeout 120 python3 bench/bench_batch.py --kind cuda --max 1 --slides 16 \
+    --size 20000x15000 > "$r/batch-$1.txt" 2>&1; mkdir -p "$r/batch-$1"
+    find bench/results -name 'batch-*.json' -newer "$r/.start" -exec cp {} "$r/batch-$1/" \;)
+  grep "slides/h" "$r/batch-$1.txt"
+}
+here=$PWD
+slides a "$here"; pack
+batch a "$here"; pack
+if [ -n "$ab" ]; then
+  SIZES=4 slides b "/tmp/ab"; SIZES=4 slides a2 "$here"; pack
+  batch b "/tmp/ab"; batch a2 "$here"; pack
+else
+  batch a2 "$here"; pack
+fi
+TRTWSI_BENCH_OUT="$r/memory.json" timeout 120 python3 -m pytest bench/bench_pipeline.py -q \
+  -p no:cacheprovider -k "ceiling or e2e_memory" > "$r/memory.txt" 2>&1
+tail -1 "$r/memory.txt"; pack
+[ -z "$ab" ] || git worktree remove --force /tmp/ab
