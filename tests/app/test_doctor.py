@@ -111,3 +111,29 @@ def test_doctor_reports_gpu_jpeg_decode(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "nvJPEG via torchvision" in out and "works" in out, out
+
+
+def test_doctor_names_packages_that_every_process_compiles(tmp_path, monkeypatch):
+    import compileall
+    import sys
+
+    pkg = tmp_path / "slowpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    r = doctor.Report()
+    doctor._check_bytecode(r, packages=("slowpkg", "no_such_package_here"))
+    assert dict(r.items)["bytecode"].startswith("missing for slowpkg, and PYTHONDONTWRITEBYTECODE")
+    assert len(r.problems) == 1 and "slowpkg have no compiled bytecode" in r.problems[0]
+    assert r.fixes == [f"python -m compileall -q {pkg}"]
+    # once compiled (as a pip install does), or where Python may write it, nothing to report
+    assert compileall.compile_dir(str(pkg), quiet=1)
+    r = doctor.Report()
+    doctor._check_bytecode(r, packages=("slowpkg",))
+    assert dict(r.items)["bytecode"] == "compiled, or written on first import" and not r.problems
+    shutil.rmtree(pkg / "__pycache__")
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)
+    r = doctor.Report()
+    doctor._check_bytecode(r, packages=("slowpkg",))
+    assert not r.problems  # a writable folder: the first import writes it
