@@ -63,4 +63,13 @@ fi
 TRTWSI_BENCH_OUT="$r/memory.json" timeout 120 python3 -m pytest bench/bench_pipeline.py -q \
   -p no:cacheprovider -k "ceiling or e2e_memory" > "$r/memory.txt" 2>&1
 tail -1 "$r/memory.txt"; pack
+# Where the batch's wall goes, when py-spy is there (wall time of every thread of the
+# coordinator and the worker: `python bench/profile_summary.py batch-profile.json`)
+spy=$(command -v py-spy || ls /tmp/site/bin/py-spy 2> /dev/null)
+if [ -n "$spy" ]; then
+  timeout 120 "$spy" record --subprocesses --idle -r 100 -f speedscope -o "$r/batch-profile.json" \
+    -- python3 bench/bench_batch.py --kind cuda --max 1 --slides 16 --size 20000x15000 \
+    > "$r/batch-profile.txt" 2>&1
+  pack
+fi
 [ -z "$ab" ] || git worktree remove --force /tmp/ab
