@@ -85,7 +85,7 @@ def test_doctor_reports_missing_kernels_and_models(tmp_path, monkeypatch):
 
 def test_doctor_without_models_toml_is_a_problem_only_for_the_default(tmp_path, monkeypatch):
     text = doctor.format_report(doctor.collect(tmp_path))
-    assert "(0 .pt, no models.toml)" in text and "is missing" not in text
+    assert "(0 .pt, no models.toml)" in text and "models.toml is missing" not in text
     monkeypatch.setenv("TRTWSI_MODELS", str(tmp_path))
     text = doctor.format_report(doctor.collect())
     assert "models.toml is missing" in text
