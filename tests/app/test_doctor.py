@@ -125,7 +125,7 @@ def test_doctor_names_packages_that_every_process_compiles(tmp_path, monkeypatch
     r = doctor.Report()
     doctor._check_bytecode(r, packages=("slowpkg", "no_such_package_here"))
     assert dict(r.items)["bytecode"].startswith("missing for slowpkg, and PYTHONDONTWRITEBYTECODE")
-    assert len(r.problems) == 1 and "slowpkg have no compiled bytecode" in r.problems[0]
+    assert len(r.problems) == 1 and "slowpkg has no compiled bytecode" in r.problems[0]
     assert r.fixes == [f"python -m compileall -q {pkg}"]
     # once compiled (as a pip install does), or where Python may write it, nothing to report
     assert compileall.compile_dir(str(pkg), quiet=1)
