@@ -204,14 +204,17 @@ class GpuPipeline:
         self._lane_probe = None
         #: seconds the probe took (in the background for decode="auto"); None while it runs
         self.decode_probe_seconds: float | None = 0.0
-        warm = threading.Event()  # the probe's device work waits for the engines' warm-up
+        # set once the engines' warm-up (below) is done; the lane probe's device work waits
+        self._warmed = threading.Event()
         if decode == "auto" and self.workers >= LANE_WORKERS:
             self.decode_off = (
                 f"decode='auto' with {self.workers} CPU readers: CPU decode keeps up (the GPU "
                 f"lane pays with fewer than {LANE_WORKERS}; decode='gpu' forces it)"
             )
         elif decode != "cpu":
-            self._lane_probe = start_lane(self.device, self.streams.decode, decode_depth, warm)
+            self._lane_probe = start_lane(
+                self.device, self.streams.decode, decode_depth, self._warmed
+            )
             self.decode_off = "the GPU JPEG probe is still running"
             self.decode_probe_seconds = None
         # Reader processes start first and import their decoders while the engines warm up
@@ -228,7 +231,7 @@ class GpuPipeline:
                 )
             except ReaderStartError as e:
                 if not auto:
-                    warm.set()  # the probe thread must not wait for a warm-up that never comes
+                    self._warmed.set()  # the probe must not wait for a warm-up that never comes
                     raise
                 warnings.warn(f"{e}; reading with threads instead", RuntimeWarning, stacklevel=3)
         # The engines' warm-up (the process's first cuDNN calls and the CUDA-graph capture:
@@ -239,7 +242,6 @@ class GpuPipeline:
         #: seconds the warm-up took (None while it runs)
         self.warm_up_seconds: float | None = None
         self._warm_error: BaseException | None = None
-        self._warmed = threading.Event()
 
         def warm_up() -> None:
             t0 = time.perf_counter()
@@ -250,11 +252,9 @@ class GpuPipeline:
                 self._warm_error = e
             finally:
                 self.warm_up_seconds = time.perf_counter() - t0
-                warm.set()
                 self._warmed.set()
 
-        self._warm_thread = threading.Thread(target=warm_up, name="trtwsi-warm-up", daemon=True)
-        self._warm_thread.start()
+        threading.Thread(target=warm_up, name="trtwsi-warm-up", daemon=True).start()
         t0 = time.perf_counter()
         if decode == "gpu":
             try:
