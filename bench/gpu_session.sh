@@ -44,10 +44,11 @@ slides() {  # $1: name, $2: tree
     python3 -m pytest bench/bench_pipeline.py -q -p no:cacheprovider -k slide > "$r/slides-$1.txt" 2>&1)
   tail -1 "$r/slides-$1.txt"
 }
+BATCH="bench/bench_batch.py --kind cuda --max 1 --slides 16 --size 20000x15000"
 batch() {  # $1: name, $2: tree
   touch "$r/.start"
-  (cd "$2" && PYTHONPATH="$2:${PYTHONPATH:-}" timeout 120 python3 bench/bench_batch.py --kind cuda --max 1 --slides 16 \
-    --size 20000x15000 > "$r/batch-$1.txt" 2>&1; mkdir -p "$r/batch-$1"
+  (cd "$2" && PYTHONPATH="$2:${PYTHONPATH:-}" timeout 120 python3 $BATCH > "$r/batch-$1.txt" 2>&1
+    mkdir -p "$r/batch-$1"
     find bench/results -name 'batch-*.json' -newer "$r/.start" -exec cp {} "$r/batch-$1/" \;)
   grep "slides/h" "$r/batch-$1.txt"
 }
@@ -68,8 +69,7 @@ tail -1 "$r/memory.txt"; pack
 spy=$(command -v py-spy || ls /tmp/site/bin/py-spy 2> /dev/null)
 if [ -n "$spy" ]; then
   timeout 120 "$spy" record --subprocesses --idle -r 100 -f speedscope -o "$r/batch-profile.json" \
-    -- python3 bench/bench_batch.py --kind cuda --max 1 --slides 16 --size 20000x15000 \
-    > "$r/batch-profile.txt" 2>&1
+    -- python3 $BATCH > "$r/batch-profile.txt" 2>&1
   pack
 fi
 [ -z "$ab" ] || git worktree remove --force /tmp/ab
