@@ -163,7 +163,7 @@ def _check_bytecode(r: Report, packages=BYTECODE_PACKAGES) -> None:
         f"{names} {have} no compiled bytecode and Python will not write it ({why}): every "
         "process, every batch worker included, compiles them from source at import (up to "
         "seconds per start: `import torch` took 7.1 s instead of 1.2-1.4 s on a GPU host "
-        "whose image had no bytecode; trtwsi's own modules cost about 0.05 s)"
+        "whose image had no bytecode, trtwsi's runtime modules 0.08 s instead of 0.02 s)"
     )
     r.fix("python -m compileall -q " + " ".join(str(f) for _, f in uncompiled))
 
