@@ -25,6 +25,7 @@ def test_doctor_without_gpu(capsys):
         assert f"\n{label} " in "\n" + out
     assert "none visible to torch" in out
     assert "JPEG on GPU" in out and "off: no GPU (torchvision" in out
+    assert "torch.compile" in out and "off: no GPU (--compile compiles for a CUDA GPU)" in out
     assert "backend='onnxruntime' can run models on the CPU" in out  # test extras install it
     assert "models run on the CPU with it (backend='auto'" in out  # OpenVINO: test extras too
     assert "demo-yolo11n.pt: no engine (python -m trtwsi.export.build --fp16 --model" in out
@@ -111,6 +112,7 @@ def test_doctor_reports_gpu_jpeg_decode(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert "nvJPEG via torchvision" in out and "works" in out, out
+    assert "torch.compile  Triton " in out, out  # torch's CUDA wheels bring Triton
 
 
 def test_doctor_names_packages_that_every_process_compiles(tmp_path, monkeypatch):

@@ -71,6 +71,8 @@ def _one_line_error(err: str, *needles: str) -> None:
         "section",
         "decode_gpu_on_cpu",
         "decode_gpu_batch",
+        "compile_on_cpu",
+        "compile_on_cpu_batch",
     ],
 )
 def test_predict_refuses_before_loading_models(case, slide, tmp_path, capsys):
@@ -88,6 +90,8 @@ def test_predict_refuses_before_loading_models(case, slide, tmp_path, capsys):
         "section": "--section 7: this slide has 1 tissue section",
         "decode_gpu_on_cpu": "--decode gpu decodes JPEG tiles on the GPU, but this run is on cpu",
         "decode_gpu_batch": "--decode gpu decodes JPEG tiles on the GPU, but this run is on cpu",
+        "compile_on_cpu": "--compile compiles the model for a CUDA GPU, but this run is on cpu",
+        "compile_on_cpu_batch": "--compile compiles the model for a CUDA GPU, but this run is on cpu",
     }[case]
     if case == "exists":
         out.write_text("old")
@@ -108,6 +112,12 @@ def test_predict_refuses_before_loading_models(case, slide, tmp_path, capsys):
         args += ["--decode", "gpu"]
     elif case == "decode_gpu_batch":  # two slides: the batch path
         args += ["--decode", "gpu"]
+        args.insert(1, str(slide))
+        out = tmp_path / "batch-out"
+    elif case == "compile_on_cpu":
+        args += ["--compile"]
+    elif case == "compile_on_cpu_batch":
+        args += ["--compile"]
         args.insert(1, str(slide))
         out = tmp_path / "batch-out"
     assert main(["predict", *args, "--out", str(out)]) == 1

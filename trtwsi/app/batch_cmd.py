@@ -62,13 +62,16 @@ def cmd_predict_batch(a) -> int:
         threads=a.threads,
         max_tile_errors=a.max_tile_errors,
         decode=a.decode,
+        compile=a.compile,
     )
     discover_slides(a.slide, exclude=[out.resolve()])  # missing slides: refused before loading
     devices = batch_devices(a)
     if a.ray is None:
         if a.devices is None:
             # names --device, not --devices, when it is wrong
-            validate.check_decode(a.decode, validate.check_device(a.device))
+            device = validate.check_device(a.device)
+            validate.check_decode(a.decode, device)
+            validate.check_compile(a.compile, device)
         parse_devices(devices)  # a bad --devices / --device: refused before loading
     models = models_from_args(a)
 

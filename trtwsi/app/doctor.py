@@ -275,6 +275,19 @@ def collect(models_dir: str | os.PathLike | None = None, *, check_kernels: bool 
             if why is None
             else f"off: {why}",
         )
+    # --- torch.compile (--compile): Triton kernels, on a GPU ---
+    triton_v = _version("triton")
+    if not gpu:
+        r.add("torch.compile", "off: no GPU (--compile compiles for a CUDA GPU)")
+    elif triton_v is None:
+        r.add("torch.compile", "off: Triton is not installed (it comes with torch's CUDA wheels)")
+    else:
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "~/.cache/trtwsi/inductor"
+        r.add(
+            "torch.compile",
+            f"Triton {triton_v}: --compile runs the model about 1.9x faster after a one-time "
+            f"compile (about 20 s cold, seconds with a warm cache in {cache})",
+        )
     # --- TensorRT flavours ---
     mods = available_modules()
     for flavour, mod in mods.items():

@@ -59,6 +59,7 @@ def make_predictor(a, models, slide=None):
         progress=not a.no_progress,
         slide_mpp=a.slide_mpp,
         decode=getattr(a, "decode", "auto"),
+        compile=getattr(a, "compile", False),
     )
 
 
@@ -127,7 +128,9 @@ def cmd_predict_one(a) -> int:
     outs = validate.single_outputs(slide_path, a.out, a.also)
     validate.check_outputs(outs, a.overwrite)
     validate.check_slide_exists(slide_path)
-    validate.check_decode(a.decode, validate.check_device(a.device))
+    device = validate.check_device(a.device)
+    validate.check_decode(a.decode, device)
+    validate.check_compile(a.compile, device)
     t0 = time.perf_counter()
     slide = open_slide(slide_path, mpp=a.slide_mpp)
     try:

@@ -123,6 +123,15 @@ def check_decode(decode: str, device: str) -> None:
         )
 
 
+def check_compile(compile: bool, device: str) -> None:
+    """``--compile`` compiles for a CUDA GPU: refused on a CPU device before anything loads."""
+    if compile and not str(device).startswith("cuda"):
+        raise UsageError(
+            f"--compile compiles the model for a CUDA GPU, but this run is on {device}; drop "
+            "--compile, or use a CUDA --device"
+        )
+
+
 def check_section(slide, section: int | None) -> None:
     """``--section`` names a tissue section of this open slide."""
     if section is None:

@@ -149,7 +149,8 @@ class BatchParams:
     ``max_tile_errors`` (not part of the key): a slide with more undecodable tiles than this is
     ``failed`` (a fraction of its tiles, a count, or None: no limit; see
     :mod:`trtwsi.results.tile_errors`). ``decode`` (not part of the key): where JPEG tiles are
-    decoded on the GPU pipeline (``Runtime(decode=…)``).
+    decoded on the GPU pipeline (``Runtime(decode=…)``). ``compile`` (not part of the key):
+    compile the PyTorch models with ``torch.compile`` in each GPU worker (``Runtime(compile=…)``).
     """
 
     overlap: float = 0.2
@@ -163,6 +164,7 @@ class BatchParams:
     threads: int | None = None
     max_tile_errors: float | int | None = 0.05
     decode: str = "auto"
+    compile: bool = False
 
     def __post_init__(self):
         from trtwsi.results import SUPPORTED_EXTENSIONS, UnsupportedOutputFormatError
@@ -186,6 +188,8 @@ class BatchParams:
                 raise BatchError(f"{label} must be a positive int or None, got {v!r}")
         if self.decode not in ("auto", "gpu", "cpu"):
             raise BatchError(f"decode must be 'auto', 'gpu' or 'cpu', got {self.decode!r}")
+        if not isinstance(self.compile, bool):
+            raise BatchError(f"compile must be True or False, got {self.compile!r}")
 
     def key_params(self) -> dict:
         return {

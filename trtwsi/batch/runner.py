@@ -64,6 +64,7 @@ class SlideRunner:
             workers=params.workers or threads,
             planners=PLANNERS,
             decode=params.decode,
+            compile=params.compile,
         )
         #: seconds to import torch, load the models and start the runtime (engines, rings,
         #: reader processes), and their parts (``boot``: the worker process's own start,

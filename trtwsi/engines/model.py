@@ -439,6 +439,7 @@ class Model:
         batch_size: int | None = None,
         cuda_graph: bool | None = None,
         shape_batch: int | None = None,
+        compile: bool = False,
     ) -> Engine:
         """Resolve the backend and build its :class:`~trtwsi.engines.base.Engine`.
 
@@ -451,7 +452,10 @@ class Model:
         (verified on an H100), off for TensorRT (its capture has not run on a GPU yet).
         ``shape_batch``: with ``batch_size`` None, the batch the caller will mostly run (the
         runtime's); OpenVINO compiles that static shape (less memory than a dynamic one) and
-        pads or splits other batches. Other backends ignore it.
+        pads or splits other batches. Other backends ignore it. ``compile``: the torch backend
+        on CUDA compiles its forward with ``torch.compile`` (see
+        :class:`~trtwsi.engines.torch.TorchEngine`); TensorRT engines are compiled already and
+        ignore it.
         """
         import torch
 
@@ -493,6 +497,7 @@ class Model:
             half=half,
             batch_size=batch_size,
             cuda_graph=True if cuda_graph is None else cuda_graph,
+            compile=compile,
         )
 
     def __repr__(self) -> str:

@@ -3,16 +3,52 @@
 from __future__ import annotations
 
 import copy
+import os
+import stat
+import time
+import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from trtwsi.engines.base import check_batch
+from trtwsi.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
     from trtwsi.engines.model import Model
 
-__all__ = ["TorchEngine"]
+__all__ = ["TorchEngine", "compile_cache_dir"]
+
+
+def compile_cache_dir() -> Path:
+    """The folder where ``torch.compile`` (TorchInductor) keeps the kernels it compiles for
+    trtwsi, set as ``$TORCHINDUCTOR_CACHE_DIR`` for this process; returned.
+
+    ``$TORCHINDUCTOR_CACHE_DIR`` when the user set it, else ``$XDG_CACHE_HOME/trtwsi/inductor``
+    (``~/.cache/trtwsi/inductor``), made private (0700). Inductor imports the Python and
+    shared-library files it finds there, so the folder is code this process runs: trtwsi's
+    default is refused (:class:`~trtwsi.errors.BackendError`) when another user owns it or
+    others may write to it, where torch's own default (a folder in ``/tmp``) would be used
+    as found. A warm cache is what makes a later process's compile take seconds, not tens of
+    seconds (measured on an H100, demo yolo11n: 13–21 s cold, 2–3.5 s warm).
+    """
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if given:
+        return Path(given)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    path = base / "trtwsi" / "inductor"
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BackendError(
+            f"the torch.compile cache {str(path)!r} is owned by uid {st.st_uid} or writable by "
+            f"others (mode {stat.filemode(st.st_mode)}); compiled code from it would run here. "
+            f"Remove it, or `chmod 700` it if it is yours, or set TORCHINDUCTOR_CACHE_DIR to a "
+            "private folder"
+        )
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path
 
 
 class TorchEngine:
@@ -34,6 +70,13 @@ class TorchEngine:
         cuda_graph: on CUDA with a fixed ``batch_size``, capture one forward as a CUDA graph on
             the first :meth:`infer` and replay it afterwards (falls back to eager forwards, with
             a warning naming the error, if the capture fails).
+        compile: on CUDA, compile the forward with ``torch.compile`` (TorchInductor's fused
+            Triton kernels, ``fullgraph``, static shapes) on its first call, which the CUDA
+            graph then replays. 1.9× the eager forward's tiles/s for the demo yolo11n on an H100
+            (11,000–11,500 vs 5,870–6,040 at batch 64–128), for a one-time compile in the first
+            call: 13–21 s with a cold cache, 2–3.5 s with a warm one in a quiet process, 7–7.5 s
+            beside a runtime's start (:func:`compile_cache_dir`). A compile that fails warns, naming the error, and the
+            eager forward runs. Default off. Refused (UsageError) on the CPU.
 
     The engine keeps its own copy of the model's module (moved to its device, dtype and memory
     layout); the Model's shared module is never changed. ``infer`` runs under ``torch.inference_mode`` and always returns
@@ -56,6 +99,7 @@ class TorchEngine:
         batch_size: int | None = None,
         cuda_graph: bool = True,
         channels_last: bool = True,
+        compile: bool = False,
     ):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:
@@ -69,6 +113,17 @@ class TorchEngine:
         self.imgsz = model.imgsz
         self.head = model.head
         self.channels_last = bool(channels_last)
+        if compile and device.type != "cuda":
+            raise UsageError(
+                f"compile=True compiles the forward for a CUDA GPU (TorchInductor's Triton "
+                f"kernels); this engine is on {device}: drop compile, or pick a CUDA device"
+            )
+        self.compile = bool(compile)
+        if self.compile:
+            compile_cache_dir()
+        #: seconds the compile took (in the first forward), None before it or without compile
+        self.compile_seconds: float | None = None
+        self._compiled = None
         module = model.module
         if device.type != "cpu" or half or self.channels_last:
             module = copy.deepcopy(module).to(device=device, dtype=self.dtype)
@@ -91,6 +146,32 @@ class TorchEngine:
         return torch.channels_last if self.channels_last else torch.contiguous_format
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One eval forward (compiled on its first call with ``compile``)."""
+        if not self.compile:
+            return self._eager(x)
+        if self._compiled is None:
+            t0 = time.perf_counter()
+            try:
+                # one eager forward first: ultralytics' head builds its anchor grid on its
+                # first call (an op Dynamo cannot trace: "pending unbacked symbols"), and
+                # reuses it while the input shape stays (the compiled graph guards on that)
+                self._eager(x)
+                compiled = torch.compile(self._eager, fullgraph=True, dynamic=False)
+                y = compiled(x)
+            except Exception as e:  # no Triton, no C compiler, an op Inductor cannot lower
+                warnings.warn(
+                    f"{self.model.name}: torch.compile failed ({type(e).__name__}: "
+                    f"{str(e)[:300]}); running the eager forward instead",
+                    stacklevel=3,
+                )
+                self.compile = False
+                return self._eager(x)
+            self._compiled = compiled
+            self.compile_seconds = time.perf_counter() - t0
+            return y
+        return self._compiled(x)
+
+    def _eager(self, x: torch.Tensor) -> torch.Tensor:
         """One eval forward; ultralytics heads return ``(y, extras)``, take ``y``."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -151,9 +232,11 @@ class TorchEngine:
         self._output = None
         self.input = None
         self.module = None
+        self._compiled = None
 
     def __repr__(self) -> str:
         return (
             f"TorchEngine(model={self.model.name!r}, device={str(self.device)!r}, dtype={self.dtype}, "
-            f"batch_size={self.batch_size}, head={self.head!r}, cuda_graph={self.use_graph})"
+            f"batch_size={self.batch_size}, head={self.head!r}, cuda_graph={self.use_graph}, "
+            f"compile={self.compile})"
         )

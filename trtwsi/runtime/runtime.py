@@ -129,6 +129,11 @@ class Runtime:
             ``$TRTWSI_DECODE`` overrides it): split between nvJPEG on the GPU
             (:mod:`~trtwsi.runtime.gpu.jpeg_lane`, via torchvision) and the CPU readers when
             that works here, else the CPU; ``"gpu"`` (the split, or DeviceError); ``"cpu"``.
+        compile: compile the PyTorch models' forwards with ``torch.compile`` (CUDA only; see
+            :class:`~trtwsi.engines.torch.TorchEngine`): 1.9× the model's tiles/s on an H100
+            for a one-time compile in the warm-up (2–8 s with a warm cache, 13–21 s the first
+            time on a machine). On the H100 it did not make slides faster yet: the host's launch
+            loop and seam merge bound them then (README, "The model compiled").
 
     On the GPU pipeline the constructor returns before the engines' warm-up (the process's
     first cuDNN calls, the CUDA-graph capture) is done: it runs in the background, slides are
@@ -154,6 +159,7 @@ class Runtime:
         pipeline_rings: dict | None = None,
         tissue: str = "auto",
         decode: str = "auto",
+        compile: bool = False,
     ):
         from trtwsi.engines.model import Model
 
@@ -175,6 +181,12 @@ class Runtime:
                 f"decode='gpu' needs the GPU pipeline; this runtime is on {self.device}"
             )
         self._decode = decode
+        if compile and not self.device.startswith("cuda"):
+            raise UsageError(
+                f"compile=True compiles the models for a CUDA GPU; this runtime is on "
+                f"{self.device}: drop compile (--compile), or pick a CUDA device"
+            )
+        self.compile = bool(compile)
         self.batch = (
             int(batch)
             if batch is not None
@@ -274,10 +286,15 @@ class Runtime:
         """Seconds of each start-up step: ``models``, ``engines``, ``pipeline`` (rings and
         reader processes), ``decode_probe``, ``tissue`` (waiting for the GPU tissue probe),
         ``planners``; ``warm_up``: the engines' warm-up, which runs in the background after
-        the constructor returns (None while it runs, 0 without the GPU pipeline)."""
+        the constructor returns (None while it runs, 0 without the GPU pipeline); with
+        ``compile``, ``compile``: the part of it that compiled the models (None before)."""
         out: dict[str, float | None] = {k: round(v, 4) for k, v in self._start_timings.items()}
         warm = self._pipe.warm_up_seconds if self._pipe is not None else 0.0
         out["warm_up"] = None if warm is None else round(warm, 4)
+        if self.compile:
+            done = [getattr(e, "compile_seconds", None) for e in self.engines]
+            done = [t for t in done if t is not None]
+            out["compile"] = round(sum(done), 4) if done else None
         return out
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -314,14 +331,18 @@ class Runtime:
     def _load(self, m, half: bool, batch_size: int | None):
         def load():
             return m.load_engine(
-                self.device, half=half, batch_size=batch_size, shape_batch=self.batch
+                self.device,
+                half=half,
+                batch_size=batch_size,
+                shape_batch=self.batch,
+                compile=self.compile,
             )
 
         if self._cache is None:
             eng = load()
             self._own.append(eng)
             return eng
-        key = (id(m), self.device, half, batch_size, self.batch)
+        key = (id(m), self.device, half, batch_size, self.batch, self.compile)
         hit = self._cache.get(key)
         if hit is None or hit[0] is not m:  # (the model is kept: its id cannot be reused)
             hit = self._cache[key] = (m, load())
