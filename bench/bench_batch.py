@@ -72,8 +72,11 @@ def bench_slides(count: int, size: tuple[int, int]) -> list[Path]:
     return out
 
 
-def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=None) -> dict:
-    """One batch into a fresh folder; returns the timings."""
+def run_once(
+    slides: list[Path], devices: list[str], ray: bool = False, threads=None, compile=False
+) -> dict:
+    """One batch into a fresh folder; returns the timings. ``compile``: the workers compile the
+    model (``BatchParams(compile=True)``)."""
     from trtwsi.batch import BatchParams, run_batch
     from trtwsi.engines.model import Model
 
@@ -91,7 +94,7 @@ def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=
             slides,
             Path(tmp) / "out",
             [model],
-            BatchParams(threads=threads),
+            BatchParams(threads=threads, compile=compile),
             devices=devices,
             ray=ray,
             log=log,
@@ -111,6 +114,7 @@ def run_once(slides: list[Path], devices: list[str], ray: bool = False, threads=
     gpu_s = sum(v for k, v in stages.items() if k.startswith(("gpu_pre", "gpu_infer", "gpu_post")))
     return {
         "devices": devices,
+        "compile": compile,
         "runner": "ray" if ray else "local",
         "n_slides": len(recs),
         "gigapixels": pixels / 1e9,
@@ -166,14 +170,16 @@ def write_results(update: dict) -> Path:
     return update_results(RESULTS_DIR / f"batch-{machine_name(info)}{gpu}.json", update, info)
 
 
-def scaling(kind: str, counts: list[int], slides: list[Path], ray=False, threads=None) -> dict:
+def scaling(
+    kind: str, counts: list[int], slides: list[Path], ray=False, threads=None, compile=False
+) -> dict:
     rows, skipped = [], []
     have = available(kind)
     for n in counts:
         if n > have:
             skipped.append({"devices": n, "reason": f"this machine has {have} {kind} device(s)"})
             continue
-        r = run_once(slides, device_list(kind, n), ray=ray, threads=threads)
+        r = run_once(slides, device_list(kind, n), ray=ray, threads=threads, compile=compile)
         rows.append(r)
         base = rows[0]
         r["speedup_vs_first"] = round(base["wall_s"] / r["wall_s"], 3)
@@ -238,6 +244,7 @@ def main(argv=None) -> int:
     ap.add_argument("--size", default="8000x6000", help="WxH of each slide in px")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per worker")
     ap.add_argument("--ray", action="store_true", help="run through a local Ray instead")
+    ap.add_argument("--compile", action="store_true", help="workers compile the model")
     args = ap.parse_args(argv)
     kind = args.kind or ("cuda" if gpus() else "cpu")
     top = args.max or (available(kind) if kind == "cuda" else min(2, available(kind)))
@@ -246,9 +253,9 @@ def main(argv=None) -> int:
     slides = bench_slides(args.slides or max(8, 4 * top), size)
     info = machine_info()
     print(f"machine: {info['device']}; {len(slides)} slides of {size[0]}x{size[1]}", flush=True)
-    res = scaling(kind, counts, slides, ray=args.ray, threads=args.threads)
+    res = scaling(kind, counts, slides, ray=args.ray, threads=args.threads, compile=args.compile)
     res["slide_size"] = list(size)
-    key = f"scaling-{kind}{'-ray' if args.ray else ''}"
+    key = f"scaling-{kind}{'-ray' if args.ray else ''}{'-compile' if args.compile else ''}"
     print(f"wrote {write_results({key: res})}")
     return 0
 
