@@ -95,6 +95,18 @@ def test_tissue_option_is_checked(monkeypatch):
         assert rt.tissue == "cpu"
 
 
+def test_seam_merge_option_is_checked(monkeypatch):
+    model = trtwsi.Model(MODEL)
+    with pytest.raises(trtwsi.TrtwsiError, match="seam_merge must be 'thread' or 'process'"):
+        Runtime([model], device="cpu", seam_merge="elsewhere")
+    monkeypatch.setenv("TRTWSI_SEAM_MERGE", "nowhere")
+    with pytest.raises(trtwsi.TrtwsiError, match="'nowhere'"):
+        Runtime([model], device="cpu")
+    monkeypatch.setenv("TRTWSI_SEAM_MERGE", "process")
+    with Runtime([model], device="cpu") as rt:  # the CPU path merges at each slide's end
+        assert rt.seam_merge == "process" and rt._seam_proc is None
+
+
 def test_cpu_runtime_has_no_background_warm_up():
     with Runtime([trtwsi.Model(MODEL)], device="cpu") as rt:
         assert rt.wait_ready() is True
@@ -249,6 +261,30 @@ def test_gpu_stream_gives_each_slide_the_results_it_gets_alone(slides):
         assert got_s == [(s["index"], s["bbox"], s["area"]) for s in want.sections], o.source
         assert o.results.n_tiles == want.n_tiles, o.source
         np.testing.assert_array_equal(_rows(o.results), _rows(want), err_msg=str(o.source))
+
+
+@pytest.mark.gpu
+def test_gpu_seam_merge_in_a_process_gives_the_rows_of_the_threads(slides):
+    """Same merge code on the same rows: the same rows to the bit, a failed slide in between
+    leaves nothing behind in the process, and its wait is timed."""
+    _gpu_or_skip()
+    from trtwsi.runtime import seam_process
+
+    good, bad = slides
+    model = trtwsi.Model(MODEL)
+    kw = {"device": "cuda", "batch": 8, "workers": 2, "decode": "cpu"}
+    with Runtime([model], seam_merge="thread", **kw) as rt:
+        want = list(rt.stream(good))
+    with Runtime([model], seam_merge="process", **kw) as rt:
+        assert rt._seam_proc is not None
+        outs = list(rt.stream([good[0], bad, *good[1:]]))
+        left = rt._seam_proc.submit(len, seam_process._MERGERS).result(timeout=60)
+        proc = rt._seam_proc
+    assert proc._pool is None and proc.failed is None and left == 0
+    assert not outs[1].ok
+    for o, w in zip([outs[0], *outs[2:]], want, strict=True):
+        np.testing.assert_array_equal(_rows(o.results), _rows(w.results))
+        assert "merge_wait" in o.results.timings
 
 
 @pytest.mark.gpu

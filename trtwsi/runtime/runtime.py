@@ -134,6 +134,11 @@ class Runtime:
             for a one-time compile in the warm-up (2–8 s with a warm cache, 13–21 s the first
             time on a machine). On the H100 it did not make slides faster yet: the host's launch
             loop and seam merge bound them then (README, "The model compiled").
+        seam_merge: where the GPU pipeline merges seams while a slide's tiles come back:
+            ``"thread"`` (merge threads of this process; the default) or ``"process"`` (one
+            spawned process, :mod:`~trtwsi.runtime.seam_process`, off this process's GIL;
+            its effect on a GPU host is not measured yet). None: ``$TRTWSI_SEAM_MERGE``, else
+            ``"thread"``.
 
     On the GPU pipeline the constructor returns before the engines' warm-up (the process's
     first cuDNN calls, the CUDA-graph capture) is done: it runs in the background, slides are
@@ -160,6 +165,7 @@ class Runtime:
         tissue: str = "auto",
         decode: str = "auto",
         compile: bool = False,
+        seam_merge: str | None = None,
     ):
         from trtwsi.engines.model import Model
 
@@ -187,6 +193,11 @@ class Runtime:
                 f"{self.device}: drop compile (--compile), or pick a CUDA device"
             )
         self.compile = bool(compile)
+        seam_merge = seam_merge or os.environ.get("TRTWSI_SEAM_MERGE") or "thread"
+        if seam_merge not in ("thread", "process"):
+            raise UsageError(f"seam_merge must be 'thread' or 'process', got {seam_merge!r}")
+        self.seam_merge = seam_merge
+        self._seam_proc = None
         self.batch = (
             int(batch)
             if batch is not None
@@ -235,6 +246,18 @@ class Runtime:
         self.engines = [self._load(m, half, bs) for m in self.models]
         self._start_timings["engines"] = time.perf_counter() - t0
         self._model_info = [describe_model(m, self.device) for m in self.models]
+        if self.gpu_pipeline and self.seam_merge == "process":
+            from trtwsi.runtime.seam_process import SeamProcess
+
+            try:  # starts in the background; slides queue until it is up
+                self._seam_proc = SeamProcess()
+            except Exception as e:
+                warnings.warn(
+                    f"the seam-merge process could not start ({type(e).__name__}: {e}); "
+                    "merging seams in threads",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
         t0 = time.perf_counter()
         if self.gpu_pipeline:
             from trtwsi.runtime.gpu.pipeline import GpuPipeline
@@ -388,6 +411,9 @@ class Runtime:
         if self._planner_pool is not None:
             self._planner_pool.close()
             self._planner_pool = None
+        if self._seam_proc is not None:
+            self._seam_proc.close()
+            self._seam_proc = None
         for e in self._own:
             close = getattr(e, "close", None)
             if close is not None:
@@ -480,7 +506,11 @@ class Runtime:
                     run.timer.add("sections_thumbnail", t1 - t0)
                     run.timer.add("sections_tissue", time.perf_counter() - t1)
                 run.plan = plan_slide(slide, imgsizes, opts, sections)
-                if self._pipe is not None:
+                if self._seam_proc is not None:
+                    run.seams = self._seam_proc.merger(
+                        run.plan, run.rows, dict(run.plan.options.merge)
+                    )
+                elif self._pipe is not None:
                     run.seams = SeamMerger(run.plan, run.rows, dict(run.plan.options.merge))
                 run.timer.add("open", t0 - run.t_start)
                 run.timer.add("sections", time.perf_counter() - t0)  # tissue + tile grids
@@ -551,10 +581,15 @@ class Runtime:
                     )  # fmt: skip
                     if self.timing and run.seams is not None:
                         out.results.timings["merge_early"] = round(run.seams.seconds, 6)
+                        wait = getattr(run.seams, "wait_seconds", None)
+                        if wait is not None:  # the finisher's wait for the merge process
+                            out.results.timings["merge_wait"] = round(wait, 6)
                 except Exception as e:
                     out.error = e
             else:
                 out.error = run.error
+            if run.seams is not None:
+                run.seams.close()  # (a failed slide's rows in the seam-merge process)
             slide = opened.pop(run.index, None)
             if slide is not None:
                 slide.close()

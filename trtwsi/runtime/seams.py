@@ -229,6 +229,10 @@ class SeamMerger:
         st.index, st.open = st.index[~done], d[~done]
 
     # --- finisher ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Nothing to free (the interface of
+        :class:`~trtwsi.runtime.seam_process.RemoteSeamMerger`, which frees its process' state)."""
+
     def result(self, mi: int, n_rows: int) -> MergeResult | None:
         """The merge of model ``mi``'s ``n_rows`` rows (every row of the slide: call it once
         the slide is finished), or None when the early merge was turned off (then merge the
