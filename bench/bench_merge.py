@@ -12,7 +12,9 @@ method × metric × threshold on simulated tiled layouts (trtwsi.synthetic.tiled
 The merge is given each report's tile (``tiles=sim.tile_index``: same-tile boxes are never
 compared, issue 10); ``--all-pairs`` measures the old rule (every pair compared) into the
 ``defaults_table_all_pairs`` section instead, ``--seed N`` (N > 0) into ``..._seedN``.
-``--seams`` measures only the CPU cost of merging while tiles come back (:func:`seam_costs`).
+``--seams`` measures only the CPU cost of merging while tiles come back (:func:`seam_costs`),
+``--seams-contention`` those drains beside busy Python threads, in a merge thread against the
+seam-merge process (:func:`seam_contention`).
 """
 
 from __future__ import annotations
@@ -183,31 +185,10 @@ def seam_costs(sections: int = 3, side: int = 18000, objects: int = 36000, batch
     boxes of 15–45 px per section reported by :func:`simulate_tiled_detections`, batches of
     ``batch`` tiles. Rows per drain interval: total drain seconds, the merge left after the
     last batch (``tail_s``), and the per-section merges the runtime did before."""
-    from types import SimpleNamespace
-
     from trtwsi.runtime.seams import SeamMerger
 
-    rng = np.random.default_rng(0)
-    origins = tile_origins(side, TILE, OVERLAP)
-    lattice = np.array([(x, y, TILE, TILE) for y in origins for x in origins], np.int64)
-    k = len(origins)
-    blocks = [  # lattice tiles in chunk order: 7 x 7 blocks, row-major
-        r * k + c for by in range(0, k, 7) for bx in range(0, k, 7)
-        for r in range(by, min(by + 7, k)) for c in range(bx, min(bx + 7, k))
-    ]  # fmt: skip
-    grids, bases, per, order = [], [], {}, []
-    for sec in range(sections):
-        x0 = sec * (side + 2000)
-        base = sec * len(lattice)
-        xy = rng.uniform(0, side, (objects, 2))
-        gt = np.column_stack([xy, xy + rng.uniform(15, 45, (objects, 2)), rng.integers(0, 2, objects)])
-        sim = simulate_tiled_detections(gt, TILE, OVERLAP, side, side, rng)
-        per.update(rows_by_tile(sim, (x0, 0), sec, base))
-        grids.append(SimpleNamespace(tiles=lattice + np.array([x0, 0, 0, 0])))
-        bases.append(base)
-        order += [base + t for t in blocks]
-    base = sections * len(lattice)
-    plan = SimpleNamespace(grids={TILE: grids}, tile_base={TILE: bases}, n_tiles=base)
+    plan, per, order = _seam_layout(sections, side, objects)
+    base = plan.n_tiles
     empty = np.empty((0, 8))
     out = {"tiles": base, "sections": sections, "batch": batch, "intervals": []}
     for every in (batch, None, 2**62):
@@ -240,6 +221,105 @@ def seam_costs(sections: int = 3, side: int = 18000, objects: int = 36000, batch
         merge_detections(x[:, :4], x[:, 4], x[:, 5].astype(np.int64), tiles=x[:, 7].astype(np.int64))
         secs.append(time.perf_counter() - t0)
     out["per_section_merge_s"] = [round(v, 4) for v in secs]
+    return out
+
+
+def _seam_layout(sections: int, side: int, objects: int):
+    """``(plan, rows per tile id, tile order)`` of :func:`seam_costs`' simulated slide."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    origins = tile_origins(side, TILE, OVERLAP)
+    lattice = np.array([(x, y, TILE, TILE) for y in origins for x in origins], np.int64)
+    k = len(origins)
+    blocks = [  # lattice tiles in chunk order: 7 x 7 blocks, row-major
+        r * k + c for by in range(0, k, 7) for bx in range(0, k, 7)
+        for r in range(by, min(by + 7, k)) for c in range(bx, min(bx + 7, k))
+    ]  # fmt: skip
+    grids, bases, per, order = [], [], {}, []
+    for sec in range(sections):
+        x0 = sec * (side + 2000)
+        base = sec * len(lattice)
+        xy = rng.uniform(0, side, (objects, 2))
+        gt = np.column_stack([xy, xy + rng.uniform(15, 45, (objects, 2)), rng.integers(0, 2, objects)])
+        sim = simulate_tiled_detections(gt, TILE, OVERLAP, side, side, rng)
+        per.update(rows_by_tile(sim, (x0, 0), sec, base))
+        grids.append(SimpleNamespace(tiles=lattice + np.array([x0, 0, 0, 0])))
+        bases.append(base)
+        order += [base + t for t in blocks]
+    base = sections * len(lattice)
+    plan = SimpleNamespace(grids={TILE: grids}, tile_base={TILE: bases}, n_tiles=base)
+    return plan, per, order
+
+
+def seam_contention(busy=(0, 1, 3), batch: int = 64, rounds: int = 3) -> dict:
+    """The seam-merge drains beside busy Python threads (the runtime's launch loop, reader
+    and planner threads): :func:`seam_costs`' slide, its batches appended by a "pipeline"
+    thread that does ~1 ms of Python per batch, drains of the default interval in a merge
+    thread (``thread``) or shipped to the seam-merge process (``process``,
+    :mod:`trtwsi.runtime.seam_process`), beside ``busy`` threads that only run Python. Per
+    case, the best of ``rounds``: the pipeline loop's wall (``loop_s``: what the drains cost
+    the thread that launches GPU work), the merge left after the last batch (``tail_s``) and
+    the drains' own seconds (``drain_s``: thread time, or the process's)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from trtwsi.runtime.seam_process import SeamProcess
+    from trtwsi.runtime.seams import SeamMerger
+
+    plan, per, order = _seam_layout(3, 18000, 36000)
+    empty = np.empty((0, 8))
+    batches = [np.array(order[k : k + batch]) for k in range(0, plan.n_tiles, batch)]
+    arrays = [np.concatenate([per.get(t, empty) for t in ids]) for ids in batches]
+    n = sum(len(a) for a in arrays)
+    proc = SeamProcess()
+    proc.submit(len, []).result(timeout=120)  # started (a runtime starts it at its own start)
+
+    def python_ms() -> int:
+        x = 0
+        for i in range(20000):
+            x += i
+        return x
+
+    def one(where: str, n_busy: int) -> dict:
+        stop = threading.Event()
+
+        def spin():
+            while not stop.is_set():
+                python_ms()
+
+        spinners = [threading.Thread(target=spin) for _ in range(n_busy)]
+        for t in spinners:
+            t.start()
+        rows: list = [[]]
+        m = proc.merger(plan, rows, {}) if where == "process" else SeamMerger(plan, rows, {})
+        with ThreadPoolExecutor(2) as merger:
+            t0 = time.perf_counter()
+            for ids, a in zip(batches, arrays, strict=True):
+                python_ms()
+                rows[0].append(a)
+                if m.returned(ids):
+                    merger.submit(m.drain)
+            loop = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            got = m.result(0, n)
+            tail = time.perf_counter() - t1
+        stop.set()
+        for t in spinners:
+            t.join()
+        assert got is not None and len(got.cluster) == n
+        return {"loop_s": loop, "tail_s": tail, "drain_s": m.seconds}
+
+    out = {"tiles": plan.n_tiles, "rows": n, "batch": batch, "cases": []}
+    try:
+        for n_busy in busy:
+            for where in ("thread", "process"):
+                runs = [one(where, n_busy) for _ in range(rounds)]
+                best = {k: round(min(r[k] for r in runs), 4) for k in runs[0]}
+                out["cases"].append({"merge": where, "busy_threads": n_busy, **best})
+                print(out["cases"][-1], flush=True)
+    finally:
+        proc.close()
     return out
 
 
@@ -305,9 +385,18 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--seed", type=int, default=0, help="seed of the simulated layouts")
     ap.add_argument("--seams", action="store_true", help="only the seam-merge drain costs")
+    ap.add_argument(
+        "--seams-contention",
+        action="store_true",
+        help="only the drains beside busy Python threads, in a thread vs in the merge process",
+    )
     args = ap.parse_args(argv)
     info = machine_info()
     print(f"machine: {info['device']}; numpy {info['numpy']}")
+    if args.seams_contention:
+        r = seam_contention()
+        print(f"wrote {write_results({'seams_contention': r})}")
+        return 0
     if args.seams:
         r = seam_costs()
         print(r)

@@ -28,7 +28,8 @@ the path) holding the device, every number below, and the goals from the issue:
   1 Gpx and >= 1.0 at 4 Gpx on the 16-core host), slide gigapixels/s, per-stage seconds, peak host RSS and peak device memory
   (should stay flat as the slide grows).
 
-``$TRTWSI_BENCH_COMPILE=1``: every pipeline run above uses ``compile=True`` (the forward
+``$TRTWSI_SEAM_MERGE=process`` puts the runtime's seam merge in its process (each slide record
+says ``seam_merge``). ``$TRTWSI_BENCH_COMPILE=1``: every pipeline run above uses ``compile=True`` (the forward
 compiled by ``torch.compile``, in the runtime's start: ``runtime_start`` holds its seconds), and
 the ceiling also measures the compiled forward at each batch (``ceiling_compiled_by_batch``,
 ``ceiling_eager``): the ceiling is the best of both.
@@ -372,6 +373,7 @@ def _one_slide(path: str) -> dict:
         "switch_interval_s": sys.getswitchinterval(),
         "seam_every": every or "default",
         "compile": COMPILE,
+        "seam_merge": p.runtime.seam_merge,
         "runtime_start": p.runtime.start_timings,
         "again": {
             "seconds": round(secs_again, 3),

@@ -8,7 +8,7 @@
 # the batch and 4 Gpx slide runs alternate between this tree and that commit (a git worktree
 # in /tmp/ab), on the same machine: timings from different machines of one kind differ by up to
 # 30 % (reader-process speed), so only such pairs compare. Needs ultralytics and imagecodecs on
-# the path (the device's wheels), and about 6 minutes (a fresh machine: 8).
+# the path (the device's wheels), and about 7 minutes (a fresh machine: 9).
 set -u
 out=${1:?usage: bash bench/gpu_session.sh OUTDIR [A/B-REV]}
 ab=${2:-}
@@ -61,6 +61,11 @@ if [ -n "$ab" ]; then
 else
   batch a2 "$here"; pack
 fi
+# The 4 Gpx slide with the seam merge in its process, with the model compiled, and with both
+# (each against the default runs above, same machine): env TRTWSI_SEAM_MERGE, TRTWSI_BENCH_COMPILE
+SIZES=4 TRTWSI_SEAM_MERGE=process slides merge-process "$here"; pack
+SIZES=4 TRTWSI_BENCH_COMPILE=1 slides compiled "$here"; pack
+SIZES=4 TRTWSI_BENCH_COMPILE=1 TRTWSI_SEAM_MERGE=process slides compiled-merge-process "$here"; pack
 TRTWSI_BENCH_OUT="$r/memory.json" timeout 120 python3 -m pytest bench/bench_pipeline.py -q \
   -p no:cacheprovider -k "ceiling or e2e_memory" > "$r/memory.txt" 2>&1
 tail -1 "$r/memory.txt"; pack
