@@ -278,7 +278,7 @@ def test_gpu_seam_merge_in_a_process_gives_the_rows_of_the_threads(slides):
     with Runtime([model], seam_merge="process", **kw) as rt:
         assert rt._seam_proc is not None
         outs = list(rt.stream([good[0], bad, *good[1:]]))
-        left = rt._seam_proc.submit(len, seam_process._MERGERS).result(timeout=60)
+        left = rt._seam_proc.submit(seam_process._open_slides).result(timeout=60)
         proc = rt._seam_proc
     assert proc._pool is None and proc.failed is None and left == 0
     assert not outs[1].ok

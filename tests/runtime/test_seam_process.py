@@ -80,10 +80,11 @@ def test_closed_slides_leave_nothing_in_the_process(proc):
     rows: list = [[], []]
     merger = proc.merger(plan, rows, {})
     _feed(merger, rows, per_tile, np.arange(plan.n_tiles), 16, rng, 0.5)
+    assert proc.submit(seam_process._open_slides).result(timeout=60) == 1
     merger.close()  # a slide that failed before its result
     merger.close()
     assert merger.result(0, 0) is None
-    alive = proc.submit(len, seam_process._MERGERS).result(timeout=60)
+    alive = proc.submit(seam_process._open_slides).result(timeout=60)
     assert alive == 0
 
 

@@ -67,6 +67,11 @@ def _drop(key: int) -> None:
     _MERGERS.pop(key, None)
 
 
+def _open_slides() -> int:
+    """How many slides the process holds state for (tests: none once they are finished)."""
+    return len(_MERGERS)
+
+
 def _geometry(plan) -> dict:
     """What :func:`~trtwsi.runtime.seams.tile_neighbours` reads of a plan, picklable."""
     return {
