@@ -89,6 +89,11 @@ class Predictor:
         self.min_tissue = min_tissue
         self.progress = progress
         self.device = pick_device(device)
+        if compile and not self.device.startswith("cuda"):  # (the Runtime, built later, would)
+            raise UsageError(
+                f"compile=True compiles the models for a CUDA GPU; this Predictor is on "
+                f"{self.device}: drop compile, or pick a CUDA device"
+            )
         self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
         self.batch = (
             int(batch)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 import stat
 
+import numpy as np
 import pytest
 
+from trtwsi import Predictor
 from trtwsi.batch.jobs import BatchParams
 from trtwsi.engines.model import Model
 from trtwsi.engines.torch import TorchEngine, compile_cache_dir
@@ -26,6 +28,8 @@ def test_compile_is_refused_off_cuda(v11):
         TorchEngine(v11, "cpu", compile=True)
     with pytest.raises(UsageError, match=r"this runtime is on cpu: drop compile"):
         Runtime([v11], device="cpu", compile=True)
+    with pytest.raises(UsageError, match=r"this Predictor is on cpu: drop compile"):
+        Predictor(np.zeros((64, 64, 3), np.uint8), [v11], device="cpu", compile=True)
     # without compile nothing changes
     eng = TorchEngine(v11, "cpu")
     assert not eng.compile and eng.compile_seconds is None and "compile=False" in repr(eng)
