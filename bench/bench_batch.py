@@ -115,6 +115,8 @@ def run_once(
     return {
         "devices": devices,
         "compile": compile,
+        # the workers' seam merge (Runtime reads $TRTWSI_SEAM_MERGE; spawned workers inherit it)
+        "seam_merge": os.environ.get("TRTWSI_SEAM_MERGE") or "thread",
         "runner": "ray" if ray else "local",
         "n_slides": len(recs),
         "gigapixels": pixels / 1e9,

@@ -66,6 +66,7 @@ fi
 SIZES=4 TRTWSI_SEAM_MERGE=process slides merge-process "$here"; pack
 SIZES=4 TRTWSI_BENCH_COMPILE=1 slides compiled "$here"; pack
 SIZES=4 TRTWSI_BENCH_COMPILE=1 TRTWSI_SEAM_MERGE=process slides compiled-merge-process "$here"; pack
+TRTWSI_SEAM_MERGE=process batch merge-process "$here"; pack  # the batch's drains too
 TRTWSI_BENCH_OUT="$r/memory.json" timeout 120 python3 -m pytest bench/bench_pipeline.py -q \
   -p no:cacheprovider -k "ceiling or e2e_memory" > "$r/memory.txt" 2>&1
 tail -1 "$r/memory.txt"; pack
