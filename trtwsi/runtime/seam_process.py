@@ -21,12 +21,11 @@ import itertools
 import threading
 import time
 import warnings
-from collections import deque
 from types import SimpleNamespace
 
 import numpy as np
 
-from trtwsi.runtime.seams import SeamMerger
+from trtwsi.runtime.seams import SeamMerger, TileReturns
 
 __all__ = ["RemoteSeamMerger", "SeamProcess"]
 
@@ -129,20 +128,15 @@ class SeamProcess:
             self._pool = None
 
 
-class RemoteSeamMerger:
+class RemoteSeamMerger(TileReturns):
     """One slide's seam merge, run by a :class:`SeamProcess`. The pipeline thread calls
     :meth:`returned` per batch, a merge thread :meth:`drain` (which ships the rows and tiles
     that came back since the last drain), the finisher :meth:`result`."""
 
     def __init__(self, proc: SeamProcess, key: int, plan, rows: list, merge_opts: dict, every=None):
+        super().__init__(plan, rows, every)
         self._proc = proc
         self._key = key
-        self.rows = rows
-        #: tiles back between drains, as :attr:`SeamMerger.every`
-        self.every = max(256, plan.n_tiles // 8) if every is None else max(1, int(every))
-        self._pending: deque = deque()
-        self._since = 0
-        self._scheduled = False
         self._taken = [0] * len(rows)
         self._lock = threading.Lock()
         self._results: list | None = None
@@ -153,27 +147,16 @@ class RemoteSeamMerger:
         self.wait_seconds = 0.0
         self._opened = proc.submit(_open, key, _geometry(plan), len(rows), dict(merge_opts))
 
-    def returned(self, tiles) -> bool:
-        """As :meth:`SeamMerger.returned <trtwsi.runtime.seams.SeamMerger.returned>`."""
-        self._pending.append((np.asarray(tiles, dtype=np.int64), [len(r) for r in self.rows]))
-        self._since += len(tiles)
-        if self._scheduled or self._since < self.every:
-            return False
-        self._scheduled, self._since = True, 0
-        return True
-
     def _ship(self, all_rows: bool) -> None:
         """Send the tiles returned so far and their rows (``all_rows``: every row). Lock held."""
-        items = []
-        while self._pending:  # (the pipeline thread appends meanwhile)
-            items.append(self._pending.popleft())
+        taken = self._take_returned()
         if all_rows:
             counts = [len(r) for r in self.rows]
-        elif items:
-            counts = np.max([c for _, c in items], axis=0).tolist()
+        elif taken is not None:
+            counts = taken[1]
         else:
             return
-        tiles = np.concatenate([t for t, _ in items]) if items else np.empty(0, dtype=np.int64)
+        tiles = taken[0] if taken is not None else np.empty(0, dtype=np.int64)
         new = [
             self.rows[mi][t:c] for mi, (t, c) in enumerate(zip(self._taken, counts, strict=True))
         ]

@@ -36,7 +36,7 @@ from trtwsi.merge import (
     overlapping_pairs,
 )
 
-__all__ = ["SeamMerger", "components", "tile_neighbours"]
+__all__ = ["SeamMerger", "TileReturns", "components", "tile_neighbours"]
 
 #: A box may reach this far (level-0 px) past its tile's edge and still count as inside it
 #: (float rounding of the decode's clip); tiles this close count as touching.
@@ -104,7 +104,56 @@ class _ModelState:
         self.pieces: list[tuple[np.ndarray, MergeResult]] = []
 
 
-class SeamMerger:
+class TileReturns:
+    """The tiles of one slide that came back since the last drain, and when to drain: the
+    bookkeeping :class:`SeamMerger` and the seam-merge process's
+    :class:`~trtwsi.runtime.seam_process.RemoteSeamMerger` share.
+
+    ``rows``: the run's per-model lists of row arrays (appended to by the pipeline before it
+    reports their tiles); ``plan``: the slide's plan (its ``n_tiles``); ``every``: see
+    :attr:`every`.
+    """
+
+    #: seconds the finisher waited for a merge done elsewhere (None: merged in this process)
+    wait_seconds: float | None = None
+
+    def __init__(self, plan, rows: list, every: int | None = None):
+        self.rows = rows
+        self._pending: deque = deque()
+        self._scheduled = False
+        self._since = 0  # tiles back since the last drain was scheduled
+        #: tiles back between drains (default: an eighth of the slide, at least 256)
+        self.every = max(256, plan.n_tiles // 8) if every is None else max(1, int(every))
+
+    # --- pipeline thread ---------------------------------------------------------------------
+    def returned(self, tiles: np.ndarray) -> bool:
+        """The rows of ``tiles`` (slide-wide ids) are in ``rows`` now. True when the caller
+        should schedule a drain: none is scheduled and ``every`` tiles came back since the
+        last one was (fewer, larger drains: each one recomputes the edges of the rows still
+        open, and its Python holds the pipeline thread's GIL)."""
+        tiles = np.asarray(tiles, dtype=np.int64)
+        self._pending.append((tiles, [len(r) for r in self.rows]))
+        self._since += len(tiles)
+        if self._scheduled or self._since < self.every:
+            return False
+        self._scheduled, self._since = True, 0
+        return True
+
+    # --- merge thread ------------------------------------------------------------------------
+    def _take_returned(self) -> tuple[np.ndarray, list[int]] | None:
+        """The tiles reported since the last call (int64) and, per model, how many row arrays
+        they had appended by then; None when none were. Call with the drain's lock held (the
+        pipeline thread appends meanwhile)."""
+        items = []
+        while self._pending:
+            items.append(self._pending.popleft())
+        if not items:
+            return None
+        tiles = np.concatenate([t for t, _ in items])
+        return tiles, np.max([c for _, c in items], axis=0).tolist()
+
+
+class SeamMerger(TileReturns):
     """Merges one slide's rows component by component as their tiles close (see the module
     docstring). The pipeline thread calls :meth:`returned` per batch (cheap), a merge thread
     :meth:`drain`, the finisher :meth:`result`; all three are safe to call concurrently.
@@ -123,34 +172,15 @@ class SeamMerger:
         self.box_merge = opts.pop("box_merge", "union")
         if opts:
             raise TypeError(f"unknown merge options {sorted(opts)}")
-        self.rows = rows
+        super().__init__(plan, rows, every)
         self.extent, self._ptr, self._idx = tile_neighbours(plan)
         self._need = np.diff(self._ptr)  # per tile: itself and its neighbours not back yet
         self._models = [_ModelState() for _ in rows]
-        self._pending: deque = deque()
         self._lock = threading.Lock()
-        self._scheduled = False
-        self._since = 0  # tiles back since the last drain was scheduled
-        #: tiles back between drains (default: an eighth of the slide, at least 256)
-        self.every = max(256, plan.n_tiles // 8) if every is None else max(1, int(every))
         #: a box outside its tile was seen: nothing more merges early; :meth:`result` says None
         self.broken = False
         #: seconds spent in :meth:`drain`
         self.seconds = 0.0
-
-    # --- pipeline thread ---------------------------------------------------------------------
-    def returned(self, tiles: np.ndarray) -> bool:
-        """The rows of ``tiles`` (slide-wide ids) are in ``rows`` now. True when the caller
-        should schedule a :meth:`drain`: none is scheduled and ``every`` tiles came back
-        since the last one was (fewer, larger drains: each one recomputes the edges of the
-        rows still open, and its Python holds the pipeline thread's GIL)."""
-        tiles = np.asarray(tiles, dtype=np.int64)
-        self._pending.append((tiles, [len(r) for r in self.rows]))
-        self._since += len(tiles)
-        if self._scheduled or self._since < self.every:
-            return False
-        self._scheduled, self._since = True, 0
-        return True
 
     # --- merge thread ------------------------------------------------------------------------
     def drain(self) -> None:
@@ -162,20 +192,17 @@ class SeamMerger:
             self.seconds += time.perf_counter() - t0  # waits for the lock included
 
     def _drain_locked(self) -> None:
-        items = []
-        while self._pending:
-            items.append(self._pending.popleft())
-        if not items:
+        taken = self._take_returned()
+        if taken is None:
             return
-        tiles = np.concatenate([t for t, _ in items])
+        tiles, snap = taken
         starts, stops = self._ptr[tiles], self._ptr[tiles + 1]
         lengths = stops - starts
         flat = np.repeat(stops - lengths.cumsum(), lengths) + np.arange(int(lengths.sum()))
         np.subtract.at(self._need, self._idx[flat], 1)
-        snap = np.max([s for _, s in items], axis=0)
         for mi, st in enumerate(self._models):
-            self._ingest(st, self.rows[mi][st.taken : int(snap[mi])])
-            st.taken = max(st.taken, int(snap[mi]))
+            self._ingest(st, self.rows[mi][st.taken : snap[mi]])
+            st.taken = max(st.taken, snap[mi])
             if not self.broken:
                 self._close(st)
 
