@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from trtwsi.errors import UsageError
 from trtwsi.plan.slide_plan import SlideOptions
 from trtwsi.runtime import Runtime, pick_device, pick_pipeline
-from trtwsi.runtime.runtime import default_batch
+from trtwsi.runtime.runtime import check_compile, default_batch
 from trtwsi.slide import Slide, open_slide
 
 __all__ = ["Predictor"]
@@ -89,11 +89,7 @@ class Predictor:
         self.min_tissue = min_tissue
         self.progress = progress
         self.device = pick_device(device)
-        if compile and not self.device.startswith("cuda"):  # (the Runtime, built later, would)
-            raise UsageError(
-                f"compile=True compiles the models for a CUDA GPU; this Predictor is on "
-                f"{self.device}: drop compile, or pick a CUDA device"
-            )
+        check_compile(compile, self.device, "Predictor")  # now: the Runtime comes later
         self.gpu_pipeline = pick_pipeline(self.device, gpu_pipeline)
         self.batch = (
             int(batch)

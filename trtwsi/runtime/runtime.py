@@ -84,6 +84,16 @@ class SlideOutcome:
         return self.error is None
 
 
+def check_compile(compile: bool, device: str, owner: str) -> None:
+    """``compile=True`` compiles for a CUDA GPU: UsageError naming the ``owner`` ("runtime",
+    "Predictor") and its ``device`` anywhere else."""
+    if compile and not device.startswith("cuda"):
+        raise UsageError(
+            f"compile=True compiles the models for a CUDA GPU; this {owner} is on {device}: "
+            "drop compile (--compile), or pick a CUDA device"
+        )
+
+
 def _where(name: str, value: str, env: str) -> str:
     """``"auto"``, ``"gpu"`` or ``"cpu"`` for the option ``name``; ``"auto"`` takes ``$env``
     when it is set. UsageError for anything else."""
@@ -187,11 +197,7 @@ class Runtime:
                 f"decode='gpu' needs the GPU pipeline; this runtime is on {self.device}"
             )
         self._decode = decode
-        if compile and not self.device.startswith("cuda"):
-            raise UsageError(
-                f"compile=True compiles the models for a CUDA GPU; this runtime is on "
-                f"{self.device}: drop compile (--compile), or pick a CUDA device"
-            )
+        check_compile(compile, self.device, "runtime")
         self.compile = bool(compile)
         seam_merge = seam_merge or os.environ.get("TRTWSI_SEAM_MERGE") or "thread"
         if seam_merge not in ("thread", "process"):
@@ -581,8 +587,8 @@ class Runtime:
                     )  # fmt: skip
                     if self.timing and run.seams is not None:
                         out.results.timings["merge_early"] = round(run.seams.seconds, 6)
-                        wait = getattr(run.seams, "wait_seconds", None)
-                        if wait is not None:  # the finisher's wait for the merge process
+                        wait = run.seams.wait_seconds  # (for the seam-merge process)
+                        if wait is not None:
                             out.results.timings["merge_wait"] = round(wait, 6)
                 except Exception as e:
                     out.error = e
