@@ -66,14 +66,17 @@ fi
 SIZES=4 TRTWSI_SEAM_MERGE=process slides merge-process "$here"; pack
 SIZES=4 TRTWSI_BENCH_COMPILE=1 slides compiled "$here"; pack
 SIZES=4 TRTWSI_BENCH_COMPILE=1 TRTWSI_SEAM_MERGE=process slides compiled-merge-process "$here"; pack
+SIZES=4 TRTWSI_BENCH_COMPILE=1 TRTWSI_SEAM_MERGE=process TRTWSI_BENCH_SWITCH_INTERVAL=0.0005 \
+  slides compiled-merge-process-switch "$here"; pack  # GIL handoffs of 0.5 ms, not 5
 TRTWSI_SEAM_MERGE=process batch merge-process "$here"; pack  # the batch's drains too
 TRTWSI_BENCH_OUT="$r/memory.json" timeout 120 python3 -m pytest bench/bench_pipeline.py -q \
   -p no:cacheprovider -k "ceiling or e2e_memory" > "$r/memory.txt" 2>&1
 tail -1 "$r/memory.txt"; pack
 # Where the batch's wall goes, when py-spy is there (wall time of every thread of the
-# coordinator and the worker: `python bench/profile_summary.py batch-profile.json`)
+# coordinator and the worker: `python bench/profile_summary.py batch-profile.json`);
+# PROFILE=0 skips it
 spy=$(command -v py-spy || ls /tmp/site/bin/py-spy 2> /dev/null)
-if [ -n "$spy" ]; then
+if [ -n "$spy" ] && [ "${PROFILE:-1}" != 0 ]; then
   timeout 120 "$spy" record --subprocesses --idle -r 100 -f speedscope -o "$r/batch-profile.json" \
     -- python3 $BATCH > "$r/batch-profile.txt" 2>&1
   pack
