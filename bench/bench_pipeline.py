@@ -29,7 +29,8 @@ the path) holding the device, every number below, and the goals from the issue:
   (should stay flat as the slide grows).
 
 ``$TRTWSI_SEAM_MERGE=process`` puts the runtime's seam merge in its process (each slide record
-says ``seam_merge``). ``$TRTWSI_BENCH_COMPILE=1``: every pipeline run above uses ``compile=True`` (the forward
+says ``seam_merge``); ``$TRTWSI_LAUNCH_GRAPHS=0`` launches each batch's steps one by one, not as
+CUDA graphs (each slide record says ``launch_graphs``). ``$TRTWSI_BENCH_COMPILE=1``: every pipeline run above uses ``compile=True`` (the forward
 compiled by ``torch.compile``, in the runtime's start: ``runtime_start`` holds its seconds), and
 the ceiling also measures the compiled forward at each batch (``ceiling_compiled_by_batch``,
 ``ceiling_eager``): the ceiling is the best of both.
@@ -374,6 +375,10 @@ def _one_slide(path: str) -> dict:
         "seam_every": every or "default",
         "compile": COMPILE,
         "seam_merge": p.runtime.seam_merge,
+        "launch_graphs": {
+            k: getattr(p.runtime._pipe.graphs, k)
+            for k in ("enabled", "captures", "replays", "uncaptured", "off")
+        },
         "runtime_start": p.runtime.start_timings,
         "again": {
             "seconds": round(secs_again, 3),

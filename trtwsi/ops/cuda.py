@@ -43,6 +43,7 @@ __all__ = [
     "KERNEL_FAMILIES",
     "NVRTC_OPTIONS",
     "Candidates",
+    "copy_async",
     "decode_nms_head",
     "kernel_source",
     "kernels_dir",
@@ -148,6 +149,38 @@ def _launch(family: str, name: str, device: torch.device, grid, block, args) -> 
     else:
         with cupy.cuda.Device(index):
             kernel(tuple(grid), tuple(block), tuple(args), stream=stream)
+
+
+def copy_async(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """Copy ``src``'s bytes into ``dst`` on ``torch.cuda.current_stream()`` (one
+    ``cudaMemcpyAsync``, direction from the pointers); no synchronize.
+
+    Both contiguous with the same number of bytes; host tensors must be pinned (page-locked):
+    the copy may run after this returns. Unlike ``Tensor.copy_`` it tells torch's pinned
+    memory allocator nothing, so a CUDA graph may capture it: keep host buffers alive (and
+    unwritten) until the copy is done.
+    """
+    for name, t in (("dst", dst), ("src", src)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if t.device.type != "cuda" and not t.is_pinned():
+            raise ValueError(f"{name} is a host tensor that is not pinned: pin_memory() it")
+    n = dst.numel() * dst.element_size()
+    if src.numel() * src.element_size() != n:
+        raise ValueError(
+            f"dst holds {n} bytes, src {src.numel() * src.element_size()}: copy equal sizes"
+        )
+    dev = dst.device if dst.device.type == "cuda" else src.device
+    if dev.type != "cuda":
+        raise ValueError("one of dst and src must be a CUDA tensor")
+    cupy = _cupy()
+    stream = torch.cuda.current_stream(dev).cuda_stream
+    args = (dst.data_ptr(), src.data_ptr(), n, 4, stream)  # 4: cudaMemcpyDefault
+    if cupy.cuda.runtime.getDevice() == dev.index:
+        cupy.cuda.runtime.memcpyAsync(*args)
+    else:
+        with cupy.cuda.Device(dev.index):
+            cupy.cuda.runtime.memcpyAsync(*args)
 
 
 def _ptr(t: torch.Tensor) -> np.uint64:

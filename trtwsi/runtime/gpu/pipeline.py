@@ -14,6 +14,8 @@ plans and runs every chunk of every slide through it back to back::
     compute stream: wait H2D events → preprocess (all tiles of a batch, one launch)
                     → engine.infer (graph replay / TensorRT) → decode+NMS kernels → level-0
                     shift → async D2H of (B, max_det, 6) + counts into pinned memory
+                    (the steps before and after the engine replayed as CUDA graphs:
+                    ``runtime/gpu/launch_graphs.py``)
     host: waits on the done event of the batch ``depth - 1`` back (one event), sorts rows to
           their slides; a slide whose last batch is back is handed to ``on_slide_done``.
 
@@ -38,6 +40,7 @@ import threading
 import time
 import warnings
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -48,6 +51,7 @@ from trtwsi.read.host import PinnedBuffer
 from trtwsi.read.processes import ReaderPool, process_readable
 from trtwsi.runtime.gpu.device import GpuStreams
 from trtwsi.runtime.gpu.jpeg_lane import DECODE_DEPTH, JpegLane, start_lane
+from trtwsi.runtime.gpu.launch_graphs import LaunchGraphs
 from trtwsi.runtime.gpu.ring import IDLE, BatchBuilder, ChunkRing, SlideTracker
 
 __all__ = ["CHUNK_PIXELS", "GpuPipeline"]
@@ -111,6 +115,10 @@ class GpuPipeline:
             decode is found to work here; else CPU only), ``"gpu"`` (the lane must work:
             DeviceError if not) or ``"cpu"`` (CPU readers only).
             ``decode_depth``: lane chunks decoded ahead at most.
+        launch_graphs: replay the host-launched steps around the engine (metadata upload and
+            preprocess; decode, NMS and result download) as CUDA graphs
+            (:mod:`~trtwsi.runtime.gpu.launch_graphs`): a few Python calls per batch instead
+            of about 30. None: on, unless ``$TRTWSI_LAUNCH_GRAPHS`` is ``0``.
     """
 
     def __init__(
@@ -130,6 +138,7 @@ class GpuPipeline:
         spare_slots: int = 0,
         decode: str = "auto",
         decode_depth: int = DECODE_DEPTH,
+        launch_graphs: bool | None = None,
     ):
         import os
 
@@ -196,6 +205,9 @@ class GpuPipeline:
         self._arena = torch.empty(
             self.device_slots * self.slot_bytes, dtype=torch.uint8, device=self.device
         )
+        if launch_graphs is None:
+            launch_graphs = os.environ.get("TRTWSI_LAUNCH_GRAPHS", "1") != "0"
+        self.graphs = LaunchGraphs(self.device, launch_graphs)
         #: the GPU JPEG lane (None until its probe is done, or when off)
         self.lane: JpegLane | None = None
         #: why the GPU JPEG lane is off (None when it is on)
@@ -390,9 +402,11 @@ class GpuPipeline:
         batch's tiles of ``run`` once their rows are in ``run.rows`` (must return quickly)."""
         import torch
 
+        from trtwsi.ops import cuda as kops
         from trtwsi.ops.reference import letterbox_params
 
         S = self.streams
+        graphs = self.graphs
         tracker = SlideTracker(on_slide_done, on_tiles)
         ring = ChunkRing(self.device_slots)
         builder = BatchBuilder(self.batch)
@@ -453,6 +467,9 @@ class GpuPipeline:
             tracker.returned(b)
             if self.bar is not None:
                 self.bar.update(b.n)
+            spent = time.perf_counter() - t0 - waited  # sorting rows, merge hand-offs
+            for run, frac in share.items():
+                run.timer.add("collect", spent * frac)
 
         def launch() -> None:
             """Launch the builder's pending tiles as one padded batch."""
@@ -460,10 +477,10 @@ class GpuPipeline:
             pb = builder.take()
             if pb is None:
                 return
-            t0 = time.perf_counter()
             out_slot = n_batches % self.depth
             while len(inflight) >= self.depth - 1:  # so no batch in flight uses out_slot
                 collect(inflight.popleft())
+            t0 = time.perf_counter()  # "launch": this thread's time to enqueue the batch
             g = self.groups[pb.group]
             rs, l0_per_px = pb.geometry
             lb = letterbox_params(rs, rs, g.imgsz)
@@ -487,13 +504,26 @@ class GpuPipeline:
                 return e1
 
             multi = len(g.engines) > 1
+
+            def pre() -> None:  # metadata up, then the tiles cut into the engine input
+                kops.copy_async(self._meta_i_d, mi_h)
+                kops.copy_async(self._meta_f_d, mf_h)
+                self._preprocess(g, rs)
+
+            def post(k: int, raw) -> Callable[[], None]:  # decode + NMS, results down
+                def steps() -> None:
+                    self._postprocess(g, k, raw, n, lb, rs, l0_per_px)
+                    kops.copy_async(g.counts_h[out_slot][k], g.counts_d[k])
+                    kops.copy_async(g.dets_h[out_slot][k], g.dets_d[k])
+
+                return steps
+
             with torch.cuda.stream(S.compute):
                 for d in set(pb.slots):
                     S.compute.wait_event(ring.uploaded[d])
                 e = mark()
-                self._meta_i_d.copy_(mi_h, non_blocking=True)
-                self._meta_f_d.copy_(mf_h, non_blocking=True)
-                self._preprocess(g, rs)
+                # the padding count is baked into the preprocess' metadata, not its graph
+                graphs.launch(("pre", pb.group, rs, out_slot), None, pre)
                 pre_done = S.event()
                 pre_done.record(S.compute)
                 e = mark("preprocess", e)
@@ -501,10 +531,12 @@ class GpuPipeline:
                 for k, eng in enumerate(g.engines):
                     raw = eng.infer(g.input)
                     e = mark(f"infer_{k}" if multi else "infer", e)
-                    self._postprocess(g, k, raw, n, lb, rs, l0_per_px)
+                    if n == B:  # (a partial batch's count is a kernel argument)
+                        key = ("post", pb.group, k, rs, l0_per_px, out_slot)
+                        graphs.launch(key, raw.data_ptr(), post(k, raw))
+                    else:
+                        post(k, raw)()
                     e = mark(f"postprocess_{k}" if multi else "postprocess", e)
-                    g.counts_h[out_slot][k].copy_(g.counts_d[k], non_blocking=True)
-                    g.dets_h[out_slot][k].copy_(g.dets_d[k], non_blocking=True)
                 done = S.event()
                 done.record(S.compute)
             pb.done, pb.out_slot, pb.events = done, out_slot, ev
@@ -654,5 +686,6 @@ class GpuPipeline:
             self.lane.close()
             self.lane = None
         self._host = []
+        self.graphs.close()
         self.groups = []
         self._arena = None
