@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import host_info  # noqa: E402
+from _stages import bound_of  # noqa: E402
 
 from trtwsi._util.resources import bundled_models_dir  # noqa: E402
 from trtwsi.runtime.gpu.device import gpu_unavailable_reason  # noqa: E402
@@ -364,6 +365,7 @@ def _one_slide(path: str) -> dict:
         "tiles_per_s": round(res.n_tiles / secs, 1),
         "detections": len(res.detections),
         "timings": res.timings,
+        "bound": bound_of(res.timings, p.runtime.workers, secs),
         "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "peak_device_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
         "errors": len(res.errors),
@@ -385,6 +387,7 @@ def _one_slide(path: str) -> dict:
             "tissue_gpx_per_s": round(tissue / secs_again / 1e9, 3),
             "same_detections": len(again.detections) == len(res.detections),
             "timings": again.timings,
+            "bound": bound_of(again.timings, p.runtime.workers, secs_again),
         },
     }
 
