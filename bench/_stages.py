@@ -10,7 +10,9 @@ The pipeline overlaps four resources; each slide's timings say how long each was
 - ``readers``: CPU decode, spread over the reader processes (``read`` / workers).
 
 Around them run the serial parts: ``sections`` (the plan, before the first read) and ``merge``
-(the seam merge left after the last batch). The bound is the busiest resource; ``overlap`` is
+(the seam merge left after the last batch); ``first_launch_at`` and ``after_last_return`` (when
+timed) say how long the GPU had nothing of the slide at its start and end. The bound is the
+busiest resource; ``overlap`` is
 how much of the wall time it and the serial parts explain (1.0: all of it; well under 1: the
 stages wait on each other, e.g. a thread starved of the GIL, which no stage timer sees).
 """
@@ -47,4 +49,8 @@ def bound_of(timings: dict, workers: int, seconds: float) -> dict:
     out["serial"] = round(serial, 3)
     out["bound"] = bound
     out["overlap"] = round((busy[bound] + serial) / seconds, 2) if seconds > 0 else None
+    if "first_launch_at" in t:  # the slide's timeline: its first batch, its last one back
+        out["first_launch_at"] = round(t["first_launch_at"], 3)
+    if "last_return_at" in t:
+        out["after_last_return"] = round(seconds - t["last_return_at"], 3)
     return out

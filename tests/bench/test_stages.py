@@ -22,6 +22,10 @@ def test_the_busiest_resource_bounds_the_slide():
     assert b["gpu_compute"] == pytest.approx(0.71) and b["gpu_copy"] == pytest.approx(0.12)
     assert b["pipeline_thread"] == pytest.approx(0.35) and b["readers"] == pytest.approx(0.3)
     assert b["serial"] == pytest.approx(0.13) and b["overlap"] == pytest.approx(0.93)
+    assert "first_launch_at" not in b
+    t.update(first_launch_at=0.21, last_return_at=0.84)
+    b = bound_of(t, workers=16, seconds=0.9)
+    assert b["first_launch_at"] == 0.21 and b["after_last_return"] == pytest.approx(0.06)
 
 
 def test_readers_bound_with_few_workers_and_per_model_stages_add_up():

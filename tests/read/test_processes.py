@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.slide.test_bad_input import W, _corrupt
-from trtwsi.errors import TileReadError, TrtwsiError
+from trtwsi.errors import TileReadError, TrtwsiError, UsageError
 from trtwsi.read.processes import ReaderPool, process_readable, strips
 from trtwsi.slide import open_slide
 from trtwsi.slide.tiff import TiffSlide
@@ -31,9 +31,15 @@ def test_process_reads_equal_direct_reads(svs_file):
             r.close()
 
 
-def test_tall_regions_are_read_in_strips_by_several_workers(tmp_path):
+@pytest.mark.parametrize("setting", [None, "1", "2", "adaptive"])
+def test_tall_regions_are_read_in_strips_by_several_workers(tmp_path, monkeypatch, setting):
+    """Every strip setting ($TRTWSI_READ_STRIPS) reads the same pixels."""
     from trtwsi.synthetic import make_slide
 
+    if setting is None:
+        monkeypatch.delenv("TRTWSI_READ_STRIPS", raising=False)
+    else:
+        monkeypatch.setenv("TRTWSI_READ_STRIPS", setting)
     path = tmp_path / "tall.tif"
     make_slide(path, 1500, 2600, seed=4, n_sections=1)
     with TiffSlide(path) as s:
@@ -41,12 +47,21 @@ def test_tall_regions_are_read_in_strips_by_several_workers(tmp_path):
         if len(s.levels) > 1:  # integer downsample: strips; level origin from level-0 coords
             cases.append((10, 30, 700, 1300, 1))
         r = ReaderPool(processes=3, slots=1, slot_bytes=1500 * 2600 * 3, pin=False)
+        assert r.strips == {None: 0, "1": 1, "2": 2, "adaptive": "adaptive"}[setting]
         try:
             for x, y, w, h, lv in cases:
                 want = s.read_region(x, y, w, h, level=lv)
                 np.testing.assert_array_equal(r.read(0, s, x, y, w, h, lv), want)
+            assert r._reading == 0
         finally:
             r.close()
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_a_bad_strip_setting_is_refused_before_anything_starts(monkeypatch, value):
+    monkeypatch.setenv("TRTWSI_READ_STRIPS", value)
+    with pytest.raises(UsageError, match=f"TRTWSI_READ_STRIPS='{value}'.*adaptive"):
+        ReaderPool(processes=1, slots=1, slot_bytes=64, pin=False)
 
 
 def test_strips_cover_the_region_and_share_no_tile_row():

@@ -130,7 +130,9 @@ def test_gpu_launch_graphs_change_no_row(slide, batch, monkeypatch):
             graphs[on] = (g.enabled, g.captures, g.replays, g.off)
         rows[on] = [o.detections.to_numpy() for o in outs]
     enabled, captures, replays, off = graphs["1"]
-    assert enabled and off is None and captures > 0 and replays > captures, graphs
+    assert enabled and off is None and captures > 0 and replays >= captures, graphs
+    if batch == 5:  # enough full batches that graphs are replayed, not only captured
+        assert replays > captures, graphs
     assert graphs["0"][0] is False and graphs["0"][1] == 0
     for a, b in zip(rows["1"], rows["0"], strict=True):
         assert len(a) > 0

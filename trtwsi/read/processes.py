@@ -35,6 +35,7 @@ from trtwsi.errors import (
     RegionError,
     RuntimeStateError,
     TileReadError,
+    UsageError,
 )
 from trtwsi.read.host import SharedBuffer
 
@@ -89,6 +90,25 @@ def strips(top: int, h: int, n: int, unit: int) -> list[tuple[int, int]]:
             cuts.append(c)
     cuts.append(h)
     return [(a, b - a) for a, b in itertools.pairwise(cuts)]
+
+
+def _strips_setting(value: str | None) -> int | str:
+    """``$TRTWSI_READ_STRIPS`` → ReaderPool.strips: ``"adaptive"``, a positive int, or 0
+    (unset: as many as processes)."""
+    if not value:
+        return 0
+    if value == "adaptive":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise UsageError(
+            f"TRTWSI_READ_STRIPS={value!r}: use a positive number of strips per read, "
+            "or 'adaptive'"
+        )
+    return n
 
 
 def _worker_init(shm_path: str, size: int) -> None:
@@ -166,6 +186,13 @@ class ReaderPool:
         self, processes: int, slots: int, slot_bytes: int, pin: bool = True, wait: bool = True
     ):
         self.processes = max(1, int(processes))
+        #: strips per read: an int caps them (1: one task per region); "adaptive" cuts a read
+        #: into ``processes / reads in flight`` strips (all workers on a lone read, one task
+        #: each when the ring is full: fewer tasks for this process' pool threads to pickle
+        #: under the GIL). Default: ``$TRTWSI_READ_STRIPS``, else ``processes`` (every read).
+        self.strips: int | str = _strips_setting(os.environ.get("TRTWSI_READ_STRIPS"))
+        self._reading = 0  # reads in flight (for "adaptive")
+        self._reading_lock = threading.Lock()
         self.slot_bytes = int(slot_bytes)
         self.size = self.slot_bytes * int(slots)
         self._pool = None
@@ -259,18 +286,30 @@ class ReaderPool:
         buf = self.buffers[slot]
         lv = slide.levels[level]
         ds = float(lv.downsample)
-        if ds.is_integer():
-            parts = strips(y // int(ds), h, self.processes, lv.tile_height or STRIP_ROWS)
-        else:
-            parts = [(0, h)]
-        futures = [
-            self._pool.submit(
-                _worker_read, ref, buf.offset + r0 * w * 3, x, y + int(r0 * ds), w, rows, level
-            )
-            for r0, rows in parts
-        ]
-        for f in futures:
-            for e in f.result():
+        with self._reading_lock:
+            self._reading += 1
+            reading = self._reading
+        try:
+            if self.strips == "adaptive":
+                n = -(-self.processes // reading)
+            else:
+                n = min(self.processes, self.strips or self.processes)
+            if ds.is_integer():
+                parts = strips(y // int(ds), h, n, lv.tile_height or STRIP_ROWS)
+            else:
+                parts = [(0, h)]
+            futures = []
+            for r0, rows in parts:
+                at = buf.offset + r0 * w * 3
+                futures.append(
+                    self._pool.submit(_worker_read, ref, at, x, y + int(r0 * ds), w, rows, level)
+                )
+            results = [f.result() for f in futures]
+        finally:
+            with self._reading_lock:
+                self._reading -= 1
+        for errors in results:
+            for e in errors:
                 tile = tuple(e["tile"]) if isinstance(e["tile"], list) else e["tile"]
                 slide._tile_failed(
                     TileReadError(e["message"], level=e["level"], tile=tile, region=e["region"])

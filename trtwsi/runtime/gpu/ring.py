@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -73,6 +74,12 @@ class SlideRun:
     inflight: int = 0
     issued: bool = False
     t_start: float = 0.0
+    #: perf_counter of the slide's first launched batch and of its last returned one (None
+    #: before); the tracker turns them into the timings ``first_launch_at`` and
+    #: ``last_return_at`` (seconds after ``t_start``): before the first, only planning and
+    #: reads ran; after the last, only the merge
+    t_first_launch: float | None = None
+    t_last_return: float | None = None
     #: what merges the slide's rows while its tiles come back (runtime/seams.py), or None
     seams: object = None
 
@@ -183,16 +190,21 @@ class SlideTracker:
         self._emit()
 
     def launched(self, pb: PendingBatch, ring: ChunkRing | None = None) -> None:
+        now = time.perf_counter()
         for run, n in pb.tiles_of().items():
             run.pending -= n
             run.inflight += 1
+            if run.t_first_launch is None:
+                run.t_first_launch = now
         if ring is not None:
             for d in pb.slots:
                 ring.pending[d] -= 1
 
     def returned(self, pb: PendingBatch) -> None:
+        now = time.perf_counter()
         for run in pb.runs:
             run.inflight -= 1
+            run.t_last_return = now
         if self.on_tiles is not None:
             owner = np.asarray(pb.runs_index, dtype=np.int64)
             tiles = np.asarray(pb.tiles, dtype=np.int64)
@@ -203,7 +215,14 @@ class SlideTracker:
 
     def _emit(self) -> None:
         while self._order and self._order[0].finished:
-            self.on_done(self._order.popleft())
+            run = self._order.popleft()
+            for name, t in (
+                ("first_launch_at", run.t_first_launch),
+                ("last_return_at", run.t_last_return),
+            ):
+                if t is not None and run.t_start:
+                    run.timer.add(name, t - run.t_start)
+            self.on_done(run)
 
     def drain(self) -> None:
         """End of the stream: every slide must be finished by now."""
