@@ -7,7 +7,9 @@ The pipeline overlaps four resources; each slide's timings say how long each was
 - ``gpu_copy``: the copy stream (``gpu_h2d`` + ``gpu_place``);
 - ``pipeline_thread``: the one Python thread that enqueues batches and sorts their rows
   (``launch`` + ``collect``; its waits, ``wait_read`` and ``wait_gpu``, are idle time);
-- ``readers``: CPU decode, spread over the reader processes (``read`` / workers).
+- ``readers``: CPU decode, spread over the reader processes (``read`` / workers). ``read`` is
+  the reader threads' wall time per chunk, queueing for a free process included, so this is an
+  upper bound: it reads high whenever the host's cores are oversubscribed.
 
 Around them run the serial parts: ``sections`` (the plan, before the first read) and ``merge``
 (the seam merge left after the last batch); ``first_launch_at`` and ``after_last_return`` (when
