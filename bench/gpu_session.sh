@@ -13,21 +13,12 @@ set -u
 out=${1:?usage: bash bench/gpu_session.sh OUTDIR [A/B-REV]}
 ab=${2:-}
 r=/tmp/gpu-session
-mkdir -p "$r" "$out" /tmp/bc
-pack() { tar czf "$out/results.tgz" -C "$r" . ; }
-export YOLO_OFFLINE=1 TRTWSI_BENCH_CACHE=/tmp/bc
-{ nvidia-smi --query-gpu=name --format=csv,noheader 2>&1; git log --oneline -1; git status --short; } > "$r/tree.txt"
-
-# The lent hosts set PYTHONDONTWRITEBYTECODE=1: compile once, as a pip install would, or every
-# process start measures compilation (a fresh `import torch` 7.1 s instead of 1.2-1.4 s).
-dirs="trtwsi $(python3 -c "import site; print(' '.join(site.getsitepackages()))")"
-pp=${PYTHONPATH:-}
-for p in ${pp//:/ }; do  # e.g. the --target dir of the device's wheels
-  [ -d "$p" ] && dirs="$dirs $p"; done
+source "$(dirname "$0")/_gpu_run.sh"
+extra=
 if [ -n "$ab" ]; then
-  git worktree add -f /tmp/ab "$ab" > "$r/worktree.txt" 2>&1 && dirs="$dirs /tmp/ab/trtwsi"
+  git worktree add -f /tmp/ab "$ab" > "$r/worktree.txt" 2>&1 && extra=/tmp/ab/trtwsi
 fi
-for p in $dirs; do python3 -m compileall -q -j 16 "$p" > /dev/null 2>&1; done
+compile_bytecode $extra
 
 gen() {  # bench slides, in the background while the GPU tests run
   python3 -c "from trtwsi.synthetic import make_slide as m

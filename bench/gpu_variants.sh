@@ -13,14 +13,8 @@ set -u
 out=${1:?usage: bash bench/gpu_variants.sh OUTDIR "NAME ENV=VALUE ..." ...}
 shift
 r=/tmp/gpu-variants
-mkdir -p "$r" "$out" /tmp/bc
-pack() { tar czf "$out/results.tgz" -C "$r" . ; }
-export YOLO_OFFLINE=1 TRTWSI_BENCH_CACHE=/tmp/bc
-{ nvidia-smi --query-gpu=name --format=csv,noheader 2>&1; git log --oneline -1; git status --short; } > "$r/tree.txt"
-dirs="trtwsi $(python3 -c "import site; print(' '.join(site.getsitepackages()))")"
-pp=${PYTHONPATH:-}
-for p in ${pp//:/ }; do [ -d "$p" ] && dirs="$dirs $p"; done
-for p in $dirs; do python3 -m compileall -q -j 16 "$p" > /dev/null 2>&1; done  # see gpu_session.sh
+source "$(dirname "$0")/_gpu_run.sh"
+compile_bytecode
 [ -f /tmp/bc/bench-63232.tif ] || python3 -c "from trtwsi.synthetic import make_slide as m
 m('/tmp/bc/bench-63232.tif', 63232, 63232, seed=3, n_sections=3)" > "$r/gen.txt" 2>&1
 for variant in "$@"; do
