@@ -12,8 +12,10 @@ kernel arguments and pointers) and replays it after: one call.
 Only what the buffers' fixed addresses make safe is captured: the pipeline's static metadata
 buffers, chunk arena, engine input and per-slot pinned result buffers. A step whose input
 pointer may move (an engine without a static output) is guarded: the graph replays only while
-the guard value (the pointer at capture) is unchanged; otherwise the caller's steps run as
-before. Partial batches (padding count baked into the kernels) always run as before.
+the guard value (the pointer at capture) is unchanged; otherwise the caller's steps run
+uncaptured, as before (no recapture: an engine whose output moves would otherwise pay a
+capture per batch). Partial batches (padding count baked into the kernels) always run as
+before.
 
 Captures use one memory pool per :class:`LaunchGraphs`, shared by its graphs: their scratch
 tensors may alias, which is safe because every graph replays on the one compute stream, one
@@ -41,13 +43,11 @@ class LaunchGraphs:
     """
 
     def __init__(self, device, enabled: bool = True):
-        import torch
-
         self.device = device
         self.enabled = bool(enabled)
         self._graphs: dict[Hashable, tuple[object, Hashable]] = {}
         self._pool = None
-        self._stream = torch.cuda.Stream(device) if self.enabled else None
+        self._stream = None  # the capture stream, made on the first capture
         #: captures made, replays, step groups run uncaptured (counters for tests and benches)
         self.captures = self.replays = self.uncaptured = 0
         #: why capturing stopped (None while it works)
@@ -59,26 +59,27 @@ class LaunchGraphs:
 
         ``steps`` must enqueue device work only (no host synchronization, no reads of device
         values) and must depend on nothing but ``key`` and device memory at fixed addresses;
-        ``guard`` is a value that changes when one of those addresses may have (the graph of
-        ``key`` is recaptured then).
+        ``guard`` is a value that changes when one of those addresses may have: while it
+        differs from the one at capture, ``steps`` runs uncaptured.
         """
-        import torch
-
-        if not self.enabled:
-            self.uncaptured += 1
-            steps()
-            return
-        got = self._graphs.get(key)
+        got = self._graphs.get(key) if self.enabled else None
         if got is not None and got[1] == guard:
             got[0].replay()
             self.replays += 1
             return
-        if got is None and len(self._graphs) >= MAX_GRAPHS:
+        if not self.enabled or got is not None or len(self._graphs) >= MAX_GRAPHS:
             self.uncaptured += 1
             steps()
             return
+        self._capture(key, guard, steps)
+
+    def _capture(self, key: Hashable, guard: Hashable, steps: Callable[[], None]) -> None:
+        import torch
+
         current = torch.cuda.current_stream(self.device)
         graph = torch.cuda.CUDAGraph()
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         try:
@@ -97,7 +98,7 @@ class LaunchGraphs:
                 f"CUDA-graph capture of a batch's launches failed ({type(e).__name__}: {e}); "
                 "launching them one by one",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
             self._graphs.clear()
             with torch.cuda.stream(current):
