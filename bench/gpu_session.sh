@@ -45,22 +45,23 @@ batch() {  # $1: name, $2: tree
 }
 here=$PWD
 slides a "$here"; pack
-# the 4 Gpx slide without the launch graphs, with the model compiled, with the seam merge in its
-# process, and combinations (each against the default run above, same machine)
+# The open questions of 2026-12-07 (fifth session), each against the default run above on the
+# same machine: does the compiled model pay on slides now that the pipeline thread is lighter
+# (adaptive reader strips, launch graphs)? Do strips on every read and no launch graphs still
+# lose here? (The seam merge in its process was measured then: default stays "thread".)
+TRTWSI_BENCH_COMPILE=1 slides compiled "$here"; pack
+SIZES=4 TRTWSI_READ_STRIPS=16 slides strips16 "$here"; pack
 SIZES=4 TRTWSI_LAUNCH_GRAPHS=0 slides no-graphs "$here"; pack
-SIZES=4 TRTWSI_BENCH_COMPILE=1 slides compiled "$here"; pack
-SIZES=4 TRTWSI_SEAM_MERGE=process slides merge-process "$here"; pack
-SIZES=4 TRTWSI_BENCH_COMPILE=1 TRTWSI_SEAM_MERGE=process slides compiled-merge-process "$here"; pack
 batch a "$here"; pack
 if [ -n "$ab" ]; then
   SIZES=4 slides b "/tmp/ab"; SIZES=4 slides a2 "$here"; pack
   batch b "/tmp/ab"; batch a2 "$here"; pack
 fi
-TRTWSI_SEAM_MERGE=process batch merge-process "$here"; pack  # the batch's drains too
-SIZES=4 TRTWSI_BENCH_COMPILE=1 TRTWSI_SEAM_MERGE=process TRTWSI_BENCH_SWITCH_INTERVAL=0.0005 \
-  slides compiled-merge-process-switch "$here"; pack  # GIL handoffs of 0.5 ms, not 5
-TRTWSI_BENCH_OUT="$r/memory.json" timeout 120 python3 -m pytest bench/bench_pipeline.py -q \
-  -p no:cacheprovider -k "ceiling or e2e_memory" > "$r/memory.txt" 2>&1
+SIZES=4 TRTWSI_BENCH_COMPILE=1 TRTWSI_BENCH_SWITCH_INTERVAL=0.0005 \
+  slides compiled-switch "$here"; pack  # GIL handoffs of 0.5 ms, not 5
+# ceilings (eager and compiled) and the in-memory image, compiled
+TRTWSI_BENCH_COMPILE=1 TRTWSI_BENCH_OUT="$r/memory.json" timeout 150 python3 -m pytest \
+  bench/bench_pipeline.py -q -p no:cacheprovider -k "ceiling or e2e_memory" > "$r/memory.txt" 2>&1
 tail -1 "$r/memory.txt"; pack
 # Where the batch's wall goes, when py-spy is there (wall time of every thread of the
 # coordinator and the worker: `python bench/profile_summary.py batch-profile.json`);
