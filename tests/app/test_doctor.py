@@ -139,3 +139,17 @@ def test_doctor_names_packages_that_every_process_compiles(tmp_path, monkeypatch
     r = doctor.Report()
     doctor._check_bytecode(r, packages=("slowpkg",))
     assert not r.problems  # a writable folder: the first import writes it
+
+
+def test_doctor_reports_trtwsi_settings_from_the_environment(monkeypatch):
+    for name in ("TRTWSI_TISSUE", "TRTWSI_DECODE", "TRTWSI_SEAM_MERGE", "TRTWSI_LAUNCH_GRAPHS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TRTWSI_TISSUE", "cpu")
+    monkeypatch.setenv("TRTWSI_READ_STRIPS", "lots")
+    r = doctor.collect()
+    rows = dict(r.items)
+    assert rows["TRTWSI_TISSUE"] == "'cpu' (from the environment)"
+    assert rows["TRTWSI_READ_STRIPS"] == "'lots' (not valid)"
+    assert "TRTWSI_DECODE" not in rows
+    assert any("TRTWSI_READ_STRIPS='lots'" in p and "positive integer" in p for p in r.problems)
+    assert "unset TRTWSI_READ_STRIPS   (or set it to a value it takes)" in r.fixes

@@ -288,6 +288,14 @@ def collect(models_dir: str | os.PathLike | None = None, *, check_kernels: bool 
             f"Triton {triton_v}: --compile runs the model about 1.9x faster after a one-time "
             f"compile (about 20 s cold, seconds with a warm cache in {cache})",
         )
+    # --- TRTWSI_* settings from the environment ---
+    from trtwsi._util.env import env_report
+
+    for name, value, problem in env_report():
+        r.add(name, f"{value!r}" + (" (not valid)" if problem else " (from the environment)"))
+        if problem:
+            r.problems.append(problem)
+            r.fix(f"unset {name}   (or set it to a value it takes)")
     # --- TensorRT flavours ---
     mods = available_modules()
     for flavour, mod in mods.items():

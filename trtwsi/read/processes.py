@@ -29,13 +29,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from trtwsi._util.env import env_setting
 from trtwsi._util.spawn import await_pool, preload_decoders, start_pool
 from trtwsi.errors import (
     ReaderStartError,
     RegionError,
     RuntimeStateError,
     TileReadError,
-    UsageError,
 )
 from trtwsi.read.host import SharedBuffer
 
@@ -93,20 +93,9 @@ def strips(top: int, h: int, n: int, unit: int) -> list[tuple[int, int]]:
 
 
 def _strips_setting(value: str | None) -> int | str:
-    """``$TRTWSI_READ_STRIPS`` → ReaderPool.strips: ``"adaptive"`` (also when unset) or a
-    positive int."""
-    if not value or value == "adaptive":
-        return "adaptive"
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise UsageError(
-            f"TRTWSI_READ_STRIPS={value!r}: use a positive number of strips per read, "
-            "or 'adaptive'"
-        )
-    return n
+    """``$TRTWSI_READ_STRIPS`` (checked by :func:`~trtwsi._util.env.env_setting`) →
+    ReaderPool.strips: ``"adaptive"`` (also when unset) or a positive int."""
+    return "adaptive" if value in (None, "adaptive") else int(value)
 
 
 def _worker_init(shm_path: str, size: int) -> None:
@@ -190,7 +179,7 @@ class ReaderPool:
         #: each when the ring is full, so this process' pool threads pickle fewer tasks under
         #: the GIL the launch loop needs (4 Gpx slide on an H100 host: 0.84-0.89 s vs
         #: 0.92-0.95 s with ``processes`` strips on every read)
-        self.strips: int | str = _strips_setting(os.environ.get("TRTWSI_READ_STRIPS"))
+        self.strips: int | str = _strips_setting(env_setting("TRTWSI_READ_STRIPS"))
         self._reading = 0  # reads in flight (for "adaptive")
         self._reading_lock = threading.Lock()
         self.slot_bytes = int(slot_bytes)

@@ -28,6 +28,8 @@ from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+from trtwsi._util.env import SETTINGS as ENV_SETTINGS
+from trtwsi._util.env import env_setting
 from trtwsi.errors import ReaderStartError, RuntimeStateError, UsageError
 from trtwsi.plan.slide_plan import SlideOptions, plan_slide
 from trtwsi.plan.tissue import TISSUE_THUMBNAIL, find_sections
@@ -98,7 +100,7 @@ def _where(name: str, value: str, env: str) -> str:
     """``"auto"``, ``"gpu"`` or ``"cpu"`` for the option ``name``; ``"auto"`` takes ``$env``
     when it is set. UsageError for anything else."""
     if value == "auto":
-        value = os.environ.get(env, "auto")
+        value = env_setting(env) or "auto"
     if value not in ("auto", "gpu", "cpu"):
         raise UsageError(f"{name} must be 'auto', 'gpu' or 'cpu', got {value!r}")
     return value
@@ -181,6 +183,8 @@ class Runtime:
 
         if not models:
             raise UsageError("a Runtime needs at least one model (a trtwsi.Model or a .pt path)")
+        for name in ENV_SETTINGS:  # a bad export fails here, before any model loads
+            env_setting(name)
         if batch is not None and (
             isinstance(batch, bool) or not isinstance(batch, int) or batch < 1
         ):
@@ -199,7 +203,7 @@ class Runtime:
         self._decode = decode
         check_compile(compile, self.device, "runtime")
         self.compile = bool(compile)
-        seam_merge = seam_merge or os.environ.get("TRTWSI_SEAM_MERGE") or "thread"
+        seam_merge = seam_merge or env_setting("TRTWSI_SEAM_MERGE") or "thread"
         if seam_merge not in ("thread", "process"):
             raise UsageError(f"seam_merge must be 'thread' or 'process', got {seam_merge!r}")
         self.seam_merge = seam_merge

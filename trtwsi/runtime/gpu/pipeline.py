@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from trtwsi._util.env import env_setting
 from trtwsi.errors import DeviceError, ReaderStartError
 from trtwsi.read.host import PinnedBuffer
 from trtwsi.read.processes import ReaderPool, process_readable
@@ -206,7 +207,7 @@ class GpuPipeline:
             self.device_slots * self.slot_bytes, dtype=torch.uint8, device=self.device
         )
         if launch_graphs is None:
-            launch_graphs = os.environ.get("TRTWSI_LAUNCH_GRAPHS", "1") != "0"
+            launch_graphs = env_setting("TRTWSI_LAUNCH_GRAPHS") != "0"
         self.graphs = LaunchGraphs(self.device, launch_graphs)
         #: the GPU JPEG lane (None until its probe is done, or when off)
         self.lane: JpegLane | None = None
