@@ -170,3 +170,21 @@ def test_gpu_launch_graphs_change_no_row(slide, batch, monkeypatch):
     for a, b in zip(rows["1"], rows["0"], strict=True):
         assert len(a) > 0
         np.testing.assert_array_equal(a, b)
+
+
+@gpu
+@pytest.mark.gpu
+def test_gpu_a_models_threshold_changed_between_slides_is_used(slide, monkeypatch):
+    """Model.min_conf is a kernel argument the post-engine graph bakes in: raising it between
+    two runs of one runtime must drop the low-score rows, as a fresh runtime does."""
+    monkeypatch.setenv("TRTWSI_LAUNCH_GRAPHS", "1")
+    model = trtwsi.Model(MODELS / "demo-yolo11n.pt")
+    kw = {"device": "cuda", "batch": 5, "workers": 2, "decode": "cpu"}
+    with Runtime([model], **kw) as rt:
+        low = rt.run(slide).detections
+        model.min_conf = 0.6
+        high = rt.run(slide).detections
+    with Runtime([trtwsi.Model(MODELS / "demo-yolo11n.pt", min_conf=0.6)], **kw) as rt:
+        fresh = rt.run(slide).detections
+    assert len(high) < len(low) and high.score.min() >= 0.6
+    np.testing.assert_array_equal(high.to_numpy(), fresh.to_numpy())

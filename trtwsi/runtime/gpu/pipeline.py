@@ -533,7 +533,8 @@ class GpuPipeline:
                     raw = eng.infer(g.input)
                     e = mark(f"infer_{k}" if multi else "infer", e)
                     if n == B:  # (a partial batch's count is a kernel argument)
-                        key = ("post", pb.group, k, rs, l0_per_px, out_slot)
+                        m = self.models[g.model_ids[k]]  # thresholds are kernel arguments too
+                        key = ("post", pb.group, k, rs, l0_per_px, out_slot, m.min_conf, m.iou)
                         graphs.launch(key, raw.data_ptr(), post(k, raw))
                     else:
                         post(k, raw)()
