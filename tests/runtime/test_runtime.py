@@ -151,6 +151,42 @@ def test_tracker_hands_slides_on_in_order_when_their_batches_are_back():
     tr.drain()
 
 
+def test_tracker_times_each_slides_first_launch_and_last_return():
+    """first_launch_at / last_return_at: seconds after the slide's start, added once it is
+    handed on; a slide with no batch (nothing to run) gets neither."""
+    import time
+
+    done: list = []
+    tr = SlideTracker(done.append)
+    t0 = time.perf_counter()
+    a = SlideRun(index=0, source=0, t_start=t0)
+    empty = SlideRun(index=1, source=1, t_start=t0)
+    tr.add(a)
+    tr.add(empty)
+    batches = []
+    for tile in range(2):
+        bb = BatchBuilder(1)
+        bb.add(run=a, group=0, geometry=(640, 1.0), slot=0, offset=0, stride=1, origin=(0, 0),
+               section=0, tile=tile)  # fmt: skip
+        a.pending += 1
+        pb = bb.take()
+        tr.launched(pb)
+        batches.append(pb)
+        time.sleep(0.01)
+    first = a.t_first_launch
+    tr.issued(a)
+    tr.issued(empty)
+    for pb in batches:
+        time.sleep(0.01)
+        tr.returned(pb)
+    assert done == [a, empty]
+    t = dict(a.timer.t)
+    assert t["first_launch_at"] == pytest.approx(first - t0)
+    assert t["last_return_at"] == pytest.approx(a.t_last_return - t0)
+    assert t["last_return_at"] >= t["first_launch_at"] + 0.03
+    assert "first_launch_at" not in empty.timer.t and "last_return_at" not in empty.timer.t
+
+
 def test_tracker_reports_each_slides_tiles_of_a_returned_batch():
     """A batch that mixes slides: each slide hears of exactly its own tiles; a failed slide
     hears nothing."""
