@@ -60,7 +60,7 @@ fi
 SIZES=4 TRTWSI_BENCH_COMPILE=1 TRTWSI_BENCH_SWITCH_INTERVAL=0.0005 \
   slides compiled-switch "$here"; pack  # GIL handoffs of 0.5 ms, not 5
 # ceilings (eager and compiled) and the in-memory image, compiled
-TRTWSI_BENCH_COMPILE=1 TRTWSI_BENCH_OUT="$r/memory.json" timeout 150 python3 -m pytest \
+TRTWSI_BENCH_COMPILE=1 TRTWSI_BENCH_OUT="$r/memory.json" timeout 240 python3 -m pytest \
   bench/bench_pipeline.py -q -p no:cacheprovider -k "ceiling or e2e_memory" > "$r/memory.txt" 2>&1
 tail -1 "$r/memory.txt"; pack
 # Where the batch's wall goes, when py-spy is there (wall time of every thread of the
