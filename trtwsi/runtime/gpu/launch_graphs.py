@@ -84,8 +84,10 @@ class LaunchGraphs:
             self._pool = torch.cuda.graph_pool_handle()
         try:
             # a side stream that nothing else uses: capture mode holds no other work, and the
-            # graph's replay on the current stream comes after what is queued there
-            with torch.cuda.stream(self._stream):
+            # graph's replay on the current stream comes after what is queued there. The device
+            # guard: capture_begin takes the current device's stream, and the pipeline thread's
+            # current device is 0 whatever GPU the runtime is on
+            with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode="thread_local")
                 try:
                     steps()
