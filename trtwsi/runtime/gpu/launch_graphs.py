@@ -44,14 +44,18 @@ class LaunchGraphs:
 
     def __init__(self, device, enabled: bool = True):
         self.device = device
-        self.enabled = bool(enabled)
         self._graphs: dict[Hashable, tuple[object, Hashable]] = {}
         self._pool = None
         self._stream = None  # the capture stream, made on the first capture
         #: captures made, replays, step groups run uncaptured (counters for tests and benches)
         self.captures = self.replays = self.uncaptured = 0
         #: why capturing stopped (None while it works)
-        self.off: str | None = None if self.enabled else "launch graphs were turned off"
+        self.off: str | None = None if enabled else "launch graphs were turned off"
+
+    @property
+    def enabled(self) -> bool:
+        """Graphs are captured and replayed (False once turned off or a capture failed)."""
+        return self.off is None
 
     def launch(self, key: Hashable, guard: Hashable, steps: Callable[[], None]) -> None:
         """Enqueue ``steps`` on the current stream: replay its graph of ``key`` (captured now
@@ -94,7 +98,6 @@ class LaunchGraphs:
                 finally:
                     graph.capture_end()
         except Exception as e:  # an op that cannot be captured: run uncaptured from now on
-            self.enabled = False
             self.off = f"capture failed ({type(e).__name__}: {e})"
             warnings.warn(
                 f"CUDA-graph capture of a batch's launches failed ({type(e).__name__}: {e}); "
