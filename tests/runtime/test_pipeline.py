@@ -219,6 +219,14 @@ def test_gpu_compiled_model_gives_the_eager_models_detections(slide, weights):
         eng = rt.engines[0]
         assert eng.compile and eng._compiled is not None and eng._graph is not None
         assert rt.start_timings["compile"] > 0
+        # the compiled forward is an AOTInductor package, built now or by an earlier run
+        assert eng.compiled_by in ("package built", "package loaded"), eng.compiled_by
+        assert eng.package is not None and eng.package.exists()
+    with Runtime([m], compile=True, **kw) as rt:  # a later runtime loads it
+        again = rt.run(path)
+        assert rt.engines[0].compiled_by == "package loaded"
+        assert rt.engines[0].package == eng.package
+    assert np.array_equal(again.detections.boxes, got.detections.boxes)
     assert len(want.detections) > 100
     frac, dscore = _match(want.detections, got.detections)
     assert frac >= 0.99, (frac, len(want.detections), len(got.detections))

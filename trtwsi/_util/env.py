@@ -36,6 +36,11 @@ SETTINGS: dict[str, tuple[str, tuple]] = {
         "1: replay each batch's launches around the engine as CUDA graphs (default), 0: off",
         ("1", "0"),
     ),
+    "TRTWSI_COMPILE_PACKAGE": (
+        "1: compile=True keeps the compiled model as a package on disk, loaded by later runs "
+        "(default), 0: torch.compile in every process",
+        ("1", "0"),
+    ),
     "TRTWSI_READ_STRIPS": (
         "strips a reader-process read is cut into",
         (_positive_or_adaptive, "'adaptive' (default) or a positive integer"),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import os
-import stat
 import time
 import warnings
 from pathlib import Path
@@ -12,7 +11,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from trtwsi._util.env import env_setting
 from trtwsi.engines.base import check_batch
+from trtwsi.engines.compiled import compiled_dir, obtain, private_dir
 from trtwsi.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
@@ -37,16 +38,9 @@ def compile_cache_dir() -> Path:
     if given:
         return Path(given)
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = base / "trtwsi" / "inductor"
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise BackendError(
-            f"the torch.compile cache {str(path)!r} is owned by uid {st.st_uid} or writable by "
-            f"others (mode {stat.filemode(st.st_mode)}); compiled code from it would run here. "
-            f"Remove it, or `chmod 700` it if it is yours, or set TORCHINDUCTOR_CACHE_DIR to a "
-            "private folder"
-        )
+    path = private_dir(
+        base / "trtwsi" / "inductor", "torch.compile cache", "TORCHINDUCTOR_CACHE_DIR"
+    )
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     return path
 
@@ -121,9 +115,17 @@ class TorchEngine:
         self.compile = bool(compile)
         if self.compile:
             compile_cache_dir()
+            if batch_size is not None and env_setting("TRTWSI_COMPILE_PACKAGE") != "0":
+                compiled_dir()  # not private: refused now, not after minutes of warm-up
         #: seconds the compile took (in the first forward), None before it or without compile
         self.compile_seconds: float | None = None
         self._compiled = None
+        #: how the compiled forward came: "package loaded" (from the cache), "package built",
+        #: "torch.compile" (in this process); "" before the first forward or without compile
+        self.compiled_by = ""
+        #: the AOTInductor package file in use (None without one)
+        self.package: Path | None = None
+        self._compiled_shape: tuple | None = None
         module = model.module
         if device.type != "cpu" or half or self.channels_last:
             module = copy.deepcopy(module).to(device=device, dtype=self.dtype)
@@ -151,25 +153,55 @@ class TorchEngine:
             return self._eager(x)
         if self._compiled is None:
             t0 = time.perf_counter()
-            try:
-                # one eager forward first: ultralytics' head builds its anchor grid on its
-                # first call (an op Dynamo cannot trace: "pending unbacked symbols"), and
-                # reuses it while the input shape stays (the compiled graph guards on that)
-                self._eager(x)
-                compiled = torch.compile(self._eager, fullgraph=True, dynamic=False)
-                y = compiled(x)
-            except Exception as e:  # no Triton, no C compiler, an op Inductor cannot lower
-                warnings.warn(
-                    f"{self.model.name}: torch.compile failed ({type(e).__name__}: "
-                    f"{str(e)[:300]}); running the eager forward instead",
-                    stacklevel=3,
-                )
-                self.compile = False
-                return self._eager(x)
+            # one eager forward first: ultralytics' head builds its anchor grid on its first
+            # call (an op Dynamo cannot trace: "pending unbacked symbols"), and reuses it while
+            # the input shape stays (the compiled code takes it as a constant)
+            y = self._eager(x)
+            compiled = self._compile(x)
+            if compiled is None:
+                return y
             self._compiled = compiled
             self.compile_seconds = time.perf_counter() - t0
-            return y
-        return self._compiled(x)
+        if self.compiled_by.startswith("package") and tuple(x.shape) != self._compiled_shape:
+            return self._eager(x)  # a package has one static shape: others run eager
+        return self._compiled(x.contiguous(memory_format=self._layout))
+
+    def _compile(self, x: torch.Tensor):
+        """The compiled forward for inputs like ``x``, or None (compile off from now, with a
+        warning naming the error): an AOTInductor package (loaded from the private cache, or
+        built there; :mod:`trtwsi.engines.compiled`) when the batch is fixed and packages are
+        on (``TRTWSI_COMPILE_PACKAGE``), else, or when that fails, ``torch.compile`` here."""
+        x = x.contiguous(memory_format=self._layout)
+        if self.batch_size is not None and env_setting("TRTWSI_COMPILE_PACKAGE") != "0":
+            try:
+                fn, how, self.package = obtain(self.model, self.module, x, self.channels_last)
+                fn(x)  # fails here, not in the graph capture, if the package cannot run
+            except BackendError:
+                raise
+            except Exception as e:  # an op export/AOTInductor cannot take, no C++ compiler
+                warnings.warn(
+                    f"{self.model.name}: the compiled package could not be built or loaded "
+                    f"({type(e).__name__}: {str(e)[:300]}); compiling with torch.compile in "
+                    "this process instead",
+                    stacklevel=4,
+                )
+            else:
+                self.compiled_by = f"package {how}"
+                self._compiled_shape = tuple(x.shape)
+                return fn
+        try:
+            fn = torch.compile(self._eager, fullgraph=True, dynamic=False)
+            fn(x)
+        except Exception as e:  # no Triton, no C compiler, an op Inductor cannot lower
+            warnings.warn(
+                f"{self.model.name}: torch.compile failed ({type(e).__name__}: "
+                f"{str(e)[:300]}); running the eager forward instead",
+                stacklevel=4,
+            )
+            self.compile = False
+            return None
+        self.compiled_by = "torch.compile"
+        return fn
 
     def _eager(self, x: torch.Tensor) -> torch.Tensor:
         """One eval forward; ultralytics heads return ``(y, extras)``, take ``y``."""

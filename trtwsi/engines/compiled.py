@@ -1,0 +1,200 @@
+"""The compiled forward kept on disk: AOTInductor packages, built once per model, GPU and torch.
+
+``torch.compile`` pays its compile in every process (2–8 s warm, 13–21 s cold on an H100 for
+the demo yolo11n). An AOTInductor package (``torch.export`` + ``aoti_compile_and_package``) is
+the same Inductor code compiled ahead of time into a ``.pt2`` file holding a shared library,
+its Triton kernels and the weights; loading it takes milliseconds. :func:`obtain` loads the
+package for a key from the cache, or builds it there first.
+
+A package is native code: loading one runs it. So only packages this user built are loaded,
+from a private folder (:func:`compiled_dir`: ``$XDG_CACHE_HOME/trtwsi/compiled``, mode 0700,
+owned by this user, refused otherwise, as the Inductor cache is), and a file handed in by a
+user is never loaded. The file name is a digest of everything the code depends on
+(:func:`package_key`): the weights' SHA-256, head, input size, batch, dtype, memory layout,
+torch, CUDA, the GPU's name and compute capability, trtwsi's version and this module's format
+number. A package built for another GPU or torch is never looked up, so it cannot mismatch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from trtwsi.errors import BackendError
+
+if TYPE_CHECKING:
+    from trtwsi.engines.model import Model
+
+__all__ = ["compiled_dir", "obtain", "package_key", "package_path", "private_dir"]
+
+#: bump when what goes into a package changes (the forward wrapper, the export options)
+FORMAT = 1
+
+
+def private_dir(path: Path, what: str, env: str) -> Path:
+    """``path``, made if missing (mode 0700), and checked to be this user's alone: another
+    owner, or a group/other write bit, is a :class:`~trtwsi.errors.BackendError` naming
+    ``what`` is kept there, the fix, and ``env`` (the variable that picks another folder)."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BackendError(
+            f"the {what} {str(path)!r} is owned by uid {st.st_uid} or writable by others "
+            f"(mode {stat.filemode(st.st_mode)}); compiled code from it would run here. Remove "
+            f"it, or `chmod 700` it if it is yours, or set {env} to a private folder"
+        )
+    return path
+
+
+def compiled_dir() -> Path:
+    """The private folder of compiled packages: ``$TRTWSI_COMPILED_DIR`` when set (checked the
+    same way), else ``$XDG_CACHE_HOME/trtwsi/compiled`` (``~/.cache/trtwsi/compiled``)."""
+    given = os.environ.get("TRTWSI_COMPILED_DIR")
+    if given:
+        path = Path(given)
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        path = base / "trtwsi" / "compiled"
+    return private_dir(path, "compiled-model folder", "TRTWSI_COMPILED_DIR")
+
+
+def package_key(
+    model: Model, device: torch.device, dtype: torch.dtype, batch_size: int, channels_last: bool
+) -> dict:
+    """Everything a package's code depends on, as a JSON-able dict (its digest names the file)."""
+    from trtwsi import __version__
+
+    key = {
+        "format": FORMAT,
+        "trtwsi": __version__,
+        "torch": torch.__version__,
+        "weights_sha256": model.sha256,
+        "head": model.head,
+        "imgsz": model.imgsz,
+        "max_det": model.max_det,
+        "nc": model.nc,
+        "batch": batch_size,
+        "dtype": str(dtype).removeprefix("torch."),
+        "channels_last": bool(channels_last),
+        "device": device.type,
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        key["gpu"] = props.name
+        key["compute_capability"] = f"{props.major}.{props.minor}"
+        key["cuda"] = torch.version.cuda
+    return key
+
+
+def package_path(model: Model, key: dict) -> Path:
+    """Where the package for ``key`` lives: ``compiled_dir()/<model name>-<digest>.pt2``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in model.name)[:64]
+    return compiled_dir() / f"{safe}-{digest}.pt2"
+
+
+class _FirstOutput(torch.nn.Module):
+    """The ultralytics module's forward, its first output: ``(B, 3, S, S)`` → ``(B, 4+nc, N)``
+    (``nms`` heads) or ``(B, K, 6)`` (``end2end``), in the module's dtype."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.module(x)
+        return y[0] if isinstance(y, (tuple, list)) else y
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path.lock`` (two workers needing the same package: one
+    builds it, the other waits and then loads it)."""
+    lock = path.with_name(path.name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _build(module: torch.nn.Module, example: torch.Tensor, path: Path, key: dict) -> None:
+    """Export ``module`` on ``example`` (static shape, dtype and strides) and compile it into
+    ``path`` (written under a temporary name, then renamed: never half a package), with the
+    key beside it as ``path.json`` for people."""
+    from trtwsi._util.atomic import write_text_atomic
+
+    wrapper = _FirstOutput(module).eval()
+    with torch.inference_mode(False), torch.no_grad():
+        x = example.detach().clone()  # a normal tensor: export refuses inference tensors
+        program = torch.export.export(wrapper, (x,), strict=False)
+        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.pt2")  # AOTI wants .pt2
+        try:
+            torch._inductor.aoti_compile_and_package(program, package_path=str(tmp))
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    write_text_atomic(
+        path.with_name(path.name + ".json"), json.dumps(key, indent=1), overwrite=True
+    )
+
+
+def _load(path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The package at ``path`` as a callable ``x → first output`` (checked: this user's file,
+    not writable by others, in the private folder)."""
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise BackendError(
+            f"compiled package {str(path)!r} is not this user's alone (mode "
+            f"{stat.filemode(st.st_mode)}, uid {st.st_uid}); it is not loaded. Remove it"
+        )
+    index = device.index if device.type == "cuda" and device.index is not None else -1
+    # run_single_threaded: no locking around each run, which a CUDA graph capture would record
+    runner = torch._inductor.aoti_load_package(
+        str(path), run_single_threaded=True, device_index=index
+    )
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        y = runner(x)
+        return y[0] if isinstance(y, (tuple, list)) else y
+
+    return run
+
+
+def obtain(
+    model: Model, module: torch.nn.Module, example: torch.Tensor, channels_last: bool
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str, Path]:
+    """The compiled forward of ``module`` for inputs like ``example`` ``(B, 3, S, S)`` (its
+    device, dtype and memory layout): loaded from the cache, or built there first.
+
+    ``module`` must have run one eager forward on this shape already (ultralytics heads build
+    their anchor grid on the first call; the export takes it as a constant).
+
+    Returns:
+        ``(forward, how, path)``: ``how`` is ``"loaded"`` or ``"built"``.
+
+    Raises:
+        BackendError: the cache folder is not private. Anything export or AOTInductor raise
+        (an op it cannot lower, no C++ compiler) passes through for the caller's fallback.
+    """
+    key = package_key(model, example.device, example.dtype, example.shape[0], channels_last)
+    path = package_path(model, key)
+    how = "loaded"
+    if not path.exists():
+        with _locked(path):
+            if not path.exists():  # another process may have built it while we waited
+                _build(module, example, path, key)
+                how = "built"
+    return _load(path, example.device), how, path
