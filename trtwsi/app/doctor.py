@@ -88,6 +88,21 @@ def _check_kernel_files(r: Report) -> bool:
     return True
 
 
+def _packages(r: Report) -> str:
+    """Where compiled-model packages are kept and how many there are; a folder that cannot
+    hold them is one of ``r``'s problems."""
+    from trtwsi.engines.compiled import compiled_dir
+    from trtwsi.errors import BackendError
+
+    try:
+        folder = compiled_dir()
+    except (BackendError, OSError) as e:
+        r.problems.append(f"--compile cannot keep its packages: {e}")
+        return "no folder for them"
+    n = len(list(folder.glob("*.pt2")))
+    return f"{n} package{'s' if n != 1 else ''} in {folder}"
+
+
 def _compile_kernels(r: Report, cc: str | None) -> None:
     """``--check-kernels``: compile every kernel family as trtwsi.ops.cuda does, with NVRTC
     (cuda-bindings, in a child process; no GPU needed), else with CuPy on the GPU."""
@@ -282,11 +297,10 @@ def collect(models_dir: str | os.PathLike | None = None, *, check_kernels: bool 
     elif triton_v is None:
         r.add("torch.compile", "off: Triton is not installed (it comes with torch's CUDA wheels)")
     else:
-        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR") or "~/.cache/trtwsi/inductor"
         r.add(
             "torch.compile",
-            f"Triton {triton_v}: --compile runs the model about 1.9x faster after a one-time "
-            f"compile (about 20 s cold, seconds with a warm cache in {cache})",
+            f"Triton {triton_v}: --compile runs the model about 1.9x faster; the first run "
+            f"compiles it into a package that later runs load ({_packages(r)})",
         )
     # --- TRTWSI_* settings from the environment ---
     from trtwsi._util.env import env_report
