@@ -64,13 +64,18 @@ class TorchEngine:
         cuda_graph: on CUDA with a fixed ``batch_size``, capture one forward as a CUDA graph on
             the first :meth:`infer` and replay it afterwards (falls back to eager forwards, with
             a warning naming the error, if the capture fails).
-        compile: on CUDA, compile the forward with ``torch.compile`` (TorchInductor's fused
-            Triton kernels, ``fullgraph``, static shapes) on its first call, which the CUDA
-            graph then replays. 1.9× the eager forward's tiles/s for the demo yolo11n on an H100
-            (11,000–11,500 vs 5,870–6,040 at batch 64–128), for a one-time compile in the first
-            call: 13–21 s with a cold cache, 2–3.5 s with a warm one in a quiet process, 7–7.5 s
-            beside a runtime's start (:func:`compile_cache_dir`). A compile that fails warns, naming the error, and the
-            eager forward runs. Default off. Refused (UsageError) on the CPU.
+        compile: on CUDA, compile the forward with TorchInductor (fused Triton kernels, static
+            shapes, the whole graph) on its first call, which the CUDA graph then replays.
+            1.9× the eager forward's tiles/s for the demo yolo11n on an H100 (11,000–11,500 vs
+            5,870–6,040 at batch 64–128). With a fixed ``batch_size`` the compiled forward is
+            an AOTInductor package kept on disk (:mod:`trtwsi.engines.compiled`): built once
+            per model, batch, GPU and torch version, loaded in later runs
+            (``compiled_by``: "package built" / "package loaded"). Without a fixed batch, with
+            ``TRTWSI_COMPILE_PACKAGE=0``, or when the package cannot be built or loaded (with
+            a warning naming the error), ``torch.compile`` compiles it in this process, every
+            process (13–21 s cold, 2–8 s with a warm :func:`compile_cache_dir`). A compile that
+            fails warns, naming the error, and the eager forward runs. Default off. Refused
+            (UsageError) on the CPU.
 
     The engine keeps its own copy of the model's module (moved to its device, dtype and memory
     layout); the Model's shared module is never changed. ``infer`` runs under ``torch.inference_mode`` and always returns
