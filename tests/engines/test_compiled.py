@@ -1,19 +1,20 @@
 """AOTInductor packages of the compiled forward (trtwsi.engines.compiled), built for real on the
-CPU (the C++ compiler's code path; on a GPU the same export runs with Triton kernels:
-tests/runtime/test_pipeline.py ``test_gpu_compiled_model_gives_the_eager_models_detections``).
-A package build takes 20-30 s on 2 cores, so each head builds once."""
+CPU by the child process (the C++ compiler's code path; on a GPU the same export runs with
+Triton kernels: tests/runtime/test_pipeline.py ``test_gpu_compiled_package_...``). A package
+build takes 20-30 s on 2 cores, so each head builds once."""
 
 from __future__ import annotations
 
 import json
 import os
 import stat
+import sys
 import threading
 
 import pytest
 import torch
 
-from trtwsi.engines import compiled
+from trtwsi.engines import compiled, compiled_build
 from trtwsi.engines.model import Model
 from trtwsi.engines.torch import TorchEngine
 from trtwsi.errors import BackendError
@@ -30,23 +31,23 @@ def private(tmp_path, monkeypatch):
 
 
 def _eager(weights, batch):
-    """(model, engine, channels_last input, eager output) on the CPU, the head's anchors made."""
+    """(model, channels_last input, eager output of a TorchEngine's module) on the CPU."""
     m = Model(weights, imgsz=IMGSZ)
     eng = TorchEngine(m, "cpu", batch_size=batch)
     x = torch.rand((batch, 3, IMGSZ, IMGSZ), generator=torch.Generator().manual_seed(0))
     x = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         want = eng._eager(x)
-    return m, eng, x, want
+    return m, x, want
 
 
 @pytest.mark.parametrize("cfg", ["yolo11n.yaml", "yolo26n.yaml"], ids=["nms", "end2end"])
 def test_package_is_built_once_then_loaded_and_gives_the_eager_output(yolo_pt, private, cfg):
-    m, eng, x, want = _eager(yolo_pt(cfg), batch=2)
+    m, x, want = _eager(yolo_pt(cfg), batch=2)
     got = {}
 
-    def worker(i):  # two at once: one builds under the lock, the other waits and loads
-        fn, how, path = compiled.obtain(m, eng.module, x, True)
+    def worker(i):  # two at once: one builds (a child process) under the lock, the other waits
+        fn, how, path = compiled.obtain(m, x.device, x.dtype, 2, True)
         with torch.inference_mode():
             got[i] = (how, path, fn(x))
 
@@ -69,7 +70,7 @@ def test_package_is_built_once_then_loaded_and_gives_the_eager_output(yolo_pt, p
         # Inductor's fused C++ kernels sum in another order than the eager convolutions
         torch.testing.assert_close(y, want, atol=1e-3 * float(want.abs().max()), rtol=1e-3)
     # a later call (a later process) loads the file and runs the same code
-    fn, how, again = compiled.obtain(m, eng.module, x, True)
+    fn, how, again = compiled.obtain(m, x.device, x.dtype, 2, True)
     with torch.inference_mode():
         assert how == "loaded" and again == path and torch.equal(fn(x), got[0][2])
 
@@ -100,13 +101,13 @@ def test_package_key_names_everything_the_code_depends_on(yolo_pt, private):
 
 
 def test_a_package_others_may_write_is_not_loaded(yolo_pt, private):
-    m, eng, x, _ = _eager(yolo_pt("yolo11n.yaml"), batch=1)
+    m, x, _ = _eager(yolo_pt("yolo11n.yaml"), batch=1)
     key = compiled.package_key(m, x.device, x.dtype, 1, True)
     path = compiled.package_path(m, key)
     path.write_bytes(b"not a package")  # planted where the real one would go
     path.chmod(0o666)
     with pytest.raises(BackendError, match=r"not this user's alone .*it is not loaded"):
-        compiled.obtain(m, eng.module, x, True)
+        compiled.obtain(m, x.device, x.dtype, 1, True)
 
 
 def test_a_compiled_folder_others_may_write_is_refused(tmp_path, monkeypatch):
@@ -121,3 +122,47 @@ def test_a_compiled_folder_others_may_write_is_refused(tmp_path, monkeypatch):
     made = compiled.compiled_dir()
     assert made == tmp_path / "xdg" / "trtwsi" / "compiled"
     assert stat.S_IMODE(made.stat().st_mode) == 0o700 and made.stat().st_uid == os.getuid()
+
+
+@pytest.mark.parametrize(
+    "code, said",
+    [
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "was killed by SIGSEGV"),
+        ("import sys; print('no C++ compiler', file=sys.stderr); sys.exit(2)", "exited with 2"),
+    ],
+    ids=["crash", "error"],
+)
+def test_a_build_that_crashes_or_fails_costs_only_its_child(
+    yolo_pt, private, monkeypatch, code, said
+):
+    m = Model(yolo_pt("yolo11n.yaml"), imgsz=IMGSZ)
+    monkeypatch.setattr(compiled, "_child_command", lambda spec: [sys.executable, "-c", code])
+    with pytest.raises(compiled.PackageBuildFailed, match=said):
+        compiled.obtain(m, torch.device("cpu"), torch.float32, 1, True)
+    assert not list(private.glob("*.pt2"))  # nothing half-built is kept, nothing is loaded
+
+
+def test_the_build_child_refuses_weights_changed_since_the_parent_hashed_them(
+    yolo_pt, private, tmp_path
+):
+    weights = tmp_path / "m.pt"
+    weights.write_bytes(yolo_pt("yolo11n.yaml").read_bytes())
+    m = Model(weights, imgsz=IMGSZ)
+    key = compiled.package_key(m, torch.device("cpu"), torch.float32, 1, True)
+    path = compiled.package_path(m, key)
+    weights.write_bytes(yolo_pt("yolo11n.yaml", seed=1).read_bytes())  # swapped mid-run
+    spec = {
+        "weights": str(weights),
+        "name": m.name,
+        "imgsz": IMGSZ,
+        "head": m.head,
+        "max_det": m.max_det,
+        "trust_weights": False,
+        "device": "cpu",
+        "half": False,
+        "batch": 1,
+        "channels_last": True,
+        "path": str(path),
+    }
+    assert compiled_build.main([json.dumps(spec)]) == 4
+    assert not path.exists()

@@ -4,6 +4,10 @@ GPU tests (marker ``gpu``) skip with the reason unless torch sees a CUDA GPU and
 installed; the CPU tests check the pipeline's selection and errors where no GPU exists.
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -219,20 +223,61 @@ def test_gpu_compiled_model_gives_the_eager_models_detections(slide, weights):
         eng = rt.engines[0]
         assert eng.compile and eng._compiled is not None and eng._graph is not None
         assert rt.start_timings["compile"] > 0
-        # the compiled forward is an AOTInductor package, built now or by an earlier run
-        assert eng.compiled_by in ("package built", "package loaded"), eng.compiled_by
-        assert eng.package is not None and eng.package.exists()
-    with Runtime([m], compile=True, **kw) as rt:  # a later runtime loads it
-        again = rt.run(path)
-        assert rt.engines[0].compiled_by == "package loaded"
-        assert rt.engines[0].package == eng.package
-    assert np.array_equal(again.detections.boxes, got.detections.boxes)
+        assert eng.compiled_by == "torch.compile" and eng.package is None
     assert len(want.detections) > 100
     frac, dscore = _match(want.detections, got.detections)
     assert frac >= 0.99, (frac, len(want.detections), len(got.detections))
     assert dscore < 0.05  # the fp16 bar of the other model-path tests (measured 0.030, end2end)
     n_want = np.bincount(want.detections.class_id, minlength=2)
     n_got = np.bincount(got.detections.class_id, minlength=2)
+    assert np.all(np.abs(n_want - n_got) <= np.maximum(1, 0.01 * n_want)), (n_want, n_got)
+
+
+_PACKAGE_RUN = """
+import sys, numpy as np, trtwsi
+from trtwsi.runtime import Runtime
+path, weights, out = sys.argv[1:4]
+kw = {"device": "cuda", "batch": 16, "workers": 4, "decode": "cpu"}
+hows = []
+for i in range(2):  # the first runtime builds the package (or finds it), the second loads it
+    with Runtime([trtwsi.Model(weights)], compile=True, **kw) as rt:
+        d = rt.run(path).detections
+        hows.append(rt.engines[0].compiled_by)
+np.savez(out, boxes=d.boxes, scores=d.score, class_id=d.class_id, hows=np.array(hows))
+"""
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("weights", [NMS_MODEL, E2E_MODEL], ids=["nms", "end2end"])
+def test_gpu_compiled_package_gives_the_eager_models_detections(slide, weights, tmp_path):
+    """TRTWSI_COMPILE_PACKAGE=1 (experimental): the AOTInductor package, built by a child
+    process then loaded, passes the eager model's bar. Run in a process of its own: its first
+    run on an H100 (torch 2.11) crashed with a segfault, which here fails this test only."""
+    path, _ = slide
+    m = trtwsi.Model(weights)
+    with Runtime([m], device="cuda", batch=16, workers=4, decode="cpu") as rt:
+        want = rt.run(path).detections
+    env = {**os.environ, "TRTWSI_COMPILE_PACKAGE": "1"}
+    out = tmp_path / "got.npz"
+    r = subprocess.run(
+        [sys.executable, "-c", _PACKAGE_RUN, str(path), str(weights), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert r.returncode == 0, (r.returncode, r.stderr[-3000:])
+    got = np.load(out)
+    assert got["hows"][0] in ("package built", "package loaded"), got["hows"]
+    assert got["hows"][1] == "package loaded", got["hows"]
+    assert len(want) > 100
+    table = trtwsi.Detections.from_arrays(got["boxes"], got["scores"], got["class_id"])
+    frac, dscore = _match(want, table)
+    assert frac >= 0.99, (frac, len(want), len(got["boxes"]))
+    assert dscore < 0.05
+    n_want = np.bincount(want.class_id, minlength=2)
+    n_got = np.bincount(got["class_id"], minlength=2)
     assert np.all(np.abs(n_want - n_got) <= np.maximum(1, 0.01 * n_want)), (n_want, n_got)
 
 

@@ -38,7 +38,7 @@ SETTINGS: dict[str, tuple[str, tuple]] = {
     ),
     "TRTWSI_COMPILE_PACKAGE": (
         "1: compile=True keeps the compiled model as a package on disk, loaded by later runs "
-        "(default), 0: torch.compile in every process",
+        "(experimental), 0: torch.compile in every process (default)",
         ("1", "0"),
     ),
     "TRTWSI_READ_STRIPS": (

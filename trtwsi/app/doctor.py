@@ -299,8 +299,9 @@ def collect(models_dir: str | os.PathLike | None = None, *, check_kernels: bool 
     else:
         r.add(
             "torch.compile",
-            f"Triton {triton_v}: --compile runs the model about 1.9x faster; the first run "
-            f"compiles it into a package that later runs load ({_packages(r)})",
+            f"Triton {triton_v}: --compile runs the model about 1.9x faster after a compile "
+            "in each run (seconds with a warm cache); TRTWSI_COMPILE_PACKAGE=1 (experimental) "
+            f"keeps it as a package that later runs load ({_packages(r)})",
         )
     # --- TRTWSI_* settings from the environment ---
     from trtwsi._util.env import env_report

@@ -22,7 +22,10 @@ import fcntl
 import hashlib
 import json
 import os
+import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -34,7 +37,14 @@ from trtwsi.errors import BackendError
 if TYPE_CHECKING:
     from trtwsi.engines.model import Model
 
-__all__ = ["compiled_dir", "obtain", "package_key", "package_path", "private_dir"]
+__all__ = [
+    "PackageBuildFailed",
+    "compiled_dir",
+    "obtain",
+    "package_key",
+    "package_path",
+    "private_dir",
+]
 
 #: bump when what goes into a package changes (the forward wrapper, the export options)
 FORMAT = 1
@@ -173,28 +183,82 @@ def _load(path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Te
     return run
 
 
-def obtain(
-    model: Model, module: torch.nn.Module, example: torch.Tensor, channels_last: bool
-) -> tuple[Callable[[torch.Tensor], torch.Tensor], str, Path]:
-    """The compiled forward of ``module`` for inputs like ``example`` ``(B, 3, S, S)`` (its
-    device, dtype and memory layout): loaded from the cache, or built there first.
+class PackageBuildFailed(RuntimeError):
+    """The child process that builds a package failed, crashed or gave a wrong output."""
 
-    ``module`` must have run one eager forward on this shape already (ultralytics heads build
-    their anchor grid on the first call; the export takes it as a constant).
+
+#: seconds a package build may take (a cold build on an H100: tens of seconds)
+BUILD_TIMEOUT = 1800
+
+
+def _child_command(spec: dict) -> list[str]:
+    return [sys.executable, "-m", "trtwsi.engines.compiled_build", json.dumps(spec)]
+
+
+def _build_in_child(model: Model, spec: dict, path: Path) -> None:
+    """Run the build in a child process (:mod:`trtwsi.engines.compiled_build`): a compiler or loader that crashes
+    (a segfault kills only the child), hangs or holds the GIL for a minute costs this process
+    nothing, and the child checks the package against the eager forward before keeping it.
+
+    Raises:
+        PackageBuildFailed: the child exited non-zero or was killed (its output's tail, the
+            signal's name).
+    """
+    try:
+        r = subprocess.run(
+            _child_command(spec), capture_output=True, text=True, timeout=BUILD_TIMEOUT
+        )
+    except subprocess.TimeoutExpired as e:
+        raise PackageBuildFailed(
+            f"building the compiled package of {model.name} took more than {BUILD_TIMEOUT} s"
+        ) from e
+    if r.returncode != 0 or not path.exists():
+        how = (
+            f"was killed by {signal.Signals(-r.returncode).name}"
+            if r.returncode < 0
+            else f"exited with {r.returncode}"
+        )
+        tail = (r.stderr or r.stdout or "").strip()[-800:]
+        raise PackageBuildFailed(
+            f"the process building the compiled package of {model.name} {how}: {tail}"
+        )
+
+
+def obtain(
+    model: Model, device: torch.device, dtype: torch.dtype, batch_size: int, channels_last: bool
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], str, Path]:
+    """The compiled forward of ``model`` for inputs ``(batch_size, 3, imgsz, imgsz)`` of
+    ``dtype`` on ``device`` (channels_last memory when ``channels_last``), as
+    :class:`~trtwsi.engines.torch.TorchEngine` prepares the module: loaded from the cache, or
+    built there first by a child process (:func:`_build_in_child`).
 
     Returns:
         ``(forward, how, path)``: ``how`` is ``"loaded"`` or ``"built"``.
 
     Raises:
-        BackendError: the cache folder is not private. Anything export or AOTInductor raise
-        (an op it cannot lower, no C++ compiler) passes through for the caller's fallback.
+        BackendError: the cache folder or the package is not private.
+        PackageBuildFailed: the build failed (the caller falls back); the package's loader
+            may raise too (a package from another torch would have another key).
     """
-    key = package_key(model, example.device, example.dtype, example.shape[0], channels_last)
+    key = package_key(model, device, dtype, batch_size, channels_last)
     path = package_path(model, key)
     how = "loaded"
     if not path.exists():
         with _locked(path):
             if not path.exists():  # another process may have built it while we waited
-                _build(module, example, path, key)
+                spec = {
+                    "weights": str(model.weights),
+                    "name": model.name,
+                    "imgsz": model.imgsz,
+                    "head": model.head,
+                    "max_det": model.max_det,
+                    "trust_weights": model.trust_weights,
+                    "device": str(device),
+                    "half": dtype == torch.float16,
+                    "batch": batch_size,
+                    "channels_last": channels_last,
+                    "path": str(path),
+                }
+                _build_in_child(model, spec, path)
                 how = "built"
-    return _load(path, example.device), how, path
+    return _load(path, device), how, path

@@ -67,15 +67,16 @@ class TorchEngine:
         compile: on CUDA, compile the forward with TorchInductor (fused Triton kernels, static
             shapes, the whole graph) on its first call, which the CUDA graph then replays.
             1.9× the eager forward's tiles/s for the demo yolo11n on an H100 (11,000–11,500 vs
-            5,870–6,040 at batch 64–128). With a fixed ``batch_size`` the compiled forward is
-            an AOTInductor package kept on disk (:mod:`trtwsi.engines.compiled`): built once
-            per model, batch, GPU and torch version, loaded in later runs
-            (``compiled_by``: "package built" / "package loaded"). Without a fixed batch, with
-            ``TRTWSI_COMPILE_PACKAGE=0``, or when the package cannot be built or loaded (with
-            a warning naming the error), ``torch.compile`` compiles it in this process, every
-            process (13–21 s cold, 2–8 s with a warm :func:`compile_cache_dir`). A compile that
-            fails warns, naming the error, and the eager forward runs. Default off. Refused
-            (UsageError) on the CPU.
+            5,870–6,040 at batch 64–128). By default ``torch.compile`` compiles it in this
+            process, in every process (13–21 s cold, 2–8 s with a warm
+            :func:`compile_cache_dir`). With ``TRTWSI_COMPILE_PACKAGE=1`` and a fixed
+            ``batch_size`` (**experimental: on an H100 with torch 2.11 the one run so far
+            crashed**, README) it is an AOTInductor package kept on disk
+            (:mod:`trtwsi.engines.compiled`): built once per model, batch, GPU and torch version
+            by a child process, loaded by later runs (``compiled_by``: "package built" /
+            "package loaded"); a package that cannot be built or loaded warns and
+            ``torch.compile`` runs. A compile that fails warns, naming the error, and the eager
+            forward runs. Default off. Refused (UsageError) on the CPU.
 
     The engine keeps its own copy of the model's module (moved to its device, dtype and memory
     layout); the Model's shared module is never changed. ``infer`` runs under ``torch.inference_mode`` and always returns
@@ -120,7 +121,7 @@ class TorchEngine:
         self.compile = bool(compile)
         if self.compile:
             compile_cache_dir()
-            if batch_size is not None and env_setting("TRTWSI_COMPILE_PACKAGE") != "0":
+            if batch_size is not None and env_setting("TRTWSI_COMPILE_PACKAGE") == "1":
                 compiled_dir()  # not private: refused now, not after minutes of warm-up
         #: seconds the compile took (in the first forward), None before it or without compile
         self.compile_seconds: float | None = None
@@ -177,13 +178,15 @@ class TorchEngine:
         built there; :mod:`trtwsi.engines.compiled`) when the batch is fixed and packages are
         on (``TRTWSI_COMPILE_PACKAGE``), else, or when that fails, ``torch.compile`` here."""
         x = x.contiguous(memory_format=self._layout)
-        if self.batch_size is not None and env_setting("TRTWSI_COMPILE_PACKAGE") != "0":
+        if self.batch_size is not None and env_setting("TRTWSI_COMPILE_PACKAGE") == "1":
             try:
-                fn, how, self.package = obtain(self.model, self.module, x, self.channels_last)
+                fn, how, self.package = obtain(
+                    self.model, self.device, self.dtype, self.batch_size, self.channels_last
+                )
                 fn(x)  # fails here, not in the graph capture, if the package cannot run
             except BackendError:
                 raise
-            except Exception as e:  # an op export/AOTInductor cannot take, no C++ compiler
+            except Exception as e:  # the build failed or crashed (PackageBuildFailed), or the load
                 warnings.warn(
                     f"{self.model.name}: the compiled package could not be built or loaded "
                     f"({type(e).__name__}: {str(e)[:300]}); compiling with torch.compile in "
