@@ -45,11 +45,15 @@ batch() {  # $1: name, $2: tree
 }
 here=$PWD
 slides a "$here"; pack
-# The open questions of 2026-12-07 (fifth session), each against the default run above on the
-# same machine: does the compiled model pay on slides now that the pipeline thread is lighter
-# (adaptive reader strips, launch graphs)? Do strips on every read and no launch graphs still
-# lose here? (The seam merge in its process was measured then: default stays "thread".)
+# The open questions of 2026-12-07 (fifth and sixth sessions), each against the default run
+# above on the same machine: does the compiled model pay on slides now that the pipeline thread
+# is lighter (adaptive reader strips, launch graphs)? Does the compiled package
+# (TRTWSI_COMPILE_PACKAGE=1, experimental: its one run segfaulted; the GPU tests above run it in
+# a process of its own, under faulthandler: gpu-tests.txt has the stack) work, and load fast?
+# Do strips on every read and no launch graphs still lose here?
 TRTWSI_BENCH_COMPILE=1 slides compiled "$here"; pack
+SIZES=4 TRTWSI_COMPILE_PACKAGE=1 TRTWSI_BENCH_COMPILE=1 slides compiled-package "$here"; pack
+ls -la ~/.cache/trtwsi/compiled > "$r/packages.txt" 2>&1
 SIZES=4 TRTWSI_READ_STRIPS=16 slides strips16 "$here"; pack
 SIZES=4 TRTWSI_LAUNCH_GRAPHS=0 slides no-graphs "$here"; pack
 batch a "$here"; pack

@@ -53,7 +53,11 @@ def write(tmp_path, text: str | bytes):
         ("max_det = 0", "0 (int)", r"an integer in \[1, 10000\]"),
         ("max_det = 1000000", "1000000 (int)", r"\[1, 10000\]"),
         ("max_det = true", "True (bool)", r"\[1, 10000\]"),
-        ('backend = "onnx"', "'onnx' (str)", r"one of \['auto', 'torch', 'tensorrt', 'onnxruntime', 'openvino'\]"),
+        (
+            'backend = "onnx"',
+            "'onnx' (str)",
+            r"one of \['auto', 'torch', 'tensorrt', 'onnxruntime', 'openvino'\]",
+        ),
         ('head = "yolo"', "'yolo' (str)", r"one of \['nms', 'end2end'\]"),
         ('classes = "a,b"', "'a,b' (str)", "a non-empty list of class names"),
         ("classes = [1, 2]", "[1, 2] (list)", "a non-empty list of class names"),

@@ -261,7 +261,16 @@ def test_gpu_compiled_package_gives_the_eager_models_detections(slide, weights, 
     env = {**os.environ, "TRTWSI_COMPILE_PACKAGE": "1"}
     out = tmp_path / "got.npz"
     r = subprocess.run(
-        [sys.executable, "-c", _PACKAGE_RUN, str(path), str(weights), str(out)],
+        [
+            sys.executable,
+            "-X",
+            "faulthandler",
+            "-c",
+            _PACKAGE_RUN,
+            str(path),
+            str(weights),
+            str(out),
+        ],
         env=env,
         capture_output=True,
         text=True,

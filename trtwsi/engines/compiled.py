@@ -192,7 +192,15 @@ BUILD_TIMEOUT = 1800
 
 
 def _child_command(spec: dict) -> list[str]:
-    return [sys.executable, "-m", "trtwsi.engines.compiled_build", json.dumps(spec)]
+    # faulthandler: a crash prints its Python stack to stderr, which the error message quotes
+    return [
+        sys.executable,
+        "-X",
+        "faulthandler",
+        "-m",
+        "trtwsi.engines.compiled_build",
+        json.dumps(spec),
+    ]
 
 
 def _build_in_child(model: Model, spec: dict, path: Path) -> None:
@@ -218,7 +226,9 @@ def _build_in_child(model: Model, spec: dict, path: Path) -> None:
             if r.returncode < 0
             else f"exited with {r.returncode}"
         )
-        tail = (r.stderr or r.stdout or "").strip()[-800:]
+        said = (r.stderr or r.stdout or "").strip()
+        at = said.find("Fatal Python error")  # a crash: its innermost frames come first
+        tail = said[at : at + 1500] if at >= 0 else said[-800:]
         raise PackageBuildFailed(
             f"the process building the compiled package of {model.name} {how}: {tail}"
         )

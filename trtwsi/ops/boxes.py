@@ -20,6 +20,7 @@ Metric = Literal["iou", "ios"]
 METRICS = ("iou", "ios")
 _METRICS = METRICS
 
+
 def pair_overlap(a: np.ndarray, b: np.ndarray, metric: Metric = "iou") -> np.ndarray:
     """Elementwise overlap of two box arrays that broadcast against each other.
 

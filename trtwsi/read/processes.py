@@ -346,4 +346,3 @@ class ReaderPool:
     def __del__(self):  # pragma: no cover - best effort
         with contextlib.suppress(Exception):
             self.close()
-

@@ -66,9 +66,7 @@ class ReferenceRunner:
         out: list[list[np.ndarray]] = [[] for _ in self.models]
         for size, grids in plan.grids.items():
             ids = [i for i, m in enumerate(self.models) if m.imgsz == size]
-            for (sec, _), grid, base in zip(
-                plan.targets, grids, plan.tile_base[size], strict=True
-            ):
+            for (sec, _), grid, base in zip(plan.targets, grids, plan.tile_base[size], strict=True):
                 if len(grid):
                     self._run_grid(plan.slide, grid, ids, sec, base, out, timer, bar)
         return out
@@ -108,7 +106,9 @@ class ReferenceRunner:
                 raw = eng.infer(x.to(eng.device, eng.dtype, non_blocking=True))
                 timer.add("infer", time.perf_counter() - t0)
                 t0 = time.perf_counter()
-                per_tile = ref.postprocess(raw.float().cpu(), m.head, m.min_conf, m.iou, self.max_det)
+                per_tile = ref.postprocess(
+                    raw.float().cpu(), m.head, m.min_conf, m.iou, self.max_det
+                )
                 for dets, (ox, oy), t in zip(per_tile, origins, tiles, strict=True):
                     if len(dets):
                         d = ref.scale_to_slide(dets, lb, (ox, oy), l0_per_px).double().numpy()

@@ -55,7 +55,9 @@ class PlannerPool:
         try:
             self._pool = spawn_pool(self.processes, preload_decoders)
         except (BrokenProcessPool, OSError, TimeoutError) as e:
-            raise ReaderStartError(f"planner processes could not start ({type(e).__name__}: {e})") from e
+            raise ReaderStartError(
+                f"planner processes could not start ({type(e).__name__}: {e})"
+            ) from e
 
     def sections(self, slide) -> list[Section]:
         """The tissue sections of ``slide`` (a slide opened from a file), computed in a worker."""
