@@ -143,6 +143,12 @@ class EngineBuildError(TrtwsiError):
     builder for that GPU here, or the FP16 graph disagrees with the ``.pt``."""
 
 
+class PackageBuildError(TrtwsiError, RuntimeError):
+    """The child process building a compiled-model package failed, crashed, timed out or gave
+    another output than the eager forward (:mod:`trtwsi.engines.compiled`); the engine falls
+    back to ``torch.compile``."""
+
+
 class NvrtcError(TrtwsiError, RuntimeError):
     """NVRTC rejected a kernel source (the message holds its log) or its child process
     failed (:mod:`trtwsi.ops.nvrtc`)."""

@@ -32,13 +32,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from trtwsi.errors import BackendError
+from trtwsi.errors import BackendError, PackageBuildError
 
 if TYPE_CHECKING:
     from trtwsi.engines.model import Model
 
 __all__ = [
-    "PackageBuildFailed",
     "compiled_dir",
     "obtain",
     "package_key",
@@ -183,10 +182,6 @@ def _load(path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Te
     return run
 
 
-class PackageBuildFailed(RuntimeError):
-    """The child process that builds a package failed, crashed or gave a wrong output."""
-
-
 #: seconds a package build may take (a cold build on an H100: tens of seconds)
 BUILD_TIMEOUT = 1800
 
@@ -209,7 +204,7 @@ def _build_in_child(model: Model, spec: dict, path: Path) -> None:
     nothing, and the child checks the package against the eager forward before keeping it.
 
     Raises:
-        PackageBuildFailed: the child exited non-zero or was killed (its output's tail, the
+        PackageBuildError: the child exited non-zero or was killed (its output's tail, the
             signal's name).
     """
     try:
@@ -217,7 +212,7 @@ def _build_in_child(model: Model, spec: dict, path: Path) -> None:
             _child_command(spec), capture_output=True, text=True, timeout=BUILD_TIMEOUT
         )
     except subprocess.TimeoutExpired as e:
-        raise PackageBuildFailed(
+        raise PackageBuildError(
             f"building the compiled package of {model.name} took more than {BUILD_TIMEOUT} s"
         ) from e
     if r.returncode != 0 or not path.exists():
@@ -229,7 +224,7 @@ def _build_in_child(model: Model, spec: dict, path: Path) -> None:
         said = (r.stderr or r.stdout or "").strip()
         at = said.find("Fatal Python error")  # a crash: its innermost frames come first
         tail = said[at : at + 1500] if at >= 0 else said[-800:]
-        raise PackageBuildFailed(
+        raise PackageBuildError(
             f"the process building the compiled package of {model.name} {how}: {tail}"
         )
 
@@ -247,7 +242,7 @@ def obtain(
 
     Raises:
         BackendError: the cache folder or the package is not private.
-        PackageBuildFailed: the build failed (the caller falls back); the package's loader
+        PackageBuildError: the build failed (the caller falls back); the package's loader
             may raise too (a package from another torch would have another key).
     """
     key = package_key(model, device, dtype, batch_size, channels_last)

@@ -186,7 +186,7 @@ class TorchEngine:
                 fn(x)  # fails here, not in the graph capture, if the package cannot run
             except BackendError:
                 raise
-            except Exception as e:  # the build failed or crashed (PackageBuildFailed), or the load
+            except Exception as e:  # the build failed or crashed (PackageBuildError), or the load
                 warnings.warn(
                     f"{self.model.name}: the compiled package could not be built or loaded "
                     f"({type(e).__name__}: {str(e)[:300]}); compiling with torch.compile in "
