@@ -39,14 +39,26 @@ if TYPE_CHECKING:
 
 __all__ = [
     "compiled_dir",
+    "first_output",
     "obtain",
     "package_key",
     "package_path",
     "private_dir",
+    "user_cache",
 ]
 
 #: bump when what goes into a package changes (the forward wrapper, the export options)
 FORMAT = 1
+
+
+def user_cache(name: str) -> Path:
+    """``$XDG_CACHE_HOME/trtwsi/NAME`` (``~/.cache/trtwsi/NAME`` when it is unset)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "trtwsi" / name
+
+
+def _not_only_ours(st: os.stat_result) -> bool:
+    """Another user owns it, or group/others may write it: code in it is not only ours."""
+    return st.st_uid != os.getuid() or bool(st.st_mode & (stat.S_IWGRP | stat.S_IWOTH))
 
 
 def private_dir(path: Path, what: str, env: str) -> Path:
@@ -55,7 +67,7 @@ def private_dir(path: Path, what: str, env: str) -> Path:
     ``what`` is kept there, the fix, and ``env`` (the variable that picks another folder)."""
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if _not_only_ours(st):
         raise BackendError(
             f"the {what} {str(path)!r} is owned by uid {st.st_uid} or writable by others "
             f"(mode {stat.filemode(st.st_mode)}); compiled code from it would run here. Remove "
@@ -68,11 +80,7 @@ def compiled_dir() -> Path:
     """The private folder of compiled packages: ``$TRTWSI_COMPILED_DIR`` when set (checked the
     same way), else ``$XDG_CACHE_HOME/trtwsi/compiled`` (``~/.cache/trtwsi/compiled``)."""
     given = os.environ.get("TRTWSI_COMPILED_DIR")
-    if given:
-        path = Path(given)
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        path = base / "trtwsi" / "compiled"
+    path = Path(given) if given else user_cache("compiled")
     return private_dir(path, "compiled-model folder", "TRTWSI_COMPILED_DIR")
 
 
@@ -111,6 +119,11 @@ def package_path(model: Model, key: dict) -> Path:
     return compiled_dir() / f"{safe}-{digest}.pt2"
 
 
+def first_output(y):
+    """An ultralytics module's result → its detections tensor (heads return ``(y, extras)``)."""
+    return y[0] if isinstance(y, (tuple, list)) else y
+
+
 class _FirstOutput(torch.nn.Module):
     """The ultralytics module's forward, its first output: ``(B, 3, S, S)`` → ``(B, 4+nc, N)``
     (``nms`` heads) or ``(B, K, 6)`` (``end2end``), in the module's dtype."""
@@ -120,8 +133,7 @@ class _FirstOutput(torch.nn.Module):
         self.module = module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.module(x)
-        return y[0] if isinstance(y, (tuple, list)) else y
+        return first_output(self.module(x))
 
 
 @contextlib.contextmanager
@@ -164,7 +176,7 @@ def _load(path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Te
     """The package at ``path`` as a callable ``x → first output`` (checked: this user's file,
     not writable by others, in the private folder)."""
     st = path.stat()
-    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+    if _not_only_ours(st):
         raise BackendError(
             f"compiled package {str(path)!r} is not this user's alone (mode "
             f"{stat.filemode(st.st_mode)}, uid {st.st_uid}); it is not loaded. Remove it"
@@ -175,11 +187,7 @@ def _load(path: Path, device: torch.device) -> Callable[[torch.Tensor], torch.Te
         str(path), run_single_threaded=True, device_index=index
     )
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        y = runner(x)
-        return y[0] if isinstance(y, (tuple, list)) else y
-
-    return run
+    return lambda x: first_output(runner(x))
 
 
 #: seconds a package build may take (a cold build on an H100: tens of seconds)

@@ -13,7 +13,7 @@ import torch
 
 from trtwsi._util.env import env_setting
 from trtwsi.engines.base import check_batch
-from trtwsi.engines.compiled import compiled_dir, obtain, private_dir
+from trtwsi.engines.compiled import compiled_dir, first_output, obtain, private_dir, user_cache
 from trtwsi.errors import BackendError, UsageError
 
 if TYPE_CHECKING:
@@ -37,10 +37,7 @@ def compile_cache_dir() -> Path:
     given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     if given:
         return Path(given)
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    path = private_dir(
-        base / "trtwsi" / "inductor", "torch.compile cache", "TORCHINDUCTOR_CACHE_DIR"
-    )
+    path = private_dir(user_cache("inductor"), "torch.compile cache", "TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     return path
 
@@ -119,10 +116,14 @@ class TorchEngine:
                 f"kernels); this engine is on {device}: drop compile, or pick a CUDA device"
             )
         self.compile = bool(compile)
+        # a package has one static shape: only with a fixed batch
+        self._package_wanted = (
+            self.compile and batch_size is not None and env_setting("TRTWSI_COMPILE_PACKAGE") == "1"
+        )
         if self.compile:
             compile_cache_dir()
-            if batch_size is not None and env_setting("TRTWSI_COMPILE_PACKAGE") == "1":
-                compiled_dir()  # not private: refused now, not after minutes of warm-up
+        if self._package_wanted:
+            compiled_dir()  # not private: refused now, not after minutes of warm-up
         #: seconds the compile took (in the first forward), None before it or without compile
         self.compile_seconds: float | None = None
         self._compiled = None
@@ -131,7 +132,6 @@ class TorchEngine:
         self.compiled_by = ""
         #: the AOTInductor package file in use (None without one)
         self.package: Path | None = None
-        self._compiled_shape: tuple | None = None
         module = model.module
         if device.type != "cpu" or half or self.channels_last:
             module = copy.deepcopy(module).to(device=device, dtype=self.dtype)
@@ -168,7 +168,7 @@ class TorchEngine:
                 return y
             self._compiled = compiled
             self.compile_seconds = time.perf_counter() - t0
-        if self.compiled_by.startswith("package") and tuple(x.shape) != self._compiled_shape:
+        if self.package is not None and x.shape != (self.batch_size, 3, self.imgsz, self.imgsz):
             return self._eager(x)  # a package has one static shape: others run eager
         return self._compiled(x.contiguous(memory_format=self._layout))
 
@@ -178,9 +178,9 @@ class TorchEngine:
         built there; :mod:`trtwsi.engines.compiled`) when the batch is fixed and packages are
         on (``TRTWSI_COMPILE_PACKAGE``), else, or when that fails, ``torch.compile`` here."""
         x = x.contiguous(memory_format=self._layout)
-        if self.batch_size is not None and env_setting("TRTWSI_COMPILE_PACKAGE") == "1":
+        if self._package_wanted:
             try:
-                fn, how, self.package = obtain(
+                fn, how, path = obtain(
                     self.model, self.device, self.dtype, self.batch_size, self.channels_last
                 )
                 fn(x)  # fails here, not in the graph capture, if the package cannot run
@@ -194,8 +194,7 @@ class TorchEngine:
                     stacklevel=4,
                 )
             else:
-                self.compiled_by = f"package {how}"
-                self._compiled_shape = tuple(x.shape)
+                self.compiled_by, self.package = f"package {how}", path
                 return fn
         try:
             fn = torch.compile(self._eager, fullgraph=True, dynamic=False)
@@ -215,8 +214,7 @@ class TorchEngine:
         """One eval forward; ultralytics heads return ``(y, extras)``, take ``y``."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        y = self.module(x)
-        return y[0] if isinstance(y, (tuple, list)) else y
+        return first_output(self.module(x))
 
     def _capture(self) -> None:
         """Warm up on a side stream, then capture ``self.input`` → float32 output as a graph.
