@@ -3,7 +3,8 @@
 ``torch.compile`` pays its compile in every process (2–8 s warm, 13–21 s cold on an H100 for
 the demo yolo11n). An AOTInductor package (``torch.export`` + ``aoti_compile_and_package``) is
 the same Inductor code compiled ahead of time into a ``.pt2`` file holding a shared library,
-its Triton kernels and the weights; loading it takes milliseconds. :func:`obtain` loads the
+its Triton kernels and the weights; loading it took 0.01-0.05 s on a 2-core CPU (a scratch probe,
+not a bench; not measured on a GPU). :func:`obtain` loads the
 package for a key from the cache, or builds it there first.
 
 A package is native code: loading one runs it. So only packages this user built are loaded,
