@@ -424,8 +424,8 @@ def test_slide(benchmark, gpx, tmp_path_factory):
             env=env,
             check=False,
         )
-        if r.returncode:
-            raise RuntimeError(r.stderr[-4000:])
+        if r.returncode:  # negative: killed by that signal (-11: a segmentation fault)
+            raise RuntimeError(f"the slide's process exited with {r.returncode}: {r.stderr[-4000:]}")
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     rec = benchmark.pedantic(run, rounds=1, warmup_rounds=0)

@@ -249,6 +249,11 @@ np.savez(out, boxes=d.boxes, scores=d.score, class_id=d.class_id, hows=np.array(
 
 @gpu
 @pytest.mark.gpu
+@pytest.mark.skipif(
+    os.environ.get("TRTWSI_TEST_COMPILE_PACKAGE") != "1",
+    reason="on demand (TRTWSI_TEST_COMPILE_PACKAGE=1): loading a package segfaulted in 6 of 9 "
+    "loads on an H100 with torch 2.11 (README, 'The compiled model kept on disk')",
+)
 @pytest.mark.parametrize("weights", [NMS_MODEL, E2E_MODEL], ids=["nms", "end2end"])
 def test_gpu_compiled_package_gives_the_eager_models_detections(slide, weights, tmp_path):
     """TRTWSI_COMPILE_PACKAGE=1 (experimental): the AOTInductor package, built by a child

@@ -238,8 +238,8 @@ def _add_predict_opts(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="compile the PyTorch model with torch.compile on a CUDA GPU: about 1.9x the "
         "model's tiles/s, for a compile when the run starts (2-8 s with a warm cache, 13-21 s "
-        "the first time); TRTWSI_COMPILE_PACKAGE=1 keeps it on disk instead (experimental; "
-        "README, 'The model compiled')",
+        "the first time); TRTWSI_COMPILE_PACKAGE=1 keeps it on disk instead (experimental: "
+        "loading one crashed most runs on an H100 with torch 2.11; README, 'The model compiled')",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -300,8 +300,9 @@ def collect(models_dir: str | os.PathLike | None = None, *, check_kernels: bool 
         r.add(
             "torch.compile",
             f"Triton {triton_v}: --compile runs the model about 1.9x faster after a compile "
-            "in each run (seconds with a warm cache); TRTWSI_COMPILE_PACKAGE=1 (experimental) "
-            f"keeps it as a package that later runs load ({_packages(r)})",
+            "in each run (seconds with a warm cache); TRTWSI_COMPILE_PACKAGE=1 (experimental: "
+            "loading one crashed most runs on an H100 with torch 2.11) keeps it as a package "
+            f"that later runs load ({_packages(r)})",
         )
     # --- TRTWSI_* settings from the environment ---
     from trtwsi._util.env import env_report

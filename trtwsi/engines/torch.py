@@ -67,8 +67,8 @@ class TorchEngine:
             5,870–6,040 at batch 64–128). By default ``torch.compile`` compiles it in this
             process, in every process (13–21 s cold, 2–8 s with a warm
             :func:`compile_cache_dir`). With ``TRTWSI_COMPILE_PACKAGE=1`` and a fixed
-            ``batch_size`` (**experimental: on an H100 with torch 2.11 the one run so far
-            crashed**, README) it is an AOTInductor package kept on disk
+            ``batch_size`` (**experimental: on an H100 with torch 2.11 loading one segfaulted
+            in 6 of 9 loads**, README; it warns) it is an AOTInductor package kept on disk
             (:mod:`trtwsi.engines.compiled`): built once per model, batch, GPU and torch version
             by a child process, loaded by later runs (``compiled_by``: "package built" /
             "package loaded"); a package that cannot be built or loaded warns and
@@ -148,6 +148,11 @@ class TorchEngine:
             self.input = torch.zeros(
                 (batch_size, 3, self.imgsz, self.imgsz), dtype=self.dtype, device=device
             ).contiguous(memory_format=self._layout)
+        if self._package_wanted:
+            # here, in the thread that builds the engine, before the runtime's threads start:
+            # on an H100 (torch 2.11) loading a package in the pipeline's warm-up thread, with
+            # the readers and planners running, segfaulted inside AOTIModelPackageLoader
+            self._compiled = self._package()
 
     @property
     def _layout(self) -> torch.memory_format:
@@ -172,30 +177,45 @@ class TorchEngine:
             return self._eager(x)  # a package has one static shape: others run eager
         return self._compiled(x.contiguous(memory_format=self._layout))
 
-    def _compile(self, x: torch.Tensor):
-        """The compiled forward for inputs like ``x``, or None (compile off from now, with a
-        warning naming the error): an AOTInductor package (loaded from the private cache, or
-        built there; :mod:`trtwsi.engines.compiled`) when the batch is fixed and packages are
-        on (``TRTWSI_COMPILE_PACKAGE``), else, or when that fails, ``torch.compile`` here."""
-        x = x.contiguous(memory_format=self._layout)
-        if self._package_wanted:
-            try:
-                fn, how, path = obtain(
-                    self.model, self.device, self.dtype, self.batch_size, self.channels_last
-                )
+    def _package(self):
+        """The AOTInductor package's forward (loaded from the private cache, or built there
+        first; :mod:`trtwsi.engines.compiled`), run once on zeros of the static shape; None,
+        with a warning naming the error, when it cannot be built, loaded or run (the first
+        forward then compiles with ``torch.compile``)."""
+        warnings.warn(
+            f"{self.model.name}: TRTWSI_COMPILE_PACKAGE=1 is experimental: on an H100 with torch "
+            "2.11 loading a compiled package segfaulted in 6 of 9 loads, which ends this process "
+            "(README, 'The compiled model kept on disk'); unset it to compile with torch.compile",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        t0 = time.perf_counter()
+        x = torch.zeros((self.batch_size, 3, self.imgsz, self.imgsz), dtype=self.dtype)
+        x = x.to(self.device).contiguous(memory_format=self._layout)
+        try:
+            fn, how, path = obtain(
+                self.model, self.device, self.dtype, self.batch_size, self.channels_last
+            )
+            with torch.inference_mode():
                 fn(x)  # fails here, not in the graph capture, if the package cannot run
-            except BackendError:
-                raise
-            except Exception as e:  # the build failed or crashed (PackageBuildError), or the load
-                warnings.warn(
-                    f"{self.model.name}: the compiled package could not be built or loaded "
-                    f"({type(e).__name__}: {str(e)[:300]}); compiling with torch.compile in "
-                    "this process instead",
-                    stacklevel=4,
-                )
-            else:
-                self.compiled_by, self.package = f"package {how}", path
-                return fn
+        except BackendError:
+            raise
+        except Exception as e:  # the build failed or crashed (PackageBuildError), or the load
+            warnings.warn(
+                f"{self.model.name}: the compiled package could not be built or loaded "
+                f"({type(e).__name__}: {str(e)[:300]}); compiling with torch.compile in "
+                "this process instead",
+                stacklevel=4,
+            )
+            return None
+        self.compiled_by, self.package = f"package {how}", path
+        self.compile_seconds = time.perf_counter() - t0
+        return fn
+
+    def _compile(self, x: torch.Tensor):
+        """The forward compiled by ``torch.compile`` in this process for inputs like ``x``, or
+        None (compile off from now, with a warning naming the error)."""
+        x = x.contiguous(memory_format=self._layout)
         try:
             fn = torch.compile(self._eager, fullgraph=True, dynamic=False)
             fn(x)
