@@ -172,21 +172,35 @@ def test_gpu_launch_graphs_change_no_row(slide, batch, monkeypatch):
         np.testing.assert_array_equal(a, b)
 
 
+def _threshold_change(slide, **kw):
+    """(low, high, fresh): the slide at the default threshold, then in the same runtime after
+    raising the model's min_conf to the median score (the demo model scores every box of this
+    slide > 0.89: a fixed 0.6 dropped nothing), then in a fresh runtime built with it."""
+    model = trtwsi.Model(MODELS / "demo-yolo11n.pt")
+    with Runtime([model], **kw) as rt:
+        low = rt.run(slide).detections
+        thr = float(np.median(low.score))
+        model.min_conf = thr
+        high = rt.run(slide).detections
+    with Runtime([trtwsi.Model(MODELS / "demo-yolo11n.pt", min_conf=thr)], **kw) as rt:
+        fresh = rt.run(slide).detections
+    assert 0 < len(high) < len(low) and high.score.min() > thr
+    return low, high, fresh
+
+
+def test_a_models_threshold_changed_between_slides_is_used_on_the_cpu(slide):
+    _, high, fresh = _threshold_change(slide, device="cpu", batch=2, workers=1)
+    np.testing.assert_array_equal(high.to_numpy(), fresh.to_numpy())
+
+
 @gpu
 @pytest.mark.gpu
 def test_gpu_a_models_threshold_changed_between_slides_is_used(slide, monkeypatch):
     """Model.min_conf is a kernel argument the post-engine graph bakes in: raising it between
     two runs of one runtime must drop the low-score rows, as a fresh runtime does."""
     monkeypatch.setenv("TRTWSI_LAUNCH_GRAPHS", "1")
-    model = trtwsi.Model(MODELS / "demo-yolo11n.pt")
     kw = {"device": "cuda", "batch": 5, "workers": 2, "decode": "cpu"}
-    with Runtime([model], **kw) as rt:
-        low = rt.run(slide).detections
-        model.min_conf = 0.6
-        high = rt.run(slide).detections
-    with Runtime([trtwsi.Model(MODELS / "demo-yolo11n.pt", min_conf=0.6)], **kw) as rt:
-        fresh = rt.run(slide).detections
-    assert len(high) < len(low) and high.score.min() >= 0.6
+    _, high, fresh = _threshold_change(slide, **kw)
     np.testing.assert_array_equal(high.to_numpy(), fresh.to_numpy())
 
 
