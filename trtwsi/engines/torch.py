@@ -149,9 +149,9 @@ class TorchEngine:
                 (batch_size, 3, self.imgsz, self.imgsz), dtype=self.dtype, device=device
             ).contiguous(memory_format=self._layout)
         if self._package_wanted:
-            # here, in the thread that builds the engine, before the runtime's threads start:
-            # on an H100 (torch 2.11) loading a package in the pipeline's warm-up thread, with
-            # the readers and planners running, segfaulted inside AOTIModelPackageLoader
+            # here, where the engine is built, before the runtime's threads start: a package
+            # that cannot be built or loaded shows at once. (On an H100 with torch 2.11 the
+            # load segfaulted inside AOTIModelPackageLoader in any thread: README.)
             self._compiled = self._package()
 
     @property
