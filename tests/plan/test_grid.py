@@ -291,3 +291,21 @@ def test_chunks_of_an_empty_grid_and_bad_limits(tissue_slide):
         TileGrid(slide, tile_size=200).chunks(max_pixels=0)
     with pytest.raises(TilingError, match="max_tiles"):
         TileGrid(slide, tile_size=200).chunks(max_tiles=0)
+
+
+def test_chunk_windows_are_its_tiles_inside_the_read():
+    """Chunk.windows(read_size): (x, y, w, h) of each tile in the read, which is what
+    read_region(only=) takes; reading only them gives every tile's pixels."""
+    img = np.random.default_rng(0).integers(0, 255, (3000, 4000, 3), np.uint8)
+    grid = TileGrid(ArraySlide(img), (0, 0, 4000, 3000), tile_size=640, overlap=0.2)
+    for c in grid.chunks(max_pixels=2000 * 2000):
+        win = c.windows(grid.read_size)
+        assert win.shape == (len(c), 4) and win.dtype == np.int64
+        assert (win[:, :2] == c.offsets).all() and (win[:, 2:] == grid.read_size).all()
+        x, y, _, _ = c.region
+        pix = ArraySlide(img).read_region(x, y, *c.read_size, only=win)
+        for (ox, oy, w, h), t in zip(win, c.tile_indices, strict=True):
+            tx, ty, tw, th = grid.tiles[t]
+            np.testing.assert_array_equal(
+                pix[oy : oy + h, ox : ox + w], img[ty : ty + th, tx : tx + tw]
+            )

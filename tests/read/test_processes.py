@@ -57,6 +57,29 @@ def test_tall_regions_are_read_in_strips_by_several_workers(tmp_path, monkeypatc
             r.close()
 
 
+def test_only_parts_are_read_by_the_strips_that_hold_them(tmp_path, monkeypatch):
+    """``only``: each strip gets its parts, clipped and moved to its rows; a strip no part
+    touches is never read (its rows keep what the slot held)."""
+    from trtwsi.synthetic import make_slide
+
+    monkeypatch.setenv("TRTWSI_READ_STRIPS", "3")
+    path = tmp_path / "tall.tif"
+    make_slide(path, 1500, 2600, seed=4, n_sections=1)
+    with TiffSlide(path) as s:
+        want = s.read_region(0, 0, 1500, 2600)
+        r = ReaderPool(processes=3, slots=1, slot_bytes=1500 * 2600 * 3, pin=False)
+        try:
+            r.buffers[0].view((2600, 1500, 3))[...] = 7
+            # rows 50..750, all in the first of the strips 0..768, 768..1792, 1792..2600
+            parts = [(100, 50, 300, 700), (900, 600, 500, 100)]
+            got = r.read(0, s, 0, 0, 1500, 2600, 0, only=parts)
+            for x, y, w, h in parts:
+                np.testing.assert_array_equal(got[y : y + h, x : x + w], want[y : y + h, x : x + w])
+            assert (got[768:] == 7).all()  # the other two strips were not read
+        finally:
+            r.close()
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "many"])
 def test_a_bad_strip_setting_is_refused_before_anything_starts(monkeypatch, value):
     monkeypatch.setenv("TRTWSI_READ_STRIPS", value)
@@ -71,7 +94,11 @@ def test_strips_cover_the_region_and_share_no_tile_row():
     rng = np.random.default_rng(0)
     for _ in range(2000):
         unit = int(rng.choice([240, 256, 512]))
-        top, h, n = int(rng.integers(-600, 40000)), int(rng.integers(1, 5000)), int(rng.integers(1, 17))
+        top, h, n = (
+            int(rng.integers(-600, 40000)),
+            int(rng.integers(1, 5000)),
+            int(rng.integers(1, 17)),
+        )
         parts = strips(top, h, n, unit)
         assert parts[0][0] == 0 and sum(r for _, r in parts) == h
         assert all(r > 0 for _, r in parts) and len(parts) <= n
@@ -170,7 +197,9 @@ def test_a_pool_started_without_waiting_reads_and_closes(svs_file):
     r = ReaderPool(processes=2, slots=1, slot_bytes=300 * 200 * 3, pin=False, wait=False)
     try:
         with open_slide(svs_file) as s:
-            np.testing.assert_array_equal(r.read(0, s, 10, 20, 300, 200, 0), s.read_region(10, 20, 300, 200))
+            np.testing.assert_array_equal(
+                r.read(0, s, 10, 20, 300, 200, 0), s.read_region(10, 20, 300, 200)
+            )
         r.ready()  # (a second wait returns at once)
     finally:
         r.close()

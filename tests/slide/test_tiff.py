@@ -23,7 +23,7 @@ from tests.slide.conftest import (
     set_segment_bytecount,
     texture,
 )
-from trtwsi.errors import SlideError
+from trtwsi.errors import RegionError, SlideError
 from trtwsi.slide.base import area_reduce
 from trtwsi.slide.color import to_rgb_uint8
 from trtwsi.slide.tiff import DEFAULT_MAX_THREADS, TiffSlide
@@ -359,6 +359,80 @@ def test_only_touched_tiles_are_decoded(tmp_path, src):
         with pytest.warns(RuntimeWarning, match="tile"):
             s.read_region(300, 300, 10, 10)
         assert [e.tile for e in s.read_errors] == [(1, 1)]
+
+
+# --- only= (the parts a caller will use) -----------------------------------------------------
+def _random_parts(rng, w, h, k):
+    """k rectangles (x, y, w, h) in a w × h region, some reaching past its edges."""
+    x = rng.integers(-100, w, k)
+    y = rng.integers(-100, h, k)
+    return np.stack([x, y, rng.integers(1, 400, k), rng.integers(1, 400, k)], 1)
+
+
+@pytest.mark.parametrize(
+    "fixture", ["svs_file", "jpeg_subifd_tif", "deflate_pages_tif", "strip_tif", "vips_pyramid_tif"]
+)
+@pytest.mark.parametrize("threads", [1, 4])
+def test_only_parts_have_the_pixels_of_a_full_read(request, fixture, threads):
+    """Tiled JPEG/deflate, strips and an uncompressed level: inside the parts the pixels equal
+    a full read's; regions partly off the level keep the fill there."""
+    rng = np.random.default_rng(3)
+    with TiffSlide(request.getfixturevalue(fixture), threads=threads) as s:
+        for x, y, w, h, level in [(0, 0, W, H, 0), (-60, 130, 900, 700, 0), (200, 90, 500, 400, 1)]:
+            if level >= len(s.levels):
+                continue
+            want = s.read_region(x, y, w, h, level=level)
+            parts = _random_parts(rng, w, h, 5)
+            got = s.read_region(x, y, w, h, level=level, only=parts)
+            for px, py, pw, ph in parts:
+                y0, y1, x0, x1 = max(py, 0), min(py + ph, h), max(px, 0), min(px + pw, w)
+                if y0 < y1 and x0 < x1:  # (a part wholly off the region is ignored)
+                    np.testing.assert_array_equal(got[y0:y1, x0:x1], want[y0:y1, x0:x1])
+
+
+def test_only_decodes_just_the_tiles_its_parts_touch(svs_file, monkeypatch):
+    """256² JPEG tiles: one part inside tile (1, 1) of a 4 × 3-tile region decodes that tile
+    alone; no part decodes nothing and leaves ``out`` as it was."""
+    decoded = []
+    real = TiffSlide._decode_jpeg
+
+    def counting(self, io, data):
+        decoded.append(len(data))
+        return real(self, io, data)
+
+    monkeypatch.setattr(TiffSlide, "_decode_jpeg", counting)
+    with TiffSlide(svs_file, threads=2) as s:
+        s.read_region(0, 0, 1024, 768)
+        assert len(decoded) == 12
+        decoded.clear()
+        got = s.read_region(0, 0, 1024, 768, only=[(300, 280, 100, 90)])
+        assert len(decoded) == 1
+        np.testing.assert_array_equal(got[280:370, 300:400], s.read_region(300, 280, 100, 90))
+        decoded.clear()
+        out = np.full((768, 1024, 3), 7, np.uint8)
+        s.read_region(0, 0, 1024, 768, out=out, only=np.zeros((0, 4), int))
+        assert decoded == [] and (out == 7).all()
+
+
+def test_a_corrupt_tile_outside_the_parts_is_never_read(tmp_path, src):
+    """The glass of a chunk's bounding box is not decoded, so its bad tile costs nothing."""
+    path = tmp_path / "one_bad.tif"
+    tifffile.imwrite(path, src, tile=(256, 256), compression="zlib", photometric="rgb")
+    offset, count = segment_location(path, 7)  # tile (row 1, col 1)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x00" * count)
+    with TiffSlide(path, threads=2) as s:
+        got = s.read_region(0, 0, 1024, 1000, only=[(0, 0, 256, 1000), (600, 0, 400, 200)])
+        np.testing.assert_array_equal(got[:, :256], src[:, :256])
+        np.testing.assert_array_equal(got[:200, 600:1000], src[:200, 600:1000])
+        assert s.read_errors == []
+
+
+@pytest.mark.parametrize("only", [[(0, 0, 0, 5)], [(0, 0, 5, -1)], [1, 2, 3], "ab"])
+def test_bad_only_is_refused(svs_file, only):
+    with TiffSlide(svs_file) as s, pytest.raises(RegionError, match="only"):
+        s.read_region(0, 0, 100, 100, only=only)
 
 
 # --- threads ---------------------------------------------------------------------------------

@@ -56,6 +56,14 @@ class Chunk:
     def __len__(self) -> int:
         return len(self.tile_indices)
 
+    def windows(self, read_size: int) -> np.ndarray:
+        """``(M, 4)`` int64 ``(x, y, w, h)`` of each tile inside the read, in read-level px
+        (``read_size``: :attr:`TileGrid.read_size`): the ``only`` of
+        :meth:`~trtwsi.slide.Slide.read_region`, so that a read skips the file tiles that no
+        tile of the chunk touches."""
+        sizes = np.full((len(self.offsets), 2), int(read_size), np.int64)
+        return np.concatenate([self.offsets.astype(np.int64), sizes], axis=1)
+
     def __repr__(self) -> str:
         return (
             f"Chunk(region={self.region}, level={self.level}, read_size={self.read_size}, "

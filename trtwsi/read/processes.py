@@ -38,6 +38,7 @@ from trtwsi.errors import (
     TileReadError,
 )
 from trtwsi.read.host import SharedBuffer
+from trtwsi.slide.base import region_parts
 
 __all__ = ["OPEN_SLIDES", "ReaderPool", "SlideRef", "process_readable"]
 
@@ -92,6 +93,16 @@ def strips(top: int, h: int, n: int, unit: int) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in itertools.pairwise(cuts)]
 
 
+def _strip_parts(only, r0: int, rows: int) -> np.ndarray:
+    """The ``(x, y, w, h)`` rectangles of ``only`` (region px) that reach rows
+    ``[r0, r0 + rows)``, clipped to them and moved to the strip's own rows."""
+    a = region_parts(only)
+    top = np.maximum(a[:, 1], r0)
+    bottom = np.minimum(a[:, 1] + a[:, 3], r0 + rows)
+    keep = bottom > top
+    return np.stack([a[keep, 0], top[keep] - r0, a[keep, 2], bottom[keep] - top[keep]], axis=1)
+
+
 def _strips_setting(value: str | None) -> int | str:
     """``$TRTWSI_READ_STRIPS`` (checked by :func:`~trtwsi._util.env.env_setting`) →
     ReaderPool.strips: ``"adaptive"`` (also when unset) or a positive int."""
@@ -132,16 +143,17 @@ def _open(ref: SlideRef):
 
 
 def _worker_read(
-    ref: SlideRef, offset: int, x: int, y: int, w: int, h: int, level: int
+    ref: SlideRef, offset: int, x: int, y: int, w: int, h: int, level: int, only=None
 ) -> list[dict]:
-    """Read one region of ``ref`` into the shared ring at byte ``offset``; return the tile
-    errors it met (as dicts). A slide that fails to open raises (the caller's slide fails)."""
+    """Read one region of ``ref`` into the shared ring at byte ``offset`` (``only``: as
+    :meth:`~trtwsi.slide.Slide.read_region`); return the tile errors it met (as dicts). A
+    slide that fails to open raises (the caller's slide fails)."""
     slide = _open(ref)
     out = _W["array"][offset : offset + w * h * 3].reshape(h, w, 3)
     before = len(slide.read_errors)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the parent re-records and warns once
-        slide.read_region(x, y, w, h, level=level, out=out)
+        slide.read_region(x, y, w, h, level=level, out=out, only=only)
     errs = slide.read_errors[before:]
     del slide.read_errors[before:]  # the parent's slide keeps them; the cache stays small
     return [{"message": str(e), "level": e.level, "tile": e.tile, "region": e.region} for e in errs]
@@ -256,10 +268,14 @@ class ReaderPool:
     def pinned(self) -> bool:
         return self._registered is not None
 
-    def read(self, slot: int, slide, x: int, y: int, w: int, h: int, level: int) -> np.ndarray:
+    def read(
+        self, slot: int, slide, x: int, y: int, w: int, h: int, level: int, only=None
+    ) -> np.ndarray:
         """Read level-0 origin ``(x, y)``, ``w × h`` read-level px at ``level`` of ``slide``
         into ``slot``; returns the ``(h, w, 3)`` uint8 view. Tile errors are recorded on
-        ``slide`` as if it had read them itself.
+        ``slide`` as if it had read them itself. ``only``: the parts that will be used, as
+        :meth:`~trtwsi.slide.Slide.read_region` takes them (a strip no part touches is not
+        read at all).
 
         The region is cut into horizontal strips (:func:`strips`, cut on the level's file-tile
         rows) decoded by different workers at once, so one large chunk is ready in a fraction
@@ -289,9 +305,14 @@ class ReaderPool:
                 parts = [(0, h)]
             futures = []
             for r0, rows in parts:
+                sub = None if only is None else _strip_parts(only, r0, rows)
+                if sub is not None and not len(sub):
+                    continue
                 at = buf.offset + r0 * w * 3
                 futures.append(
-                    self._pool.submit(_worker_read, ref, at, x, y + int(r0 * ds), w, rows, level)
+                    self._pool.submit(
+                        _worker_read, ref, at, x, y + int(r0 * ds), w, rows, level, sub
+                    )
                 )
             results = [f.result() for f in futures]
         finally:

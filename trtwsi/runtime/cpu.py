@@ -85,7 +85,7 @@ class ReferenceRunner:
             t0 = time.perf_counter()
             cx, cy, _, _ = chunk.region
             cw, ch = chunk.read_size
-            img = slide.read_region(cx, cy, cw, ch, level=level)
+            img = slide.read_region(cx, cy, cw, ch, level=level, only=chunk.windows(rs))
             timer.add("read", time.perf_counter() - t0)
             return chunk, img
 

@@ -89,6 +89,22 @@ def area_reduce(img: np.ndarray, f: int) -> np.ndarray:
     return out
 
 
+def region_parts(only) -> np.ndarray:
+    """``only`` of :meth:`Slide.read_region` as a ``(K, 4)`` int64 array of ``(x, y, w, h)``;
+    RegionError for another shape or an empty rectangle. Rectangles may reach past the region
+    (they are clipped to it)."""
+    try:
+        a = np.asarray(only, dtype=np.int64).reshape(-1, 4)
+    except (TypeError, ValueError) as e:
+        raise RegionError(
+            f"only must be (x, y, w, h) rectangles in the region's pixels, got {only!r:.200}"
+        ) from e
+    bad = (a[:, 2:] <= 0).any(axis=1)
+    if bad.any():
+        raise RegionError(f"only's rectangles need positive sizes, got {a[bad][:3].tolist()}")
+    return a
+
+
 @dataclass
 class SlideInfo:
     """Plain description of a slide, for `trtwsi info` and results metadata."""
@@ -151,15 +167,30 @@ class Slide(ABC):
 
     # --- pixels ----------------------------------------------------------------------------
     def read_region(
-        self, x: int, y: int, w: int, h: int, level: int = 0, out: np.ndarray | None = None
+        self,
+        x: int,
+        y: int,
+        w: int,
+        h: int,
+        level: int = 0,
+        out: np.ndarray | None = None,
+        *,
+        only=None,
     ) -> np.ndarray:
         """Read a region as RGB uint8 ``(h, w, 3)``.
 
         ``x, y``: top-left in level-0 pixels (may be negative or beyond the slide); ``w, h``: size in
         level ``level`` pixels. ``out``: optional caller-provided C-contiguous-rows uint8 array of
         shape ``(h, w, 3)`` (e.g. a view into pinned memory) that is filled and returned.
+        ``only``: the parts the caller will use, an ``(K, 4)`` int array-like of ``(x, y, w, h)``
+        rectangles in the region's own pixels (read level, origin at its top-left): those pixels
+        are exactly what a full read gives, the others are unspecified (a reader that decodes
+        by file tile skips the tiles no rectangle touches: a chunk of model tiles reads only
+        its tiles, not the glass of its bounding box).
         """
         x, y, w, h, level = self._check_region(x, y, w, h, level)
+        if only is not None:
+            only = region_parts(only)
         if out is None:
             out = np.empty((h, w, 3), dtype=np.uint8)
         elif out.shape != (h, w, 3) or out.dtype != np.uint8:
@@ -173,8 +204,24 @@ class Slide(ABC):
         if (x0, y0, x1, y1) != (lx, ly, lx + w, ly + h):
             out[...] = self.fill
         view = out[y0 - ly : y1 - ly, x0 - lx : x1 - lx]
-        self._read_level(level, x0, y0, x1 - x0, y1 - y0, view)
+        if only is None:
+            self._read_level(level, x0, y0, x1 - x0, y1 - y0, view)
+        else:  # the parts in level px, clipped to the level
+            lo = only[:, :2] + (lx, ly)
+            parts = np.concatenate(
+                [np.maximum(lo, (x0, y0)), np.minimum(lo + only[:, 2:], (x1, y1))], axis=1
+            )
+            parts = parts[(parts[:, 0] < parts[:, 2]) & (parts[:, 1] < parts[:, 3])]
+            self._read_level_parts(level, x0, y0, x1 - x0, y1 - y0, view, parts)
         return out
+
+    def _read_level_parts(
+        self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray, parts: np.ndarray
+    ) -> None:
+        """:meth:`_read_level` where only ``parts`` will be used: ``(K, 4)`` int64 level-px
+        boxes ``(x0, y0, x1, y1)`` (x1, y1 exclusive) inside the region. This default reads
+        the whole region; readers that decode by file tile skip the tiles no part touches."""
+        self._read_level(level, x, y, w, h, out)
 
     def _check_region(self, x, y, w, h, level) -> tuple[int, int, int, int, int]:
         """The region's numbers as ints; RegionError for a missing level, an empty region or

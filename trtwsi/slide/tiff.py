@@ -637,14 +637,43 @@ class TiffSlide(Slide):
             cpu_read=cpu_read,
         )
 
-    def _read_level(self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray) -> None:
+    def _read_level_parts(
+        self, level: int, x: int, y: int, w: int, h: int, out: np.ndarray, parts: np.ndarray
+    ) -> None:
+        """:meth:`~trtwsi.slide.Slide._read_level_parts`: decode only the file tiles that a
+        part touches (other pixels of ``out`` stay as they were)."""
+        io = self._io[level]
+        if io.kind != "segments":  # uncompressed rows and the fallback: the whole region
+            self._read_level(level, x, y, w, h, out)
+            return
+        c0, r0 = x // io.seg_w, y // io.seg_h
+        c1, r1 = (x + w - 1) // io.seg_w, (y + h - 1) // io.seg_h
+        need = np.zeros((r1 - r0 + 1, c1 - c0 + 1), bool)
+        for px0, py0, px1, py1 in parts.tolist():
+            need[
+                py0 // io.seg_h - r0 : (py1 - 1) // io.seg_h - r0 + 1,
+                px0 // io.seg_w - c0 : (px1 - 1) // io.seg_w - c0 + 1,
+            ] = True
+        self._read_level(level, x, y, w, h, out, need=need)
+
+    def _read_level(
+        self,
+        level: int,
+        x: int,
+        y: int,
+        w: int,
+        h: int,
+        out: np.ndarray,
+        need: np.ndarray | None = None,
+    ) -> None:
         """Fill ``out`` (uint8 ``(h, w, 3)`` view) with level pixels ``[y:y+h, x:x+w]``.
 
         Coordinates are in level ``level`` pixels and lie inside the level (Slide.read_region
         clips). Only the file tiles/strips overlapping the region are read and decoded. Work
         units are runs of adjacent tiles of one tile row (about ``CHUNKS_PER_THREAD`` per pool
         thread), each fetched with one ``pread`` when their bytes are contiguous in the file:
-        fewer tasks and syscalls mean fewer GIL hand-offs between decodes.
+        fewer tasks and syscalls mean fewer GIL hand-offs between decodes. ``need``: bool
+        ``(rows, cols)`` over the region's segments (file tiles or strips): decode only those.
         """
         if self._closed:
             raise SlideError(f"{str(self.path)!r}: read from a closed slide (open it again)")
@@ -664,11 +693,23 @@ class TiffSlide(Slide):
             else:
                 per = math.ceil(ncols * nrows / (self.threads * CHUNKS_PER_THREAD))
                 per = max(1, min(ncols, per))
-        chunks = [
-            (r, range(c, min(c + per, c1 + 1)))
-            for r in range(r0, r1 + 1)
-            for c in range(c0, c1 + 1, per)
-        ]
+        if need is None:
+            chunks = [
+                (r, range(c, min(c + per, c1 + 1)))
+                for r in range(r0, r1 + 1)
+                for c in range(c0, c1 + 1, per)
+            ]
+        else:  # runs of needed tiles in each tile row, cut every ``per`` tiles
+            chunks = []
+            for r, row in zip(range(r0, r1 + 1), need, strict=True):
+                cols = np.flatnonzero(row) + c0
+                for run in np.split(cols, np.flatnonzero(np.diff(cols) != 1) + 1):
+                    for k in range(0, len(run), per):
+                        chunks.append(
+                            (r, range(int(run[k]), int(run[min(k + per, len(run)) - 1]) + 1))
+                        )
+            if not chunks:
+                return
         if len(chunks) == 1 or self.threads == 1:
             for r, cols in chunks:
                 fn(level, io, r, cols, x, y, w, h, out)

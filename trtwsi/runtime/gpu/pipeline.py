@@ -423,12 +423,15 @@ class GpuPipeline:
             t0 = time.perf_counter()
             buf.wait_ready()  # the H2D of the chunk that used this slot before
             w, h = c.read_size
+            only = c.windows(item.grid.read_size)  # not the glass of the chunk's bounding box
             try:
                 if self.pool is not None and process_readable(run.plan.slide):
-                    self.pool.read(slot, run.plan.slide, c.region[0], c.region[1], w, h, c.level)
+                    self.pool.read(
+                        slot, run.plan.slide, c.region[0], c.region[1], w, h, c.level, only
+                    )
                 else:
                     run.plan.slide.read_region(
-                        c.region[0], c.region[1], w, h, level=c.level, out=buf.view((h, w, 3))
+                        c.region[0], c.region[1], w, h, c.level, buf.view((h, w, 3)), only=only
                     )
             except Exception as e:  # the slide fails alone
                 run.fail(e)
