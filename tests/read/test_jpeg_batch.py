@@ -181,7 +181,31 @@ def test_cpu_decode_matches_reader(fixture, request):
     path = _fixture(request, fixture)
     _check(path, "cpu")
     if len(open_slide(path).levels) > 1:
-        _check(path, "cpu", level=1, regions=[(0, 0, 375, 250), (-10, 5, 200, 300), (300, 200, 80, 80)])
+        _check(
+            path, "cpu", level=1, regions=[(0, 0, 375, 250), (-10, 5, 200, 300), (300, 200, 80, 80)]
+        )
+
+
+@pytest.mark.parametrize("fixture", ["jpeg_subifd_tif", "svs_file"])
+def test_only_reads_and_decodes_the_tiles_its_parts_touch(fixture, request):
+    """``compressed_region(only=)``: tiles no part touches are not read (None: decoded as
+    fill); inside the parts the pixels are the reader's (torchvision's libjpeg on the CPU)."""
+    slide = open_slide(_fixture(request, fixture), threads=1)
+    dec = JpegBatchDecoder("cpu")
+    x, y, w, h = -50, 20, 1200, 900
+    parts = [(70, 0, 200, 150), (600, 500, 300, 380)]
+    full = slide.compressed_region(x, y, w, h)
+    region = slide.compressed_region(x, y, w, h, only=parts)
+    assert (region.rows, region.cols) == (full.rows, full.cols)
+    kept = sum(s is not None for s in region.streams)
+    assert 0 < kept < sum(s is not None for s in full.streams)
+    got = dec.decode(region).to_numpy()
+    want = slide.read_region(x, y, w, h)
+    for px, py, pw, ph in parts:
+        np.testing.assert_array_equal(
+            got[py : py + ph, px : px + pw], want[py : py + ph, px : px + pw]
+        )
+    assert slide.read_errors == []
 
 
 def test_components_follow_the_file(aperio_rgb_tif, jpeg_subifd_tif):

@@ -105,6 +105,18 @@ def region_parts(only) -> np.ndarray:
     return a
 
 
+def level_parts(only: np.ndarray, at: tuple[int, int], window) -> np.ndarray:
+    """``only`` (:func:`region_parts`, region px) as ``(K, 4)`` int64 level-px boxes
+    ``(x0, y0, x1, y1)`` (x1, y1 exclusive) clipped to ``window`` = the region's part inside
+    the level, ``(x0, y0, x1, y1)`` level px; ``at``: the region's top-left in level px. Boxes
+    left empty are dropped."""
+    lo = only[:, :2] + at
+    parts = np.concatenate(
+        [np.maximum(lo, window[:2]), np.minimum(lo + only[:, 2:], window[2:])], axis=1
+    )
+    return parts[(parts[:, 0] < parts[:, 2]) & (parts[:, 1] < parts[:, 3])]
+
+
 @dataclass
 class SlideInfo:
     """Plain description of a slide, for `trtwsi info` and results metadata."""
@@ -206,12 +218,8 @@ class Slide(ABC):
         view = out[y0 - ly : y1 - ly, x0 - lx : x1 - lx]
         if only is None:
             self._read_level(level, x0, y0, x1 - x0, y1 - y0, view)
-        else:  # the parts in level px, clipped to the level
-            lo = only[:, :2] + (lx, ly)
-            parts = np.concatenate(
-                [np.maximum(lo, (x0, y0)), np.minimum(lo + only[:, 2:], (x1, y1))], axis=1
-            )
-            parts = parts[(parts[:, 0] < parts[:, 2]) & (parts[:, 1] < parts[:, 3])]
+        else:
+            parts = level_parts(only, (lx, ly), (x0, y0, x1, y1))
             self._read_level_parts(level, x0, y0, x1 - x0, y1 - y0, view, parts)
         return out
 
@@ -255,7 +263,7 @@ class Slide(ABC):
         """True when :meth:`compressed_region` gives JPEG streams for ``level``."""
         return False
 
-    def compressed_region(self, x: int, y: int, w: int, h: int, level: int = 0):
+    def compressed_region(self, x: int, y: int, w: int, h: int, level: int = 0, *, only=None):
         """The file tiles of a region as JPEG streams for a batch decoder
         (:class:`~trtwsi.slide.jpeg_stream.CompressedRegion`; arguments as :meth:`read_region`),
         or None when this slide or level cannot be read that way (then use ``read_region``)."""

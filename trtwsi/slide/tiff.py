@@ -67,7 +67,7 @@ from trtwsi.errors import (
     UnsupportedFormatError,
 )
 from trtwsi.slide.array import MAX_ARRAY_PIXELS
-from trtwsi.slide.base import Level, OnError, Slide, level_downsample
+from trtwsi.slide.base import Level, OnError, Slide, level_downsample, level_parts, region_parts
 from trtwsi.slide.color import to_rgb_uint8
 from trtwsi.slide.files import check_regular_file
 from trtwsi.slide.tiff_ifd import walk_ifd_chain
@@ -132,6 +132,21 @@ class _LevelIO:
     samples: int = 1  # samples per pixel (contig)
     jpeg: dict | None = None  # direct imagecodecs.jpeg8_decode kwargs (8-bit RGB/YCbCr JPEG tiles)
     jpeg_header: bytes | None = None  # NDPI: JPEG header to prepend to each restart interval
+
+
+def _needed(io: _LevelIO, x: int, y: int, w: int, h: int, parts: np.ndarray) -> np.ndarray:
+    """Bool ``(rows, cols)`` over the segments of level px region ``x, y, w, h`` (inside the
+    level): True where a part touches (``parts``: level-px ``(x0, y0, x1, y1)`` boxes inside
+    the region, :func:`~trtwsi.slide.base.level_parts`)."""
+    c0, r0 = x // io.seg_w, y // io.seg_h
+    c1, r1 = (x + w - 1) // io.seg_w, (y + h - 1) // io.seg_h
+    need = np.zeros((r1 - r0 + 1, c1 - c0 + 1), bool)
+    for px0, py0, px1, py1 in parts.tolist():
+        need[
+            py0 // io.seg_h - r0 : (py1 - 1) // io.seg_h - r0 + 1,
+            px0 // io.seg_w - c0 : (px1 - 1) // io.seg_w - c0 + 1,
+        ] = True
+    return need
 
 
 class TiffSlide(Slide):
@@ -585,15 +600,18 @@ class TiffSlide(Slide):
         transform to those (measured: 82 levels off on average), so they stay on the CPU."""
         return self._whole_jpeg_tiles(level) and self._io[level].jpeg["colorspace"] != 2
 
-    def compressed_region(self, x: int, y: int, w: int, h: int, level: int = 0):
+    def compressed_region(self, x: int, y: int, w: int, h: int, level: int = 0, *, only=None):
         """The JPEG tiles of a region (level-0 ``x, y`` and level-px ``w, h``, as
         :meth:`read_region`) as a :class:`~trtwsi.slide.jpeg_stream.CompressedRegion`, each
         tile a complete stream (``JPEGTables`` spliced in; ``components`` says ``"rgb"`` for
         stored R, G, B); None for levels of other kinds. Reads the tiles' bytes (one ``pread``
-        per run of contiguous tiles); decodes nothing."""
+        per run of contiguous tiles); decodes nothing. ``only``: as :meth:`read_region`; a
+        tile no part touches is not read and comes as None (sparse: decoded as fill)."""
         from trtwsi.slide.jpeg_stream import CompressedRegion, splice_tables
 
         x, y, w, h, level = self._check_region(x, y, w, h, level)
+        if only is not None:
+            only = region_parts(only)
         if self._closed:
             raise SlideError(f"{str(self.path)!r}: read from a closed slide (open it again)")
         if not self._whole_jpeg_tiles(level):
@@ -607,9 +625,16 @@ class TiffSlide(Slide):
             c0, c1 = x0 // io.seg_w, (x1 - 1) // io.seg_w
             r0, r1 = y0 // io.seg_h, (y1 - 1) // io.seg_h
             rows, cols = r1 - r0 + 1, c1 - c0 + 1
+            need = np.ones((rows, cols), bool)
+            if only is not None:
+                parts = level_parts(only, (lx, ly), (x0, y0, x1, y1))
+                need = _needed(io, x0, y0, x1 - x0, y1 - y0, parts)
             tables = io.jpeg["tables"]
-            for r in range(r0, r1 + 1):
-                for data in self._fetch(io, [r * io.n_across + c for c in range(c0, c1 + 1)]):
+            for r, row in zip(range(r0, r1 + 1), need, strict=True):
+                cs = [c for c, n in zip(range(c0, c1 + 1), row, strict=True) if n]
+                got = iter(self._fetch(io, [r * io.n_across + c for c in cs]) if cs else [])
+                for n in row:
+                    data = next(got) if n else None
                     if data is not None and not isinstance(data, Exception):
                         try:
                             data = splice_tables(tables, data)
@@ -646,15 +671,7 @@ class TiffSlide(Slide):
         if io.kind != "segments":  # uncompressed rows and the fallback: the whole region
             self._read_level(level, x, y, w, h, out)
             return
-        c0, r0 = x // io.seg_w, y // io.seg_h
-        c1, r1 = (x + w - 1) // io.seg_w, (y + h - 1) // io.seg_h
-        need = np.zeros((r1 - r0 + 1, c1 - c0 + 1), bool)
-        for px0, py0, px1, py1 in parts.tolist():
-            need[
-                py0 // io.seg_h - r0 : (py1 - 1) // io.seg_h - r0 + 1,
-                px0 // io.seg_w - c0 : (px1 - 1) // io.seg_w - c0 + 1,
-            ] = True
-        self._read_level(level, x, y, w, h, out, need=need)
+        self._read_level(level, x, y, w, h, out, need=_needed(io, x, y, w, h, parts))
 
     def _read_level(
         self,

@@ -79,7 +79,10 @@ class JpegLane:
         t0 = time.perf_counter()
         w, h = c.read_size
         try:
-            region = run.plan.slide.compressed_region(c.region[0], c.region[1], w, h, c.level)
+            only = c.windows(item.grid.read_size)  # the chunk's tiles, not its bounding box
+            region = run.plan.slide.compressed_region(
+                c.region[0], c.region[1], w, h, c.level, only=only
+            )
             with torch.cuda.stream(self.stream):
                 dec = self.decoder.decode(region)
                 done = torch.cuda.Event()
