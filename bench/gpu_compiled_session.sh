@@ -20,12 +20,7 @@ r=/tmp/gpu-session
 source "$(dirname "$0")/_gpu_run.sh"
 compile_bytecode
 has() { [[ " ${STEPS:-ceiling slides} " == *" $1 "* ]]; }
-gen() {
-  python3 -c "from trtwsi.synthetic import make_slide as m
-m('/tmp/bc/bench-63232.tif', 63232, 63232, seed=3, n_sections=3)
-m('/tmp/bc/bench-31744.tif', 31744, 31744, seed=3, n_sections=3)" > "$r/gen.txt" 2>&1
-}
-[ -f /tmp/bc/bench-63232.tif ] || gen &
+gen_slides &  # the bench slides, in the background while the GPU tests run
 slides() {  # $1: name; the environment says the variant
   TRTWSI_BENCH_SIZES=${SIZES:-1,4} TRTWSI_BENCH_OUT="$r/slides-$1.json" timeout ${TIMEOUT:-120} \
     python3 -m pytest bench/bench_pipeline.py -q -p no:cacheprovider -k slide > "$r/slides-$1.txt" 2>&1

@@ -20,12 +20,7 @@ if [ -n "$ab" ]; then
 fi
 compile_bytecode $extra
 
-gen() {  # bench slides, in the background while the GPU tests run
-  python3 -c "from trtwsi.synthetic import make_slide as m
-m('/tmp/bc/bench-63232.tif', 63232, 63232, seed=3, n_sections=3)
-m('/tmp/bc/bench-31744.tif', 31744, 31744, seed=3, n_sections=3)" > "$r/gen.txt" 2>&1
-}
-[ -f /tmp/bc/bench-31744.tif ] || gen &
+gen_slides &  # the bench slides, in the background while the GPU tests run
 # 112 tests; 109 of them took 250 s on the H200 host beside the slide generation (2026-12-07)
 timeout 330 python3 -m pytest -m gpu tests -q -rf -p no:cacheprovider -W ignore > "$r/gpu-tests.txt" 2>&1
 tail -1 "$r/gpu-tests.txt"; pack

@@ -190,8 +190,9 @@ class TorchEngine:
             stacklevel=4,
         )
         t0 = time.perf_counter()
-        x = torch.zeros((self.batch_size, 3, self.imgsz, self.imgsz), dtype=self.dtype)
-        x = x.to(self.device).contiguous(memory_format=self._layout)
+        x = torch.zeros(
+            (self.batch_size, 3, self.imgsz, self.imgsz), dtype=self.dtype, device=self.device
+        ).contiguous(memory_format=self._layout)
         try:
             fn, how, path = obtain(
                 self.model, self.device, self.dtype, self.batch_size, self.channels_last

@@ -93,10 +93,10 @@ def strips(top: int, h: int, n: int, unit: int) -> list[tuple[int, int]]:
     return [(a, b - a) for a, b in itertools.pairwise(cuts)]
 
 
-def _strip_parts(only, r0: int, rows: int) -> np.ndarray:
-    """The ``(x, y, w, h)`` rectangles of ``only`` (region px) that reach rows
-    ``[r0, r0 + rows)``, clipped to them and moved to the strip's own rows."""
-    a = region_parts(only)
+def _strip_parts(a: np.ndarray, r0: int, rows: int) -> np.ndarray:
+    """The ``(x, y, w, h)`` rectangles of ``a`` (:func:`~trtwsi.slide.base.region_parts`,
+    region px) that reach rows ``[r0, r0 + rows)``, clipped to them and moved to the strip's
+    own rows."""
     top = np.maximum(a[:, 1], r0)
     bottom = np.minimum(a[:, 1] + a[:, 3], r0 + rows)
     keep = bottom > top
@@ -288,6 +288,8 @@ class ReaderPool:
         if self._pool is None:
             raise RuntimeStateError("the reader pool is closed")
         ref = SlideRef.of(slide)
+        if only is not None:
+            only = region_parts(only)
         buf = self.buffers[slot]
         lv = slide.levels[level]
         ds = float(lv.downsample)

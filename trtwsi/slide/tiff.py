@@ -711,22 +711,15 @@ class TiffSlide(Slide):
                 per = math.ceil(ncols * nrows / (self.threads * CHUNKS_PER_THREAD))
                 per = max(1, min(ncols, per))
         if need is None:
-            chunks = [
-                (r, range(c, min(c + per, c1 + 1)))
-                for r in range(r0, r1 + 1)
-                for c in range(c0, c1 + 1, per)
-            ]
-        else:  # runs of needed tiles in each tile row, cut every ``per`` tiles
-            chunks = []
-            for r, row in zip(range(r0, r1 + 1), need, strict=True):
-                cols = np.flatnonzero(row) + c0
-                for run in np.split(cols, np.flatnonzero(np.diff(cols) != 1) + 1):
-                    for k in range(0, len(run), per):
-                        chunks.append(
-                            (r, range(int(run[k]), int(run[min(k + per, len(run)) - 1]) + 1))
-                        )
-            if not chunks:
-                return
+            need = np.ones((nrows, ncols), bool)
+        chunks = []  # runs of needed segments in each row, cut every ``per`` segments
+        for r, row in zip(range(r0, r1 + 1), need, strict=True):
+            cols = np.flatnonzero(row) + c0
+            for run in np.split(cols, np.flatnonzero(np.diff(cols) != 1) + 1):
+                for k in range(0, len(run), per):
+                    chunks.append((r, range(int(run[k]), int(run[min(k + per, len(run)) - 1]) + 1)))
+        if not chunks:
+            return
         if len(chunks) == 1 or self.threads == 1:
             for r, cols in chunks:
                 fn(level, io, r, cols, x, y, w, h, out)
