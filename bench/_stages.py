@@ -13,7 +13,9 @@ The pipeline overlaps four resources; each slide's timings say how long each was
 
 Around them run the serial parts: ``sections`` (the plan, before the first read) and ``merge``
 (the seam merge left after the last batch); ``first_launch_at`` and ``after_last_return`` (when
-timed) say how long the GPU had nothing of the slide at its start and end. The bound is the
+timed) say how long the GPU had nothing of the slide at its start and end, and ``planned_at``,
+``first_submit_at`` and ``first_chunk_at`` where its start went (plan done, first read
+submitted, first chunk read or decoded). The bound is the
 busiest resource; ``overlap`` is
 how much of the wall time it and the serial parts explain (1.0: all of it; well under 1: the
 stages wait on each other, e.g. a thread starved of the GIL, which no stage timer sees).
@@ -51,8 +53,10 @@ def bound_of(timings: dict, workers: int, seconds: float) -> dict:
     out["serial"] = round(serial, 3)
     out["bound"] = bound
     out["overlap"] = round((busy[bound] + serial) / seconds, 2) if seconds > 0 else None
-    if "first_launch_at" in t:  # the slide's timeline: its first batch, its last one back
-        out["first_launch_at"] = round(t["first_launch_at"], 3)
+    # the slide's timeline: planned, first read submitted, first chunk taken, first batch
+    for k in ("planned_at", "first_submit_at", "first_chunk_at", "first_launch_at"):
+        if k in t:
+            out[k] = round(t[k], 3)
     if "last_return_at" in t:
         out["after_last_return"] = round(seconds - t["last_return_at"], 3)
     return out

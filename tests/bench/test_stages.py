@@ -23,9 +23,11 @@ def test_the_busiest_resource_bounds_the_slide():
     assert b["pipeline_thread"] == pytest.approx(0.35) and b["readers"] == pytest.approx(0.3)
     assert b["serial"] == pytest.approx(0.13) and b["overlap"] == pytest.approx(0.93)
     assert "first_launch_at" not in b
-    t.update(first_launch_at=0.21, last_return_at=0.84)
+    t.update(first_launch_at=0.21, last_return_at=0.84, planned_at=0.1, first_chunk_at=0.2004)
     b = bound_of(t, workers=16, seconds=0.9)
     assert b["first_launch_at"] == 0.21 and b["after_last_return"] == pytest.approx(0.06)
+    assert b["planned_at"] == 0.1 and b["first_chunk_at"] == 0.2
+    assert "first_submit_at" not in b
 
 
 def test_readers_bound_with_few_workers_and_per_model_stages_add_up():

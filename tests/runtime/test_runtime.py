@@ -152,14 +152,16 @@ def test_tracker_hands_slides_on_in_order_when_their_batches_are_back():
 
 
 def test_tracker_times_each_slides_first_launch_and_last_return():
-    """first_launch_at / last_return_at: seconds after the slide's start, added once it is
-    handed on; a slide with no batch (nothing to run) gets neither."""
+    """first_launch_at / last_return_at (and the start marks before them): seconds after the
+    slide's start, added once it is handed on; a slide with no batch (nothing to run) gets
+    none of those it never reached."""
     import time
 
     done: list = []
     tr = SlideTracker(done.append)
     t0 = time.perf_counter()
     a = SlideRun(index=0, source=0, t_start=t0)
+    a.t_planned, a.t_first_submit, a.t_first_chunk = t0 + 0.001, t0 + 0.002, t0 + 0.003
     empty = SlideRun(index=1, source=1, t_start=t0)
     tr.add(a)
     tr.add(empty)
@@ -184,7 +186,11 @@ def test_tracker_times_each_slides_first_launch_and_last_return():
     assert t["first_launch_at"] == pytest.approx(first - t0)
     assert t["last_return_at"] == pytest.approx(a.t_last_return - t0)
     assert t["last_return_at"] >= t["first_launch_at"] + 0.03
+    assert [t["planned_at"], t["first_submit_at"], t["first_chunk_at"]] == pytest.approx(
+        [0.001, 0.002, 0.003]
+    )
     assert "first_launch_at" not in empty.timer.t and "last_return_at" not in empty.timer.t
+    assert "first_chunk_at" not in empty.timer.t
 
 
 def test_tracker_reports_each_slides_tiles_of_a_returned_batch():

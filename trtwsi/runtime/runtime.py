@@ -523,7 +523,8 @@ class Runtime:
                 elif self._pipe is not None:
                     run.seams = SeamMerger(run.plan, run.rows, dict(run.plan.options.merge))
                 run.timer.add("open", t0 - run.t_start)
-                run.timer.add("sections", time.perf_counter() - t0)  # tissue + tile grids
+                run.t_planned = time.perf_counter()
+                run.timer.add("sections", run.t_planned - t0)  # tissue + tile grids
             except Exception as e:
                 run.fail(e)
             return run

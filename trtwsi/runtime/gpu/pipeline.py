@@ -581,6 +581,8 @@ class GpuPipeline:
                     elif item is IDLE:
                         return
                     elif isinstance(item, _Item):
+                        if item.run.t_first_submit is None:
+                            item.run.t_first_submit = time.perf_counter()
                         if lane is not None and lane.wants(item):
                             ahead.append((lane.submit(item), None, item))
                         elif cpu_ahead < self.host_slots:
@@ -613,7 +615,10 @@ class GpuPipeline:
                     lane.starved = not fut.done()  # CPU decode is behind: the lane helps
                 t0 = time.perf_counter()
                 decoded = fut.result()
-                item.run.timer.add("wait_read", time.perf_counter() - t0)
+                t1 = time.perf_counter()
+                item.run.timer.add("wait_read", t1 - t0)
+                if item.run.t_first_chunk is None:
+                    item.run.t_first_chunk = t1
                 if slot is not None:
                     cpu_ahead -= 1
                 if item.run.error is not None or (slot is None and decoded is None):

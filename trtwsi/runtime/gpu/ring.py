@@ -74,10 +74,15 @@ class SlideRun:
     inflight: int = 0
     issued: bool = False
     t_start: float = 0.0
-    #: perf_counter of the slide's first launched batch and of its last returned one (None
-    #: before); the tracker turns them into the timings ``first_launch_at`` and
-    #: ``last_return_at`` (seconds after ``t_start``): before the first, only planning and
-    #: reads ran; after the last, only the merge
+    #: perf_counter of the slide's start marks (None before): planning done, first chunk
+    #: read submitted, first chunk taken by the pipeline (read or GPU-decoded), first batch
+    #: launched, last batch returned. The tracker turns them into the timings ``planned_at``,
+    #: ``first_submit_at``, ``first_chunk_at``, ``first_launch_at`` and ``last_return_at``
+    #: (seconds after ``t_start``): before the first launch, only planning and reads ran;
+    #: after the last return, only the merge
+    t_planned: float | None = None
+    t_first_submit: float | None = None
+    t_first_chunk: float | None = None
     t_first_launch: float | None = None
     t_last_return: float | None = None
     #: what merges the slide's rows while its tiles come back (runtime/seams.py), or None
@@ -217,6 +222,9 @@ class SlideTracker:
         while self._order and self._order[0].finished:
             run = self._order.popleft()
             for name, t in (
+                ("planned_at", run.t_planned),
+                ("first_submit_at", run.t_first_submit),
+                ("first_chunk_at", run.t_first_chunk),
                 ("first_launch_at", run.t_first_launch),
                 ("last_return_at", run.t_last_return),
             ):
