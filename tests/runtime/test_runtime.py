@@ -430,3 +430,25 @@ def test_gpu_tissue_gives_the_sections_and_detections_of_cpu_tissue(slides):
     for o, w in zip(outs, want, strict=False):
         assert o.results.sections == w.results.sections
         np.testing.assert_array_equal(_rows(o.results), _rows(w.results))
+
+
+def test_timed_reader_adds_each_calls_seconds_also_when_it_fails():
+    """The thumbnail's level reads are timed apart (``sections_thumbnail_read``)."""
+    import time
+
+    from trtwsi._util.timer import Timer
+    from trtwsi.runtime.runtime import _timed
+
+    timer = Timer()
+
+    def read(level, fail=False):
+        time.sleep(0.01)
+        if fail:
+            raise OSError("gone")
+        return level
+
+    f = _timed(read, timer, "r")
+    assert f(2) == 2
+    with pytest.raises(OSError, match="gone"):
+        f(1, fail=True)
+    assert timer.t["r"] >= 0.02

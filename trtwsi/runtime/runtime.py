@@ -106,6 +106,19 @@ def _where(name: str, value: str, env: str) -> str:
     return value
 
 
+def _timed(fn, timer, stage: str):
+    """``fn`` that adds its seconds to ``timer``'s ``stage`` on every call."""
+
+    def call(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timer.add(stage, time.perf_counter() - t0)
+
+    return call
+
+
 class Runtime:
     """Models on one device, ready to run any number of slides.
 
@@ -381,16 +394,20 @@ class Runtime:
             hit = self._cache[key] = (m, load())
         return hit[1]
 
-    def _thumbnail(self, slide):
+    def _thumbnail(self, slide, timer=None):
         """The tissue thumbnail of ``slide`` decoded by the reader processes (in parallel and
         off this process's GIL), or None where this runtime has none (then the planner thread
-        reads it)."""
+        reads it). ``timer``: gets ``sections_thumbnail_read``, the seconds of the level reads
+        (the rest of ``sections_thumbnail`` is the wait for a slot and the resize)."""
         pool = self._pipe.pool if self._pipe is not None else None
         if pool is None or self._thumb_slots is None or not process_readable(slide):
             return None
         slot = self._thumb_slots.get()
         try:
-            return slide.thumbnail(TISSUE_THUMBNAIL, read_level=pool.level_reader(slot, slide))
+            read = pool.level_reader(slot, slide)
+            if timer is not None:
+                read = _timed(read, timer, "sections_thumbnail_read")
+            return slide.thumbnail(TISSUE_THUMBNAIL, read_level=read)
         finally:
             self._thumb_slots.put(slot)
 
@@ -504,7 +521,7 @@ class Runtime:
                 elif self._planner_pool is not None and process_readable(slide):
                     sections = self._planner_pool.sections(slide)
                 else:
-                    thumb = self._thumbnail(slide)
+                    thumb = self._thumbnail(slide, run.timer)
                     t1 = time.perf_counter()
                     if self._gpu_tissue is not None:  # None: failed, CPU below
                         sections = self._gpu_tissue.sections(slide, thumbnail=thumb)
