@@ -513,3 +513,31 @@ def test_evaluate_detections_counts():
     assert (ev["tp"], ev["fp"], ev["fn"]) == (2, 1, 0)
     ev = evaluate_detections(gt[:, :4], np.array([0.9, 0.8]), np.array([1, 0]), gt)
     assert (ev["tp"], ev["fp"], ev["fn"]) == (0, 2, 2)  # right place, wrong class
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_score_index_order_is_the_lexsort(seed):
+    """The packed-key fast path and the lexsort fallback give lexsort((index, -scores)) on
+    ties, negative scores, ±0, float32 extremes and subnormals, duplicate pairs; float64
+    scores that float32 cannot hold, NaN and indices ≥ 2³¹ take the fallback."""
+    from trtwsi.merge import score_index_order
+
+    rng = np.random.default_rng(seed)
+    specials = np.array([0.0, -0.0, 1.0, -1.0, 1e-40, -1e-40, 3e38, -3e38], np.float32)
+    cases = [
+        rng.random(3000).astype(np.float32).astype(np.float64),
+        np.round(rng.normal(0, 1, 3000), 2).astype(np.float32),
+        rng.choice(specials, 3000).astype(np.float64),
+        rng.random(3000),  # float64 values: fallback
+        np.r_[rng.random(10), np.nan].astype(np.float32),  # NaN: fallback
+        np.empty(0),
+    ]
+    for scores in cases:
+        n = len(scores)
+        for index in (
+            rng.permutation(2 * n + 1)[:n],
+            rng.integers(0, 5, n),  # duplicate (score, index) pairs keep input order
+            rng.integers(2**31 - 3, 2**31 + 3, n),  # some ≥ 2³¹: fallback
+        ):
+            got = score_index_order(scores, index)
+            np.testing.assert_array_equal(got, np.lexsort((index, -scores)))

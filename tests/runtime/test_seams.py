@@ -207,3 +207,25 @@ def test_drains_are_asked_for_every_eighth_of_the_slide():
     assert asks == [False, False, True, False, False, False, False, False, False, False]
     merger.drain()  # clears "scheduled"; 28 tiles came back meanwhile
     assert merger.returned(np.arange(40, 44))
+
+
+def test_drains_are_asked_for_as_the_slide_ends_so_little_is_left_to_the_finisher():
+    """Besides every ``every`` tiles, a drain is asked for once as many tiles came back since
+    the last one as are still to come (halving what the finisher merges after the last batch);
+    with ``tail_drains`` off, only every ``every`` tiles."""
+    from trtwsi.runtime.seams import TileReturns
+
+    def asks(tail: bool) -> list[int]:
+        tr = TileReturns(SimpleNamespace(n_tiles=100), [[]], every=40)
+        tr.tail_drains = tail
+        out = []
+        for k in range(0, 100, 10):  # batches of 10 tiles; each asked drain runs at once
+            if tr.returned(np.arange(k, k + 10)):
+                out.append(k + 10)  # tiles back when asked
+                tr._take_returned()
+                tr._scheduled = False
+        return out
+
+    # back 40 (every), 70 (30 undrained, 30 to come), 90 (20 vs 10), 100 (10 vs 0)
+    assert asks(True) == [40, 70, 90, 100]
+    assert asks(False) == [40, 80]

@@ -116,25 +116,34 @@ class TileReturns:
 
     #: seconds the finisher waited for a merge done elsewhere (None: merged in this process)
     wait_seconds: float | None = None
+    #: also drain once as many tiles came back as are still to come (see :meth:`returned`);
+    #: False: every ``every`` tiles only (bench/bench_seam_tail.py compares the two)
+    tail_drains: bool = True
 
     def __init__(self, plan, rows: list, every: int | None = None):
         self.rows = rows
         self._pending: deque = deque()
         self._scheduled = False
         self._since = 0  # tiles back since the last drain was scheduled
+        self._left = int(plan.n_tiles)  # tiles not back yet
         #: tiles back between drains (default: an eighth of the slide, at least 256)
         self.every = max(256, plan.n_tiles // 8) if every is None else max(1, int(every))
 
     # --- pipeline thread ---------------------------------------------------------------------
     def returned(self, tiles: np.ndarray) -> bool:
         """The rows of ``tiles`` (slide-wide ids) are in ``rows`` now. True when the caller
-        should schedule a drain: none is scheduled and ``every`` tiles came back since the
+        should schedule a drain: none is scheduled, and ``every`` tiles came back since the
         last one was (fewer, larger drains: each one recomputes the edges of the rows still
-        open, and its Python holds the pipeline thread's GIL)."""
+        open, and its Python holds the pipeline thread's GIL) or at least as many as are
+        still to come. The second rule halves the undrained tiles as the slide ends, so what
+        the finisher merges after the last batch is about the last batch's, not up to
+        ``every`` tiles'."""
         tiles = np.asarray(tiles, dtype=np.int64)
         self._pending.append((tiles, [len(r) for r in self.rows]))
         self._since += len(tiles)
-        if self._scheduled or self._since < self.every:
+        self._left -= len(tiles)
+        due = min(self.every, max(self._left, 1)) if self.tail_drains else self.every
+        if self._scheduled or self._since < due:
             return False
         self._scheduled, self._since = True, 0
         return True
