@@ -6,7 +6,7 @@
 # e.g. OLD made here by `git archive REV trtwsi | tar -x -C .ab` (carried as .ab). The bench
 # code is this tree's for both (copied into OLD: bench_pipeline puts its own root first).
 # TESTS_K, when set, first runs `pytest -m gpu tests -k "$TESTS_K"`.
-# VARIANT (VAR=value ...), when set, runs this tree once more in that environment.
+# VARIANT (VAR=value ...), when set, runs this tree once more in that environment (after b).
 # Results packed into OUTDIR/results.tgz after each step.
 set -u
 out=${1:?usage: bash bench/gpu_ab.sh OUTDIR OLD}
@@ -28,11 +28,12 @@ slides() {  # $1: name, $2: the trtwsi tree's parent
     -p no:cacheprovider -k slide > "$r/slides-$1.txt" 2>&1)
   tail -1 "$r/slides-$1.txt"
 }
-for i in "" 2; do
-  slides "a$i" "$PWD"; pack
-  slides "b$i" "$old"; pack
-done
-if [ -n "${VARIANT:-}" ]; then  # e.g. VARIANT="TRTWSI_DECODE=gpu": this tree once more with it
+variant() {
   # shellcheck disable=SC2086
-  (export $VARIANT; slides variant "$PWD"); pack
-fi
+  [ -z "${VARIANT:-}" ] || { (export $VARIANT; slides variant "$PWD"); pack; }
+}
+slides a "$PWD"; pack
+slides b "$old"; pack
+variant  # e.g. VARIANT="TRTWSI_DECODE=gpu": this tree once more with it
+slides a2 "$PWD"; pack
+slides b2 "$old"; pack
