@@ -9,9 +9,11 @@ pointers, IFD entry values / types / counts, tile data bytes, truncation.
 
 For each case a child process (two children share the cases; each is capped at baseline + 1 GiB
 of address space with RLIMIT_AS and 10 s of CPU per case) runs: ``open_slide`` → ``info()`` →
-``find_sections`` → ``read_region`` over every tile of level 0 (at most 256 regions) → for
-JPEG-tiled levels, the first 16 of those regions as ``compressed_region`` decoded by
-:class:`~trtwsi.read.jpeg_batch.JpegBatchDecoder` on the CPU (the GPU lane's path). The outcome
+``find_sections`` → ``read_region`` over every tile of level 0 (at most 256 regions) → a
+sparse read (``only=`` two parts of a region of at most 512², as a pipeline chunk reads its
+tiles' windows) → for JPEG-tiled levels, the first 16 of those regions and the sparse region
+as ``compressed_region`` decoded by :class:`~trtwsi.read.jpeg_batch.JpegBatchDecoder` on the
+CPU (the GPU lane's path). The outcome
 bucket is ``ok`` / ``ok+tile_errors`` or the name of the trtwsi error raised; any other
 exception, a timeout, a crash or a hang of a child fails the test with the case that caused it.
 
@@ -213,7 +215,8 @@ def mutate(data: bytes, kind: str, rng: random.Random) -> tuple[bytes, str]:
 
 # --- the child -------------------------------------------------------------------------------
 def _exercise(path: str) -> str:
-    """open → info → sections → every level-0 tile (≤ 256 regions); returns the bucket."""
+    """open → info → sections → every level-0 tile (≤ 256 regions) → a sparse read; returns
+    the bucket."""
     from trtwsi.plan.tissue import find_sections
     from trtwsi.slide import open_slide
 
@@ -230,12 +233,17 @@ def _exercise(path: str) -> str:
             regions = regions[:: len(regions) // 256 + 1]
         for x, y in regions:
             s.read_region(x, y, min(tw, lv.width - x), min(th, lv.height - y))
+        # a chunk's sparse read (only its tiles' windows): a region of at most 512², two parts
+        rw, rh = min(lv.width, 512), min(lv.height, 512)
+        only = [(0, 0, min(rw, 100), min(rh, 100)), (rw // 2, rh // 2, rw - rw // 2, rh - rh // 2)]
+        s.read_region(0, 0, rw, rh, only=only)
         if s.compressed_region(0, 0, 1, 1) is not None:  # the GPU lane's path, decoded on the CPU
             from trtwsi.read.jpeg_batch import JpegBatchDecoder
 
             dec = JpegBatchDecoder("cpu")
             for x, y in regions[:16]:
                 dec.decode(s.compressed_region(x, y, min(tw, lv.width - x), min(th, lv.height - y)))
+            dec.decode(s.compressed_region(0, 0, rw, rh, only=only))
         return "ok+tile_errors" if s.read_errors else "ok"
     finally:
         s.close()
