@@ -15,10 +15,9 @@ Around them run the serial parts: ``sections`` (the plan, before the first read)
 (the seam merge left after the last batch); ``first_launch_at`` and ``after_last_return`` (when
 timed) say how long the GPU had nothing of the slide at its start and end, and ``planned_at``,
 ``first_submit_at`` and ``first_chunk_at`` where its start went (plan done, first read
-submitted, first chunk read or decoded). The bound is the
-busiest resource; ``overlap`` is
-how much of the wall time it and the serial parts explain (1.0: all of it; well under 1: the
-stages wait on each other, e.g. a thread starved of the GIL, which no stage timer sees).
+submitted, first chunk read or decoded). The bound is the busiest resource; ``overlap`` is how
+much of the wall time it and the serial parts explain (1.0: all of it; well under 1: the stages
+wait on each other, e.g. a thread starved of the GIL, which no stage timer sees).
 """
 
 from __future__ import annotations
