@@ -11,9 +11,10 @@ each batch's rows and calls :meth:`~trtwsi.runtime.seams.SeamMerger.returned`, a
 merge threads drains when it is asked to. After the last batch, the bench times what the
 finisher does: :func:`~trtwsi.runtime.finish.merge_rows` (the early merge's ``result`` and the
 Detections). Drain policies: ``all-at-end`` (no early merge), ``every`` (a drain per
-``SeamMerger.every`` tiles: before 2026-12-07's eighth session) and ``every-and-tail`` (also
-once as many tiles are back undrained as are still to come: today's). Every policy's
-detections are checked equal to the one merge of all rows; runs interleave the policies.
+``SeamMerger.every`` tiles: the default) and ``every-and-tail`` (also once as many tiles are
+back undrained as are still to come: ``tail_drains``, off by default since it lost on the 4 Gpx
+slide of a loaded GPU host). Every policy's detections are checked equal to the one merge of all
+rows; runs interleave the policies.
 
 Writes ``bench/results/seam-tail-<machine>.json``.
 """

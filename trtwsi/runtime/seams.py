@@ -116,9 +116,13 @@ class TileReturns:
 
     #: seconds the finisher waited for a merge done elsewhere (None: merged in this process)
     wait_seconds: float | None = None
-    #: also drain once as many tiles came back as are still to come (see :meth:`returned`);
-    #: False: every ``every`` tiles only (bench/bench_seam_tail.py compares the two)
-    tail_drains: bool = True
+    #: also drain once as many tiles came back as are still to come (see :meth:`returned`).
+    #: Off: on an H100 host (bench/results/pipeline-nvidia-h100-ab-sparse-tail.json) it cut the
+    #: 1 Gpx slide's merge after the last batch from 26-32 ms to 12-20 ms but raised the 4 Gpx
+    #: slide's from 33-93 ms to 65-163 ms: each drain recomputes the edges of every open row,
+    #: and under the readers' CPU load the late drains outlast the last batch (on 2 idle cores,
+    #: bench/bench_seam_tail.py, it helped both)
+    tail_drains: bool = False
 
     def __init__(self, plan, rows: list, every: int | None = None):
         self.rows = rows
@@ -134,10 +138,9 @@ class TileReturns:
         """The rows of ``tiles`` (slide-wide ids) are in ``rows`` now. True when the caller
         should schedule a drain: none is scheduled, and ``every`` tiles came back since the
         last one was (fewer, larger drains: each one recomputes the edges of the rows still
-        open, and its Python holds the pipeline thread's GIL) or at least as many as are
-        still to come. The second rule halves the undrained tiles as the slide ends, so what
-        the finisher merges after the last batch is about the last batch's, not up to
-        ``every`` tiles'."""
+        open, and its Python holds the pipeline thread's GIL) or, with :attr:`tail_drains`,
+        at least as many as are still to come (that halves the undrained tiles as the slide
+        ends, so the finisher merges about the last batch's rows)."""
         tiles = np.asarray(tiles, dtype=np.int64)
         self._pending.append((tiles, [len(r) for r in self.rows]))
         self._since += len(tiles)
