@@ -437,7 +437,6 @@ def test_timed_reader_adds_each_calls_seconds_also_when_it_fails():
     import time
 
     from trtwsi._util.timer import Timer
-    from trtwsi.runtime.runtime import _timed
 
     timer = Timer()
 
@@ -447,7 +446,7 @@ def test_timed_reader_adds_each_calls_seconds_also_when_it_fails():
             raise OSError("gone")
         return level
 
-    f = _timed(read, timer, "r")
+    f = timer.timed(read, "r")
     assert f(2) == 2
     with pytest.raises(OSError, match="gone"):
         f(1, fail=True)

@@ -106,19 +106,6 @@ def _where(name: str, value: str, env: str) -> str:
     return value
 
 
-def _timed(fn, timer, stage: str):
-    """``fn`` that adds its seconds to ``timer``'s ``stage`` on every call."""
-
-    def call(*args, **kwargs):
-        t0 = time.perf_counter()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            timer.add(stage, time.perf_counter() - t0)
-
-    return call
-
-
 class Runtime:
     """Models on one device, ready to run any number of slides.
 
@@ -406,7 +393,7 @@ class Runtime:
         try:
             read = pool.level_reader(slot, slide)
             if timer is not None:
-                read = _timed(read, timer, "sections_thumbnail_read")
+                read = timer.timed(read, "sections_thumbnail_read")
             return slide.thumbnail(TISSUE_THUMBNAIL, read_level=read)
         finally:
             self._thumb_slots.put(slot)
