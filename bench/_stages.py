@@ -14,8 +14,9 @@ The pipeline overlaps four resources; each slide's timings say how long each was
 Around them run the serial parts: ``sections`` (the plan, before the first read) and ``merge``
 (the seam merge left after the last batch); ``first_launch_at`` and ``after_last_return`` (when
 timed) say how long the GPU had nothing of the slide at its start and end, and ``planned_at``,
-``first_submit_at`` and ``first_chunk_at`` where its start went (plan done, first read
-submitted, first chunk read or decoded). The bound is the busiest resource; ``overlap`` is how
+``first_submit_at``, ``first_queued_at``, ``first_read_at`` and ``first_chunk_at`` where its
+start went (plan done, first read submitted, its strips queued with the reader processes and
+back from them, first chunk taken by the pipeline). The bound is the busiest resource; ``overlap`` is how
 much of the wall time it and the serial parts explain (1.0: all of it; well under 1: the stages
 wait on each other, e.g. a thread starved of the GIL, which no stage timer sees).
 """
@@ -53,7 +54,10 @@ def bound_of(timings: dict, workers: int, seconds: float) -> dict:
     out["bound"] = bound
     out["overlap"] = round((busy[bound] + serial) / seconds, 2) if seconds > 0 else None
     # the slide's timeline: planned, first read submitted, first chunk taken, first batch
-    for k in ("planned_at", "first_submit_at", "first_chunk_at", "first_launch_at"):
+    for k in (
+        "planned_at", "first_submit_at", "first_queued_at", "first_read_at", "first_chunk_at",
+        "first_launch_at",
+    ):  # fmt: skip
         if k in t:
             out[k] = round(t[k], 3)
     if "last_return_at" in t:

@@ -204,3 +204,44 @@ def test_a_pool_started_without_waiting_reads_and_closes(svs_file):
     finally:
         r.close()
     assert r.shm_path is None
+
+
+def test_submitted_reads_are_decoded_in_submission_order_and_wait_for_every_strip(
+    tmp_path, svs_file
+):
+    """submit() returns before the pixels are there; one worker decodes the reads first come,
+    first served; result() gives each slot's pixels once; a slide the workers cannot open
+    raises from result() after every strip ended, and leaves no read counted in flight."""
+    import shutil
+
+    from trtwsi.errors import RuntimeStateError
+
+    with TiffSlide(svs_file) as s:
+        r = ReaderPool(processes=1, slots=3, slot_bytes=700 * 500 * 3, pin=False)
+        try:
+            regions = [(0, 0, 700, 500), (100, 50, 640, 480), (3, 9, 512, 300)]
+            pending, done = [], []
+            for k, (x, y, w, h) in enumerate(regions):
+                p = r.submit(k, s, x, y, w, h, 0)
+                for f in p.futures:
+                    f.add_done_callback(lambda _f, k=k: done.append(k))
+                pending.append(p)
+            assert r._reading == 3
+            for p, (x, y, w, h) in zip(pending, regions, strict=True):
+                np.testing.assert_array_equal(p.result(), s.read_region(x, y, w, h))
+            assert done == sorted(done) and set(done) == {0, 1, 2}
+            assert r._reading == 0
+            with pytest.raises(RuntimeStateError, match="twice"):
+                pending[0].result()
+            assert r._reading == 0
+
+            gone = tmp_path / "gone.svs"
+            shutil.copy(svs_file, gone)
+            with TiffSlide(gone) as g:
+                gone.unlink()  # open here; the worker's open fails
+                p = r.submit(0, g, 0, 0, 700, 500, 0)
+                with pytest.raises(FileNotFoundError):
+                    p.result()
+                assert all(f.done() for f in p.futures) and r._reading == 0
+        finally:
+            r.close()

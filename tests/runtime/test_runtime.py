@@ -161,7 +161,8 @@ def test_tracker_times_each_slides_first_launch_and_last_return():
     tr = SlideTracker(done.append)
     t0 = time.perf_counter()
     a = SlideRun(index=0, source=0, t_start=t0)
-    a.t_planned, a.t_first_submit, a.t_first_chunk = t0 + 0.001, t0 + 0.002, t0 + 0.003
+    a.t_planned, a.t_first_submit, a.t_first_chunk = t0 + 0.001, t0 + 0.002, t0 + 0.005
+    a.t_first_queued, a.t_first_read = t0 + 0.003, t0 + 0.004
     empty = SlideRun(index=1, source=1, t_start=t0)
     tr.add(a)
     tr.add(empty)
@@ -186,9 +187,8 @@ def test_tracker_times_each_slides_first_launch_and_last_return():
     assert t["first_launch_at"] == pytest.approx(first - t0)
     assert t["last_return_at"] == pytest.approx(a.t_last_return - t0)
     assert t["last_return_at"] >= t["first_launch_at"] + 0.03
-    assert [t["planned_at"], t["first_submit_at"], t["first_chunk_at"]] == pytest.approx(
-        [0.001, 0.002, 0.003]
-    )
+    marks = ["planned_at", "first_submit_at", "first_queued_at", "first_read_at", "first_chunk_at"]
+    assert [t[k] for k in marks] == pytest.approx([0.001, 0.002, 0.003, 0.004, 0.005])
     assert "first_launch_at" not in empty.timer.t and "last_return_at" not in empty.timer.t
     assert "first_chunk_at" not in empty.timer.t
 
@@ -295,6 +295,11 @@ def test_gpu_stream_gives_each_slide_the_results_it_gets_alone(slides):
         alone = [rt.run(p) for p in good]
         outs = list(rt.stream([good[2], good[0], bad, good[1], good[0]]))
     assert [o.ok for o in outs] == [True, True, False, True, True], [o.error for o in outs]
+    marks = ["planned_at", "first_submit_at", "first_queued_at", "first_read_at"]
+    marks += ["first_chunk_at", "first_launch_at"]
+    for o in (outs[0], outs[1], outs[3], outs[4]):  # each slide's start, in the order it ran
+        t = o.results.timings
+        assert [t[k] for k in marks] == sorted(t[k] for k in marks), (o.source, t)
     for o, want in zip(
         [outs[0], outs[1], outs[3], outs[4]], [alone[2], alone[0], alone[1], alone[0]], strict=True
     ):

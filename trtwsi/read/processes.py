@@ -40,7 +40,7 @@ from trtwsi.errors import (
 from trtwsi.read.host import SharedBuffer
 from trtwsi.slide.base import region_parts
 
-__all__ = ["OPEN_SLIDES", "ReaderPool", "SlideRef", "process_readable"]
+__all__ = ["OPEN_SLIDES", "PendingRead", "ReaderPool", "SlideRef", "process_readable"]
 
 
 #: Strip boundary unit (level rows) when a region is split across workers and its level has no
@@ -160,6 +160,41 @@ def _worker_read(
 
 
 # --- owner side --------------------------------------------------------------------------------
+class PendingRead:
+    """A read queued by :meth:`ReaderPool.submit`: its strips' futures and where they land."""
+
+    def __init__(self, pool: ReaderPool, slide, view: np.ndarray):
+        self._pool, self._slide, self._view = pool, slide, view
+        self.futures: list = []
+        self._done = False
+
+    def result(self) -> np.ndarray:
+        """Wait for every strip; record their tile errors on the slide; return the
+        ``(h, w, 3)`` uint8 view of the slot. Raises what a worker raised (a slide that
+        failed to open) once all strips are done."""
+        if self._done:
+            raise RuntimeStateError("PendingRead.result() was called twice")
+        self._done = True
+        results, first = [], None
+        try:
+            for f in self.futures:
+                try:
+                    results.append(f.result())
+                except BaseException as e:
+                    first = first or e
+        finally:
+            self._pool._read_done()
+        if first is not None:
+            raise first
+        for errors in results:
+            for e in errors:
+                tile = tuple(e["tile"]) if isinstance(e["tile"], list) else e["tile"]
+                self._slide._tile_failed(
+                    TileReadError(e["message"], level=e["level"], tile=tile, region=e["region"])
+                )
+        return self._view
+
+
 class ReaderPool:
     """``processes`` worker processes decoding slide regions into ``slots`` shared buffers.
 
@@ -275,7 +310,17 @@ class ReaderPool:
         into ``slot``; returns the ``(h, w, 3)`` uint8 view. Tile errors are recorded on
         ``slide`` as if it had read them itself. ``only``: the parts that will be used, as
         :meth:`~trtwsi.slide.Slide.read_region` takes them (a strip no part touches is not
-        read at all).
+        read at all). :meth:`submit` then :meth:`PendingRead.result`.
+        """
+        return self.submit(slot, slide, x, y, w, h, level, only).result()
+
+    def submit(
+        self, slot: int, slide, x: int, y: int, w: int, h: int, level: int, only=None
+    ) -> PendingRead:
+        """Queue the read of :meth:`read` with the workers and return at once; the region is
+        in ``slot`` once the returned :class:`PendingRead`'s ``result()`` returns (call it
+        exactly once). The workers take queued strips first come, first served, so the reads
+        submitted first are decoded first.
 
         The region is cut into horizontal strips (:func:`strips`, cut on the level's file-tile
         rows) decoded by different workers at once, so one large chunk is ready in a fraction
@@ -296,6 +341,7 @@ class ReaderPool:
         with self._reading_lock:
             self._reading += 1
             reading = self._reading
+        pending = PendingRead(self, slide, buf.view((h, w, 3)))
         try:
             if self.strips == "adaptive":
                 n = -(-self.processes // reading)
@@ -305,28 +351,24 @@ class ReaderPool:
                 parts = strips(y // int(ds), h, n, lv.tile_height or STRIP_ROWS)
             else:
                 parts = [(0, h)]
-            futures = []
             for r0, rows in parts:
                 sub = None if only is None else _strip_parts(only, r0, rows)
                 if sub is not None and not len(sub):
                     continue
                 at = buf.offset + r0 * w * 3
-                futures.append(
+                pending.futures.append(
                     self._pool.submit(
                         _worker_read, ref, at, x, y + int(r0 * ds), w, rows, level, sub
                     )
                 )
-            results = [f.result() for f in futures]
-        finally:
-            with self._reading_lock:
-                self._reading -= 1
-        for errors in results:
-            for e in errors:
-                tile = tuple(e["tile"]) if isinstance(e["tile"], list) else e["tile"]
-                slide._tile_failed(
-                    TileReadError(e["message"], level=e["level"], tile=tile, region=e["region"])
-                )
-        return buf.view((h, w, 3))
+        except BaseException:
+            pending.result()  # waits for what was queued, then counts the read as done
+            raise
+        return pending
+
+    def _read_done(self) -> None:
+        with self._reading_lock:
+            self._reading -= 1
 
     def level_reader(self, slot: int, slide):
         """A ``read_level(level, x, y, w, h, out)`` callable for :meth:`Slide.thumbnail

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from trtwsi._util.env import env_setting
+from trtwsi._util.turns import Turns
 from trtwsi.errors import DeviceError, ReaderStartError
 from trtwsi.read.host import PinnedBuffer
 from trtwsi.read.processes import ReaderPool, process_readable
@@ -415,27 +416,49 @@ class GpuPipeline:
         n_batches = 0
         stream = self._items(runs)
 
-        def read(slot: int, item: _Item):
+        turns = Turns()  # CPU read k queues its strips with the processes k-th
+
+        def read(slot: int, item: _Item, k: int, first: bool):
+            """Read ``item``'s chunk into host slot ``slot``; ``k``: its place among the CPU
+            reads; ``first``: the slide's first chunk (it sets the slide's start marks). The
+            reader threads start in any order, but their strips reach the worker processes'
+            queue in chunk order, so the chunk the pipeline waits for first is decoded first
+            (a slide's first chunk has the workers to itself)."""
             run = item.run
-            if run.error is not None:
-                return None
             c, buf = item.chunk, self._host[slot]
-            t0 = time.perf_counter()
-            buf.wait_ready()  # the H2D of the chunk that used this slot before
             w, h = c.read_size
-            only = c.windows(item.grid.read_size)  # not the glass of the chunk's bounding box
+            pending = None
+            in_pool = self.pool is not None and run.error is None
+            in_pool = in_pool and process_readable(run.plan.slide)
+            with turns.turn(k):
+                if run.error is not None:
+                    return None
+                t0 = time.perf_counter()
+                buf.wait_ready()  # the H2D of the chunk that used this slot before
+                only = c.windows(item.grid.read_size)  # not the glass of the bounding box
+                if in_pool:
+                    try:
+                        pending = self.pool.submit(
+                            slot, run.plan.slide, c.region[0], c.region[1], w, h, c.level, only
+                        )
+                    except Exception as e:  # the slide fails alone
+                        run.fail(e)
+                        return None
+            if first:
+                run.t_first_queued = time.perf_counter()
             try:
-                if self.pool is not None and process_readable(run.plan.slide):
-                    self.pool.read(
-                        slot, run.plan.slide, c.region[0], c.region[1], w, h, c.level, only
-                    )
+                if pending is not None:
+                    pending.result()
                 else:
                     run.plan.slide.read_region(
                         c.region[0], c.region[1], w, h, c.level, buf.view((h, w, 3)), only=only
                     )
             except Exception as e:  # the slide fails alone
                 run.fail(e)
-            run.timer.add("read", time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            if first:
+                run.t_first_read = t1
+            run.timer.add("read", t1 - t0)
             return None
 
         def collect(b) -> None:
@@ -581,15 +604,16 @@ class GpuPipeline:
                     elif item is IDLE:
                         return
                     elif isinstance(item, _Item):
-                        if item.run.t_first_submit is None:
+                        first = item.run.t_first_submit is None
+                        if first:
                             item.run.t_first_submit = time.perf_counter()
                         if lane is not None and lane.wants(item):
                             ahead.append((lane.submit(item), None, item))
                         elif cpu_ahead < self.host_slots:
                             slot = k % self.host_slots
-                            k += 1
                             cpu_ahead += 1
-                            ahead.append((pool.submit(read, slot, item), slot, item))
+                            ahead.append((pool.submit(read, slot, item, k, first), slot, item))
+                            k += 1
                         else:
                             held = item
                             return

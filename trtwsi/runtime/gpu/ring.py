@@ -75,13 +75,17 @@ class SlideRun:
     issued: bool = False
     t_start: float = 0.0
     #: perf_counter of the slide's start marks (None before): planning done, first chunk
-    #: read submitted, first chunk taken by the pipeline (read or GPU-decoded), first batch
-    #: launched, last batch returned. The tracker turns them into the timings ``planned_at``,
-    #: ``first_submit_at``, ``first_chunk_at``, ``first_launch_at`` and ``last_return_at``
-    #: (seconds after ``t_start``): before the first launch, only planning and reads ran;
-    #: after the last return, only the merge
+    #: read submitted (to a reader thread), first CPU read queued with the reader processes
+    #: and back from them, first chunk taken by the pipeline (read or GPU-decoded), first
+    #: batch launched, last batch returned. The tracker turns them into the timings
+    #: ``planned_at``, ``first_submit_at``, ``first_queued_at``, ``first_read_at``,
+    #: ``first_chunk_at``, ``first_launch_at`` and ``last_return_at`` (seconds after
+    #: ``t_start``): before the first launch, only planning and reads ran; after the last
+    #: return, only the merge
     t_planned: float | None = None
     t_first_submit: float | None = None
+    t_first_queued: float | None = None
+    t_first_read: float | None = None
     t_first_chunk: float | None = None
     t_first_launch: float | None = None
     t_last_return: float | None = None
@@ -224,6 +228,8 @@ class SlideTracker:
             for name, t in (
                 ("planned_at", run.t_planned),
                 ("first_submit_at", run.t_first_submit),
+                ("first_queued_at", run.t_first_queued),
+                ("first_read_at", run.t_first_read),
                 ("first_chunk_at", run.t_first_chunk),
                 ("first_launch_at", run.t_first_launch),
                 ("last_return_at", run.t_last_return),
