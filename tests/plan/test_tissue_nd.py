@@ -71,6 +71,26 @@ def test_numpy_path_matches_opencv(slide, merge):
     _assert_same_sections(find_sections(slide, **kw), find_sections(slide, backend="numpy", **kw))
 
 
+@pytest.mark.parametrize("backend", ["numpy", "cv2"])
+def test_a_step_profile_changes_no_section(backend):
+    """steps= (bench/probe_start.py's profile) records each step's seconds and finds what the
+    plain call finds."""
+    slide = SLIDES[0].values[0]
+    steps: dict = {}
+    got = find_sections(slide, max_size=1024, backend=backend, steps=steps)
+    want = find_sections(slide, max_size=1024, backend=backend)
+    assert [(s.bbox, s.area) for s in got] == [(s.bbox, s.area) for s in want]
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a.mask, b.mask)
+    names = ["sections"]
+    if backend == "numpy":
+        names = ["upload", "background", "feature", "median", "threshold", "morphology",
+                 "holes_label", "holes_fill", "label", "merge_edt", "merge_groups", "stats",
+                 "sections"]  # fmt: skip
+    assert list(steps) == names
+    assert all(v >= 0.0 for v in steps.values())
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_otsu_matches_opencv(seed):
     rng = np.random.default_rng(seed)

@@ -15,6 +15,7 @@ part outside the bbox never counts as tissue).
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -256,6 +257,7 @@ def find_sections(
     merge_distance: float | None = None,
     backend: str = "cv2",
     thumbnail: np.ndarray | None = None,
+    steps: dict | None = None,
 ) -> list[Section]:
     """Tissue sections of ``slide``, in reading order (:func:`reading_order`); [] for a blank slide.
 
@@ -280,7 +282,9 @@ def find_sections(
     cupyx.scipy.ndimage on the current CUDA device) or "numpy" (that same code on the CPU, for
     testing); see :mod:`trtwsi.plan.tissue_nd` for how they may differ. Steps 5–6 run on the
     host. ``thumbnail``: ``slide.thumbnail(max_size)`` when the caller has already read it
-    (e.g. through a reader pool); its size is checked.
+    (e.g. through a reader pool); its size is checked. ``steps``: a dict to add each step's
+    seconds to (a profile; the "numpy" and "cupy" backends: see
+    :func:`~trtwsi.plan.tissue_nd.components`), the host steps 5–6 as ``"sections"``.
 
     Raises :class:`~trtwsi.errors.TilingError` for a negative size or ``min_area_um2`` without
     a known mpp.
@@ -333,10 +337,12 @@ def find_sections(
         from trtwsi.plan.tissue_nd import components
 
         parts = components(
-            thumb, threshold=threshold, min_contrast=min_contrast, merge_radius=r, backend=backend
-        )
+            thumb, threshold=threshold, min_contrast=min_contrast, merge_radius=r,
+            backend=backend, steps=steps,
+        )  # fmt: skip
     if parts is None:
         return []
+    t_sections = time.perf_counter()
     labels, stats, group_of = parts
 
     pad_t = pad_px / ds  # pad in thumbnail px
@@ -378,6 +384,8 @@ def find_sections(
         found.append(((x0, y0, x1 - x0, y1 - y0), smask, round(area)))
 
     order = reading_order([f[0] for f in found])
+    if steps is not None:
+        steps["sections"] = steps.get("sections", 0.0) + time.perf_counter() - t_sections
     return [
         Section(index=k, bbox=found[i][0], mask=found[i][1], mask_downsample=ds, area=found[i][2])
         for k, i in enumerate(order)

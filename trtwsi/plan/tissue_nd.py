@@ -149,18 +149,27 @@ def components(
     min_contrast: float,
     merge_radius: float,
     backend: str = "numpy",
+    steps: dict | None = None,
 ) -> Components | None:
     """Tissue components of an RGB uint8 ``(th, tw, 3)`` thumbnail (host array), or None when
     there is no tissue. ``merge_radius``: components closer than twice this (thumbnail px) are
-    one group; 0 = no merging. Steps as in :func:`trtwsi.plan.tissue.find_sections` 1–4."""
+    one group; 0 = no merging. Steps as in :func:`trtwsi.plan.tissue.find_sections` 1–4.
+    ``steps``: when a dict, each step's seconds are added to it (the device synchronized after
+    each step: a profile, slower than a plain call)."""
     from trtwsi.plan.tissue import _SQRT_LUT
 
     xp, ndi = array_modules(backend)
+    mark = _step_marker(steps, xp)
     rgb = xp.asarray(thumb)
     th, tw = rgb.shape[:2]
-    feat = tissue_feature(rgb, estimate_background(rgb, xp), xp)
+    mark("upload")
+    bg = estimate_background(rgb, xp)
+    mark("background")
+    feat = tissue_feature(rgb, bg, xp)
+    mark("feature")
     if min(th, tw) >= 5:
         feat = ndi.median_filter(feat, size=5, mode="nearest")  # = cv2.medianBlur's replicate
+    mark("median")
     if threshold is None:
         root = xp.asarray(_SQRT_LUT)[feat]
         otsu = otsu_threshold(_host(xp.bincount(root.ravel(), minlength=256)))
@@ -170,31 +179,59 @@ def components(
     mask = feat > t
     if not bool(mask.any()):
         return None
+    mark("threshold")
     k = xp.asarray(_ellipse5())
     # OpenCV's morphology ignores the border: dilate pads with 0, erode with 1
     mask = ndi.binary_erosion(ndi.binary_dilation(mask, k, border_value=0), k, border_value=1)
     mask = ndi.binary_dilation(ndi.binary_erosion(mask, k, border_value=1), k, border_value=0)
+    mark("morphology")
     # fill holes: background regions (4-connected) that do not touch the border
     bg_lab, _ = ndi.label(~mask)
+    mark("holes_label")
     border = xp.concatenate([bg_lab[0], bg_lab[-1], bg_lab[:, 0], bg_lab[:, -1]])
     inside = ~xp.isin(bg_lab, border)
     mask |= inside & (bg_lab > 0)
+    mark("holes_fill")
     eight = xp.ones((3, 3), dtype=bool)
     labels, n = ndi.label(mask, structure=eight)
     n = int(n) + 1
+    mark("label")
     if n <= 1:
         return None
     fg = labels > 0
     if merge_radius > 0:
         dist = ndi.distance_transform_edt(~mask)
+        mark("merge_edt")
         grown, _ = ndi.label(dist <= merge_radius, structure=eight)
         group = xp.full(n, -1, dtype=xp.int64)
         group[labels[fg]] = grown[fg]  # all pixels of a component lie in one grown blob
         group_of = _host(group)
+        mark("merge_groups")
     else:
         group_of = np.arange(n, dtype=np.int64)
     group_of[0] = -1
-    return Components(labels.astype(xp.int32, copy=False), component_stats(labels, n, xp), group_of)
+    stats = component_stats(labels, n, xp)
+    mark("stats")
+    return Components(labels.astype(xp.int32, copy=False), stats, group_of)
+
+
+def _step_marker(steps: dict | None, xp):
+    """``mark(name)``: adds the seconds since the last mark to ``steps[name]`` (after a device
+    synchronize for CuPy); does nothing when ``steps`` is None."""
+    if steps is None:
+        return lambda name: None
+    import time
+
+    last = [time.perf_counter()]
+
+    def mark(name: str) -> None:
+        if xp is not np:
+            xp.cuda.get_current_stream().synchronize()
+        now = time.perf_counter()
+        steps[name] = steps.get(name, 0.0) + now - last[0]
+        last[0] = now
+
+    return mark
 
 
 def component_stats(labels, n: int, xp) -> np.ndarray:

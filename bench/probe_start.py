@@ -1,0 +1,196 @@
+"""Where a slide's start goes, outside the pipeline: tissue detection step by step, and the
+first chunk's read in the reader processes.
+
+    python bench/probe_start.py [--slide PATH] [--repeat 5] [--out FILE]
+
+Slide: ``$TRTWSI_BENCH_CACHE/bench-31744.tif`` (the 1 Gpx bench slide) by default.
+
+- ``tissue``: the slide's thumbnail read in this process, then ``find_sections`` with each
+  backend it has ("cupy" on a CUDA GPU, "cv2"), plain and with ``steps=`` (each step synced:
+  a profile, slower in sum than the plain call).
+- ``reads``: a :class:`~trtwsi.read.processes.ReaderPool` of one process per core reading the
+  plan's chunks (the GPU pipeline's ``CHUNK_PIXELS``): the first chunk alone, then every chunk
+  submitted in order (as the pipeline queues them) with the first chunk's time to done; per
+  strip, when a worker started and ended it (``queue_s``: submit to the first strip's start;
+  ``strip_s``: the strips' decode times; ``spread_s``: the first strip's start to the last
+  strip's end) and the same region decoded by one thread of this process.
+
+Writes ``bench/results/start-<machine>.json`` (the device named in ``device``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import host_info, machine_name  # noqa: E402
+
+from trtwsi.plan.slide_plan import SlideOptions, plan_slide  # noqa: E402
+from trtwsi.plan.tissue import TISSUE_THUMBNAIL, find_sections  # noqa: E402
+from trtwsi.read.processes import ReaderPool, SlideRef, _strip_parts, strips  # noqa: E402
+from trtwsi.slide import open_slide  # noqa: E402
+from trtwsi.slide.base import region_parts  # noqa: E402
+
+
+def _ms(xs) -> dict:
+    xs = sorted(float(x) * 1e3 for x in xs)
+    return {"median_ms": round(statistics.median(xs), 2), "min_ms": round(xs[0], 2),
+            "all_ms": [round(x, 2) for x in xs]}  # fmt: skip
+
+
+def probe_tissue(slide, repeat: int) -> dict:
+    out: dict = {}
+    t = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        thumb = slide.thumbnail(TISSUE_THUMBNAIL)
+        t.append(time.perf_counter() - t0)
+    out["thumbnail_in_process"] = _ms(t) | {"shape": list(thumb.shape)}
+    backends = ["cv2"]
+    try:
+        import cupy
+
+        cupy.cuda.runtime.getDeviceCount()
+        backends.insert(0, "cupy")
+    except Exception as e:
+        out["cupy"] = f"not run: {type(e).__name__}: {e}"
+    want = None
+    for backend in backends:
+        find_sections(slide, backend=backend, thumbnail=thumb)  # warm (kernels compiled)
+        plain = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            found = find_sections(slide, backend=backend, thumbnail=thumb)
+            plain.append(time.perf_counter() - t0)
+        got = [(s.bbox, s.area) for s in found]
+        want = got if want is None else want
+        steps_all: list[dict] = []
+        for _ in range(repeat):
+            steps: dict = {}
+            find_sections(slide, backend=backend, thumbnail=thumb, steps=steps)
+            steps_all.append(steps)
+        names = list(steps_all[0])
+        out[backend] = {
+            "find_sections": _ms(plain),
+            "steps_median_ms": {
+                k: round(statistics.median(s.get(k, 0.0) for s in steps_all) * 1e3, 2)
+                for k in names
+            },
+            "sections": len(found),
+            "same_sections_as_first_backend": got == want,
+        }
+    return out
+
+
+def probe_reads(slide, repeat: int) -> dict:
+    import _probe_worker
+
+    plan = plan_slide(slide, [640], SlideOptions())
+    from trtwsi.runtime.gpu.pipeline import CHUNK_PIXELS
+
+    grid = plan.grids[640][0]
+    chunks = grid.chunks(max_pixels=CHUNK_PIXELS)
+    procs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    biggest = max(c.read_size[0] * c.read_size[1] * 3 for c in chunks)
+    slots = min(len(chunks), procs + 2)
+    out: dict = {"processes": procs, "chunks": len(chunks), "slots": slots}
+    c0 = chunks[0]
+    w, h = c0.read_size
+    only = region_parts(c0.windows(grid.read_size))
+    out["first_chunk"] = {"read_size": [w, h], "level": c0.level}
+    buf = np.empty((h, w, 3), np.uint8)
+    one = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        slide.read_region(c0.region[0], c0.region[1], w, h, c0.level, buf, only=only)
+        one.append(time.perf_counter() - t0)
+    out["first_chunk"]["one_thread_here"] = _ms(one)
+    pool = ReaderPool(procs, slots, biggest, pin=False)
+    try:
+        ref = SlideRef.of(slide)
+        lv = slide.levels[c0.level]
+        parts = strips(c0.region[1] // int(lv.downsample), h, procs, lv.tile_height or 512)
+        for _ in range(2):  # every worker opens the slide once
+            pool.read(0, slide, c0.region[0], c0.region[1], w, h, c0.level, only)
+        alone, queue, strip, spread = [], [], [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fs = [
+                pool._pool.submit(
+                    _probe_worker.timed_read, ref, pool.buffers[0].offset + r0 * w * 3,
+                    c0.region[0], c0.region[1] + r0, w, rows, c0.level,
+                    _strip_parts(only, r0, rows),
+                )
+                for r0, rows in parts
+            ]  # fmt: skip
+            res = [f.result() for f in fs]
+            alone.append(time.perf_counter() - t0)
+            queue.append(min(a for a, _, _ in res) - t0)
+            spread.append(max(b for _, b, _ in res) - min(a for a, _, _ in res))
+            strip += [b - a for a, b, _ in res]
+        out["first_chunk"]["alone_in_pool"] = {
+            "strips": len(parts), "wall": _ms(alone), "queue_s": _ms(queue),
+            "strip_s": _ms(strip), "spread_s": _ms(spread),
+        }  # fmt: skip
+        first, every = [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            pending = [
+                pool.submit(k, slide, c.region[0], c.region[1], *c.read_size, c.level,
+                            c.windows(grid.read_size))
+                for k, c in enumerate(chunks[:slots])
+            ]  # fmt: skip
+            pending[0].result()
+            first.append(time.perf_counter() - t0)
+            for p in pending[1:]:
+                p.result()
+            every.append(time.perf_counter() - t0)
+        out["in_order"] = {"reads": slots, "first_chunk": _ms(first), "all": _ms(every)}
+    finally:
+        pool.close()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    cache = Path(os.environ.get("TRTWSI_BENCH_CACHE", "/tmp/bc"))
+    ap.add_argument("--slide", type=Path, default=cache / "bench-31744.tif")
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    doc: dict = {"bench": "bench/probe_start.py", "date": time.strftime("%Y-%m-%d"),
+                 "slide": a.slide.name}  # fmt: skip
+    host = host_info("the thumbnail, the reads and the host steps")
+    try:
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        host["gpu"] = props["name"].decode()
+        host["device"] = f"GPU: {host['gpu']}; " + host["device"]
+    except Exception:
+        pass
+    doc["host"] = host
+    with open_slide(a.slide) as slide:
+        doc["slide_px"] = [slide.width, slide.height]
+        doc["tissue"] = probe_tissue(slide, a.repeat)
+        print("tissue", json.dumps(doc["tissue"]))
+        doc["reads"] = probe_reads(slide, a.repeat)
+        print("reads", json.dumps(doc["reads"]))
+    name = machine_name(host) if "gpu" not in host else host["gpu"].lower().replace(" ", "-")
+    out = a.out or ROOT / "bench" / "results" / f"start-{name}.json"
+    out.write_text(json.dumps(doc, indent=1) + "\n")
+    print("wrote", out)
+
+
+if __name__ == "__main__":
+    main()
