@@ -6,7 +6,9 @@
 For a synthetic JPEG pyramidal TIFF (generated and cached when no ``--slide`` is given), it times
 ``slide.thumbnail(2048)`` (host decode, the same for both), ``find_sections`` end to end per
 backend and ``detection_only_s`` (given the decoded thumbnail), best of ``--repeat`` after one
-warm-up, and checks that both give the same sections.
+warm-up, and checks that both give the same sections. ``steps_median_ms``: per backend, each
+step of ``find_sections(steps=...)`` (the device synchronized after each; the host's section
+assembly as ``sections``), median of ``--repeat`` runs.
 Writes ``bench/results/tissue-<machine>.json``: host CPU, GPU name when one is used, times.
 """
 
@@ -85,6 +87,15 @@ def measure(path: Path, repeat: int = 7) -> dict:
             _best(lambda b=b: find_sections(slide, backend=b, thumbnail=thumb), repeat), 4
         )
         found[b] = find_sections(slide, backend=b)
+        profiles = []
+        for _ in range(repeat):  # each step synced: a profile, slower in sum than a plain call
+            steps: dict = {}
+            find_sections(slide, backend=b, thumbnail=thumb, steps=steps)
+            profiles.append(steps)
+        out.setdefault("steps_median_ms", {})[b] = {
+            k: round(float(np.median([p.get(k, 0.0) for p in profiles])) * 1e3, 2)
+            for k in profiles[0]
+        }
     if "cupy" in found:
         a, g = found["cv2"], found["cupy"]
         out["same_sections"] = len(a) == len(g) and all(

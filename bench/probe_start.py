@@ -1,18 +1,15 @@
-"""Where a slide's start goes, outside the pipeline: tissue detection step by step, and the
-first chunk's read in the reader processes.
+"""A slide's first chunk in the reader processes, outside the pipeline (the rest of a
+slide's start, tissue detection step by step, is bench/bench_tissue.py's ``steps_median_ms``).
 
     python bench/probe_start.py [--slide PATH] [--repeat 5] [--out FILE]
 
 Slide: ``$TRTWSI_BENCH_CACHE/bench-31744.tif`` (the 1 Gpx bench slide) by default.
 
-- ``tissue``: the slide's thumbnail read in this process, then ``find_sections`` with each
-  backend it has ("cupy" on a CUDA GPU, "cv2"), plain and with ``steps=`` (each step synced:
-  a profile, slower in sum than the plain call).
 - ``reads``: a :class:`~trtwsi.read.processes.ReaderPool` of one process per core reading the
   plan's chunks (the GPU pipeline's ``CHUNK_PIXELS``): the first chunk alone, then every chunk
   submitted in order (as the pipeline queues them) with the first chunk's time to done; per
-  strip, when a worker started and ended it (``queue_s``: submit to the first strip's start;
-  ``strip_s``: the strips' decode times; ``spread_s``: the first strip's start to the last
+  strip, when a worker started and ended it (``queue``: submit to the first strip's start;
+  ``strip``: the strips' decode times; ``spread``: the first strip's start to the last
   strip's end) and the same region decoded by one thread of this process.
 
 Writes ``bench/results/start-<machine>.json`` (the device named in ``device``).
@@ -36,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import host_info, machine_name  # noqa: E402
 
 from trtwsi.plan.slide_plan import SlideOptions, plan_slide  # noqa: E402
-from trtwsi.plan.tissue import TISSUE_THUMBNAIL, find_sections  # noqa: E402
 from trtwsi.read.processes import ReaderPool, SlideRef, _strip_parts, strips  # noqa: E402
 from trtwsi.slide import open_slide  # noqa: E402
 from trtwsi.slide.base import region_parts  # noqa: E402
@@ -46,50 +42,6 @@ def _ms(xs) -> dict:
     xs = sorted(float(x) * 1e3 for x in xs)
     return {"median_ms": round(statistics.median(xs), 2), "min_ms": round(xs[0], 2),
             "all_ms": [round(x, 2) for x in xs]}  # fmt: skip
-
-
-def probe_tissue(slide, repeat: int) -> dict:
-    out: dict = {}
-    t = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        thumb = slide.thumbnail(TISSUE_THUMBNAIL)
-        t.append(time.perf_counter() - t0)
-    out["thumbnail_in_process"] = _ms(t) | {"shape": list(thumb.shape)}
-    backends = ["cv2"]
-    try:
-        import cupy
-
-        cupy.cuda.runtime.getDeviceCount()
-        backends.insert(0, "cupy")
-    except Exception as e:
-        out["cupy"] = f"not run: {type(e).__name__}: {e}"
-    want = None
-    for backend in backends:
-        find_sections(slide, backend=backend, thumbnail=thumb)  # warm (kernels compiled)
-        plain = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            found = find_sections(slide, backend=backend, thumbnail=thumb)
-            plain.append(time.perf_counter() - t0)
-        got = [(s.bbox, s.area) for s in found]
-        want = got if want is None else want
-        steps_all: list[dict] = []
-        for _ in range(repeat):
-            steps: dict = {}
-            find_sections(slide, backend=backend, thumbnail=thumb, steps=steps)
-            steps_all.append(steps)
-        names = list(steps_all[0])
-        out[backend] = {
-            "find_sections": _ms(plain),
-            "steps_median_ms": {
-                k: round(statistics.median(s.get(k, 0.0) for s in steps_all) * 1e3, 2)
-                for k in names
-            },
-            "sections": len(found),
-            "same_sections_as_first_backend": got == want,
-        }
-    return out
 
 
 def probe_reads(slide, repeat: int) -> dict:
@@ -139,8 +91,8 @@ def probe_reads(slide, repeat: int) -> dict:
             spread.append(max(b for _, b, _ in res) - min(a for a, _, _ in res))
             strip += [b - a for a, b, _ in res]
         out["first_chunk"]["alone_in_pool"] = {
-            "strips": len(parts), "wall": _ms(alone), "queue_s": _ms(queue),
-            "strip_s": _ms(strip), "spread_s": _ms(spread),
+            "strips": len(parts), "wall": _ms(alone), "queue": _ms(queue),
+            "strip": _ms(strip), "spread": _ms(spread),
         }  # fmt: skip
         first, every = [], []
         for _ in range(repeat):
@@ -170,7 +122,7 @@ def main() -> None:
     a = ap.parse_args()
     doc: dict = {"bench": "bench/probe_start.py", "date": time.strftime("%Y-%m-%d"),
                  "slide": a.slide.name}  # fmt: skip
-    host = host_info("the thumbnail, the reads and the host steps")
+    host = host_info("the reads")
     try:
         import cupy
 
@@ -182,8 +134,6 @@ def main() -> None:
     doc["host"] = host
     with open_slide(a.slide) as slide:
         doc["slide_px"] = [slide.width, slide.height]
-        doc["tissue"] = probe_tissue(slide, a.repeat)
-        print("tissue", json.dumps(doc["tissue"]))
         doc["reads"] = probe_reads(slide, a.repeat)
         print("reads", json.dumps(doc["reads"]))
     name = machine_name(host) if "gpu" not in host else host["gpu"].lower().replace(" ", "-")
