@@ -25,5 +25,7 @@ def test_start_probe_small(tmp_path):
     reads = doc["reads"]
     assert reads["chunks"] >= 1 and reads["in_order"]["reads"] == reads["slots"]
     alone = reads["first_chunk"]["alone_in_pool"]
-    assert len(alone["strip"]["all_ms"]) == 2 * alone["strips"]
-    assert alone["spread"]["min_ms"] <= alone["wall"]["min_ms"]
+    for alone in reads["first_chunk"]["alone_in_pool"].values():
+        assert len(alone["strip"]["all_ms"]) == 2 * alone["strips"]
+        assert alone["spread"]["min_ms"] <= alone["wall"]["min_ms"]
+        assert alone["max_strip_tiles"] > 0

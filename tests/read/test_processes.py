@@ -105,11 +105,61 @@ def test_strips_cover_the_region_and_share_no_tile_row():
         assert all(a + r == b for (a, r), (b, _) in itertools.pairwise(parts))
         per = [tile_rows(top, a, r, unit) for a, r in parts]
         assert sum(len(t) for t in per) == len(tile_rows(top, 0, h, unit))  # each decoded once
-    # a 3952-row level on 256-row tiles over 16 workers: 15 strips, no tile row twice
-    assert len(strips(0, 3952, 16, 256)) == 15
+    # a 3952-row level on 256-row tiles over 16 workers: its 16 touched rows one per strip
+    assert len(strips(0, 3952, 16, 256)) == 16
+    # the 1 Gpx bench slide's first chunk (3712 rows from row 3220): 16 touched rows, one per
+    # strip (before: 15 strips, one of them two rows, the chunk's latency twice a row's)
+    assert [r for _, r in strips(3220, 3712, 16, 256)] == [108] + [256] * 14 + [20]
     # cut every 512 rows from its top (before), a 4225-row chunk starting 100 rows into a tile
     # row decoded 25 tile rows for its 17
     assert len(strips(100, 4225, 16, 256)) == 16
+
+
+def test_weighted_strips_balance_the_work_and_still_share_no_tile_row():
+    """With per-row weights the cuts stay on tile rows, cover the region once, and no strip
+    holds more than its share plus one row's weight (the nearest boundary to each share)."""
+    rng = np.random.default_rng(1)
+    for _ in range(2000):
+        unit = int(rng.choice([240, 256, 512]))
+        top, h, n = (
+            int(rng.integers(-600, 40000)),
+            int(rng.integers(1, 5000)),
+            int(rng.integers(1, 17)),
+        )
+        rows = -(-(top + h) // unit) - top // unit
+        w = rng.integers(0, 20, rows).astype(float) * (rng.random(rows) < 0.8)
+        parts = strips(top, h, n, unit, w)
+        assert parts[0][0] == 0 and sum(r for _, r in parts) == h and len(parts) <= n
+        assert all(a + r == b for (a, r), (b, _) in itertools.pairwise(parts))
+        first = top // unit
+        load = [w[(top + a) // unit - first : (top + a + r - 1) // unit - first + 1].sum()
+                for a, r in parts]  # fmt: skip
+        assert sum(load) == w.sum()  # every touched row in exactly one strip
+        assert max(load) <= w.sum() / min(n, rows) + w.max() + 1e-9
+    with pytest.raises(ValueError, match="one value per touched tile row"):
+        strips(0, 512, 2, 256, np.ones(3))
+
+
+def test_row_weights_count_the_file_tiles_the_parts_reach():
+    from trtwsi.read.processes import row_weights
+
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        unit, tw = int(rng.choice([240, 256])), int(rng.choice([256, 512]))
+        x, top = int(rng.integers(-300, 5000)), int(rng.integers(-300, 5000))
+        w, h = int(rng.integers(1, 3000)), int(rng.integers(1, 3000))
+        k = int(rng.integers(0, 6))
+        px, py = rng.integers(0, w, k), rng.integers(0, h, k)
+        parts = np.stack([px, py, rng.integers(1, w - px + 1), rng.integers(1, h - py + 1)], 1)
+        first = top // unit
+        want = np.zeros(-(-(top + h) // unit) - first)
+        for r in range(len(want)):
+            cols = set()
+            for qx, qy, qw, qh in parts.reshape(-1, 4).tolist():
+                if (top + qy) // unit <= first + r <= (top + qy + qh - 1) // unit:
+                    cols |= set(range((x + qx) // tw, (x + qx + qw - 1) // tw + 1))
+            want[r] = len(cols)
+        np.testing.assert_array_equal(row_weights(parts.reshape(-1, 4), x, top, h, unit, tw), want)
 
 
 def test_tile_errors_in_workers_are_recorded_on_the_parent(tmp_path, svs_file):

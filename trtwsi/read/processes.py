@@ -77,20 +77,67 @@ def process_readable(slide) -> bool:
 _W: dict = {}
 
 
-def strips(top: int, h: int, n: int, unit: int) -> list[tuple[int, int]]:
+def strips(
+    top: int, h: int, n: int, unit: int, weights: np.ndarray | None = None
+) -> list[tuple[int, int]]:
     """At most ``n`` horizontal strips ``(first row, rows)`` covering rows ``[0, h)`` of a
     region whose first row is level row ``top``. Every inner boundary lies on a multiple of
     ``unit`` level rows (the file's tile height), so no tile row is decoded by two workers: cut
     anywhere else, a JPEG tile row on the cut is decoded twice (with 512-row strips of 256-row
-    tiles, 1.5× the decode work of a chunk)."""
-    n = max(1, min(n, -(-h // unit)))
+    tiles, 1.5× the decode work of a chunk).
+
+    The cuts balance the strips' decode work: ``weights`` ``(R,)``, one per tile row the region
+    touches (``R = ceil((top + h) / unit) - floor(top / unit)``, the first holding ``top``), is
+    what each costs (e.g. the file tiles the read's parts reach in it); None: every touched row
+    costs the same (a partly covered row is a whole row of tiles to decode). A lone read waits
+    for its slowest strip, so a region touching 16 rows over 16 workers is cut into 16 one-row
+    strips, not 15 with a two-row one.
+    """
+    first = top // unit
+    rows = -(-(top + h) // unit) - first
+    n = max(1, min(n, rows))
+    w = np.ones(rows) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (rows,):
+        raise ValueError(
+            f"weights must have one value per touched tile row ({rows}), got {w.shape}"
+        )
+    cum = np.concatenate([[0.0], np.cumsum(w)])  # cum[b]: the work of the first b rows
+    if n == rows:  # a row each: the least work the slowest strip can get
+        bounds = range(1, rows)
+    else:
+        bounds = []
+        for k in range(1, n):
+            target = cum[-1] * k / n
+            b = int(np.searchsorted(cum, target))  # the first b with cum[b] >= target
+            if b > 0 and target - cum[b - 1] < cum[b] - target:
+                b -= 1  # the nearer boundary
+            bounds.append(b)
     cuts = [0]
-    for k in range(1, n):
-        c = round((top + k * h / n) / unit) * unit - top
+    for b in bounds:
+        c = (first + b) * unit - top
         if cuts[-1] < c < h:
             cuts.append(c)
     cuts.append(h)
     return [(a, b - a) for a, b in itertools.pairwise(cuts)]
+
+
+def row_weights(parts: np.ndarray, x: int, top: int, h: int, unit: int, tile_w: int) -> np.ndarray:
+    """Per tile row a region touches (as :func:`strips` counts them), the file tiles that the
+    ``(x, y, w, h)`` ``parts`` (region px; the region's top-left at level px ``(x, top)``)
+    reach in it: ``(R,)`` float64."""
+    first = top // unit
+    rows = -(-(top + h) // unit) - first
+    if not len(parts):
+        return np.zeros(rows)
+    px, py, pw, ph = (np.asarray(parts[:, k], dtype=np.int64) for k in range(4))
+    c0, c1 = (x + px) // tile_w, (x + px + pw - 1) // tile_w
+    r0, r1 = (top + py) // unit - first, (top + py + ph - 1) // unit - first
+    base = int(c0.min())
+    hit = np.zeros((rows, int(c1.max()) - base + 1), dtype=bool)
+    for a, b, c, d in zip(r0.tolist(), r1.tolist(), (c0 - base).tolist(), (c1 - base).tolist(),
+                          strict=True):  # fmt: skip
+        hit[a : b + 1, c : d + 1] = True
+    return hit.sum(axis=1).astype(np.float64)
 
 
 def _strip_parts(a: np.ndarray, r0: int, rows: int) -> np.ndarray:
@@ -348,7 +395,11 @@ class ReaderPool:
             else:
                 n = min(self.processes, self.strips)
             if ds.is_integer():
-                parts = strips(y // int(ds), h, n, lv.tile_height or STRIP_ROWS)
+                unit, top = lv.tile_height or STRIP_ROWS, y // int(ds)
+                weights = None
+                if only is not None and lv.tile_width:
+                    weights = row_weights(only, x // int(ds), top, h, unit, lv.tile_width)
+                parts = strips(top, h, n, unit, weights)
             else:
                 parts = [(0, h)]
             for r0, rows in parts:
