@@ -7,7 +7,9 @@
 # code is this tree's for both (copied into OLD: bench_pipeline puts its own root first).
 # TESTS_K, when set, first runs `pytest -m gpu tests -k "$TESTS_K"`.
 # VARIANT (VAR=value ...), when set, runs this tree once more in that environment (after b).
-# Results packed into OUTDIR/results.tgz after each step.
+# PROBES, when set, first runs bench_tissue.py and probe_start.py on the 1 Gpx slide.
+# Results packed into OUTDIR/results.tgz after each step; `python bench/pack_ab.py` turns them
+# into one results JSON.
 set -u
 out=${1:?usage: bash bench/gpu_ab.sh OUTDIR OLD}
 old=$(cd "${2:?usage: bash bench/gpu_ab.sh OUTDIR OLD}" && pwd)
@@ -22,6 +24,13 @@ if [ -n "${TESTS_K:-}" ]; then
   tail -1 "$r/gpu-tests.txt"; pack
 fi
 wait
+if [ -n "${PROBES:-}" ]; then
+  timeout 100 python3 bench/bench_tissue.py --slide /tmp/bc/bench-31744.tif --repeat 7 \
+    --out "$r/tissue.json" > "$r/tissue.txt" 2>&1
+  timeout 120 python3 bench/probe_start.py --slide /tmp/bc/bench-31744.tif --repeat 7 \
+    --out "$r/start.json" > "$r/probe.txt" 2>&1
+  pack
+fi
 slides() {  # $1: name, $2: the trtwsi tree's parent
   (cd "$2" && PYTHONPATH="$2:${PYTHONPATH:-}" TRTWSI_BENCH_SIZES=${SIZES:-1,4} \
     TRTWSI_BENCH_OUT="$r/slides-$1.json" timeout 90 python3 -m pytest bench/bench_pipeline.py -q \
