@@ -85,10 +85,54 @@ def test_a_step_profile_changes_no_section(backend):
     names = ["sections"]
     if backend == "numpy":
         names = ["upload", "background", "feature", "median", "threshold", "morphology",
-                 "holes_label", "holes_fill", "label", "merge_edt", "merge_groups", "stats",
-                 "sections"]  # fmt: skip
+                 "holes_label", "holes_fill", "label", "merge_grow", "merge_groups", "stats",
+                 "crop_select", "crop_grow", "crop_download", "sections"]  # fmt: skip
     assert list(steps) == names
     assert all(v >= 0.0 for v in steps.values())
+
+
+def _grow_cases(seed: int):
+    """Random masks (specks to blobs, some touching the border) and pads on both sides of
+    DISK_PAD_MAX, exact square roots and values just under an integer included."""
+    rng = np.random.default_rng(seed)
+    pads = [0.4, 1.0, 1.5, 2.0, 2.2, 2.5, 3.0, 5**0.5, 8**0.5, 4.0, 5.7, 7.999, 8.0, 9.5, 12.0]
+    for pad in pads:
+        h, w = (int(v) for v in rng.integers(1, 90, 2))
+        m = rng.random((h, w)) < rng.uniform(0.001, 0.2)
+        m[int(rng.integers(0, h)), int(rng.integers(0, w))] = True  # never empty
+        if seed % 2:
+            m = cv2.dilate(m.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
+        yield m, float(pad)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_grow_is_the_distance_transform_threshold(seed):
+    """grow() (a disk dilation up to DISK_PAD_MAX) marks exactly the pixels whose Euclidean
+    distance to the mask is <= pad, as scipy's distance transform says."""
+    import scipy.ndimage as sndi
+
+    from trtwsi.plan.tissue_nd import DISK_PAD_MAX, grow
+
+    assert DISK_PAD_MAX < 9.5
+    for m, pad in _grow_cases(seed):
+        want = sndi.distance_transform_edt(~m) <= pad
+        np.testing.assert_array_equal(grow(m, pad, np, sndi), want, err_msg=f"pad {pad}")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("seed", range(6))
+def test_grow_on_the_gpu_is_the_distance_transform_threshold(seed):
+    import cupy
+    import cupyx.scipy.ndimage as cndi
+    import scipy.ndimage as sndi
+
+    from trtwsi.plan.tissue_nd import grow
+
+    for m, pad in _grow_cases(seed):
+        want = sndi.distance_transform_edt(~m) <= pad
+        got = grow(cupy.asarray(m), pad, cupy, cndi).get()
+        np.testing.assert_array_equal(got, want, err_msg=f"pad {pad}")
 
 
 @pytest.mark.parametrize("seed", range(20))

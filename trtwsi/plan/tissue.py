@@ -284,7 +284,9 @@ def find_sections(
     host. ``thumbnail``: ``slide.thumbnail(max_size)`` when the caller has already read it
     (e.g. through a reader pool); its size is checked. ``steps``: a dict to add each step's
     seconds to (a profile; the "numpy" and "cupy" backends: see
-    :func:`~trtwsi.plan.tissue_nd.components`), the host steps 5–6 as ``"sections"``.
+    :func:`~trtwsi.plan.tissue_nd.components`), steps 5–6 as ``"sections"``, of which
+    :func:`~trtwsi.plan.tissue_nd.group_crop`'s parts (summed over the sections) as
+    ``"crop_*"``.
 
     Raises :class:`~trtwsi.errors.TilingError` for a negative size or ``min_area_um2`` without
     a known mpp.
@@ -372,7 +374,7 @@ def find_sections(
         else:  # where the labels are (the device for "cupy")
             from trtwsi.plan.tissue_nd import group_crop
 
-            crop = group_crop(labels, comps, (cx0, cy0, cx1, cy1), pad_t)
+            crop = group_crop(labels, comps, (cx0, cy0, cx1, cy1), pad_t, steps=steps)
         # resample onto the section grid (nearest: mask px centre -> thumbnail px)
         mw, mh = math.ceil((x1 - x0) / ds), math.ceil((y1 - y0) / ds)
         jj = np.floor((x0 + (np.arange(mw) + 0.5) * ds) / dsx).astype(np.int64) - cx0

@@ -25,11 +25,13 @@ from typing import Any, NamedTuple
 import numpy as np
 
 __all__ = [
+    "DISK_PAD_MAX",
     "Components",
     "array_modules",
     "component_stats",
     "components",
     "group_crop",
+    "grow",
     "otsu_threshold",
 ]
 
@@ -52,17 +54,42 @@ class Components(NamedTuple):
     group_of: np.ndarray
 
 
-def group_crop(labels, comps: np.ndarray, box, pad: float) -> np.ndarray:
+def group_crop(labels, comps: np.ndarray, box, pad: float, steps: dict | None = None) -> np.ndarray:
     """Host bool mask of the components ``comps`` (host label ids: one merge group) of
     ``labels`` (:attr:`Components.labels`) in the thumbnail crop ``box = (x0, y0, x1, y1)``
     (thumbnail px), grown by ``pad`` thumbnail px (pixels within that exact Euclidean distance
-    of them), computed in the module of ``labels``."""
+    of them), computed in the module of ``labels``. ``steps``: as :func:`components`'
+    (``crop_select``, ``crop_grow``, ``crop_download``)."""
     xp, ndi = array_modules("numpy" if isinstance(labels, np.ndarray) else "cupy")
+    mark = _step_marker(steps, xp)
     x0, y0, x1, y1 = box
     crop = xp.isin(labels[y0:y1, x0:x1], xp.asarray(comps))
+    mark("crop_select")
     if pad > 0:
-        crop = ndi.distance_transform_edt(~crop) <= pad
-    return _host(crop)
+        crop = grow(crop, pad, xp, ndi)
+    mark("crop_grow")
+    out = _host(crop)
+    mark("crop_download")
+    return out
+
+
+#: Pads (px) up to which :func:`grow` dilates by the exact disk instead of running a distance
+#: transform: one filter pass of at most 17 × 17 px.
+DISK_PAD_MAX = 8.0
+
+
+def grow(mask, pad: float, xp, ndi):
+    """The pixels within Euclidean distance ``pad`` (> 0) of ``mask``'s True pixels: bool, the
+    shape of ``mask`` (2-D, module ``xp``), nothing outside it counted. The same pixels as
+    ``ndi.distance_transform_edt(~mask) <= pad`` for a mask with a True pixel: up to
+    :data:`DISK_PAD_MAX` a binary dilation by the disk of offsets ``sqrt(dy² + dx²) <= pad``
+    (the same float64 comparison the transform's distances make), beyond it the transform."""
+    if pad > DISK_PAD_MAX:
+        return ndi.distance_transform_edt(~mask) <= pad
+    r = int(np.floor(pad))
+    dy, dx = np.mgrid[-r : r + 1, -r : r + 1]
+    disk = np.sqrt((dy * dy + dx * dx).astype(np.float64)) <= pad
+    return ndi.binary_dilation(mask, xp.asarray(disk), border_value=0)
 
 
 def array_modules(backend: str) -> tuple[Any, Any]:
@@ -200,9 +227,9 @@ def components(
         return None
     fg = labels > 0
     if merge_radius > 0:
-        dist = ndi.distance_transform_edt(~mask)
-        mark("merge_edt")
-        grown, _ = ndi.label(dist <= merge_radius, structure=eight)
+        near = grow(mask, merge_radius, xp, ndi)
+        mark("merge_grow")
+        grown, _ = ndi.label(near, structure=eight)
         group = xp.full(n, -1, dtype=xp.int64)
         group[labels[fg]] = grown[fg]  # all pixels of a component lie in one grown blob
         group_of = _host(group)
