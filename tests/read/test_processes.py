@@ -87,18 +87,19 @@ def test_a_bad_strip_setting_is_refused_before_anything_starts(monkeypatch, valu
         ReaderPool(processes=1, slots=1, slot_bytes=64, pin=False)
 
 
+def _random_regions(rng, count: int = 2000):
+    """``(unit, top, h, n)``: a tile height, a region's first level row and height, workers."""
+    for _ in range(count):
+        unit = int(rng.choice([240, 256, 512]))
+        top, h = int(rng.integers(-600, 40000)), int(rng.integers(1, 5000))
+        yield unit, top, h, int(rng.integers(1, 17))
+
+
 def test_strips_cover_the_region_and_share_no_tile_row():
     def tile_rows(top, r0, rows, unit):
         return set(range((top + r0) // unit, (top + r0 + rows - 1) // unit + 1))
 
-    rng = np.random.default_rng(0)
-    for _ in range(2000):
-        unit = int(rng.choice([240, 256, 512]))
-        top, h, n = (
-            int(rng.integers(-600, 40000)),
-            int(rng.integers(1, 5000)),
-            int(rng.integers(1, 17)),
-        )
+    for unit, top, h, n in _random_regions(np.random.default_rng(0)):
         parts = strips(top, h, n, unit)
         assert parts[0][0] == 0 and sum(r for _, r in parts) == h
         assert all(r > 0 for _, r in parts) and len(parts) <= n
@@ -119,13 +120,7 @@ def test_weighted_strips_balance_the_work_and_still_share_no_tile_row():
     """With per-row weights the cuts stay on tile rows, cover the region once, and no strip
     holds more than its share plus one row's weight (the nearest boundary to each share)."""
     rng = np.random.default_rng(1)
-    for _ in range(2000):
-        unit = int(rng.choice([240, 256, 512]))
-        top, h, n = (
-            int(rng.integers(-600, 40000)),
-            int(rng.integers(1, 5000)),
-            int(rng.integers(1, 17)),
-        )
+    for unit, top, h, n in _random_regions(rng):
         rows = -(-(top + h) // unit) - top // unit
         w = rng.integers(0, 20, rows).astype(float) * (rng.random(rows) < 0.8)
         parts = strips(top, h, n, unit, w)
