@@ -21,12 +21,10 @@ from pathlib import Path
 def _files(results: Path) -> dict[str, bytes]:
     """The ``slides-*.json`` and ``gpu-tests.txt`` of a results.tgz or folder, by file name
     (read from the archive, never extracted: no path in it is trusted)."""
-    keep = lambda name: (
-        name == "gpu-tests.txt"
-        or (  # noqa: E731
-            name.startswith("slides-") and name.endswith(".json")
-        )
-    )
+
+    def keep(name: str) -> bool:
+        return name == "gpu-tests.txt" or (name.startswith("slides-") and name.endswith(".json"))
+
     if results.is_dir():
         return {p.name: p.read_bytes() for p in results.iterdir() if keep(p.name) and p.is_file()}
     out = {}
