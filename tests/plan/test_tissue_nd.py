@@ -91,6 +91,24 @@ def test_a_step_profile_changes_no_section(backend):
     assert all(v >= 0.0 for v in steps.values())
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_section_mask_resampling_equals_fancy_indexing(seed):
+    """resample_rows_cols (two takes over the in-range runs) gives what np.ix_ indexing gave,
+    with source rows/columns before, inside and after the source, repeated or skipped."""
+    from trtwsi.plan.tissue import resample_rows_cols
+
+    rng = np.random.default_rng(seed)
+    for _ in range(50):
+        src = rng.random(tuple(int(v) for v in rng.integers(1, 60, 2))) < 0.4
+        ii = np.sort(rng.integers(-5, src.shape[0] + 5, int(rng.integers(0, 80))))
+        jj = np.sort(rng.integers(-5, src.shape[1] + 5, int(rng.integers(0, 80))))
+        oki = (ii >= 0) & (ii < src.shape[0])
+        okj = (jj >= 0) & (jj < src.shape[1])
+        want = np.zeros((len(ii), len(jj)), bool)
+        want[np.ix_(oki, okj)] = src[np.ix_(ii[oki], jj[okj])]
+        np.testing.assert_array_equal(resample_rows_cols(src, ii, jj), want)
+
+
 def _grow_cases(seed: int):
     """Random masks (specks to blobs, some touching the border) and pads on both sides of
     DISK_PAD_MAX, exact square roots and values just under an integer included."""
