@@ -290,3 +290,35 @@ def test_submitted_reads_are_decoded_in_submission_order_and_wait_for_every_stri
                 assert all(f.done() for f in p.futures) and r._reading == 0
         finally:
             r.close()
+
+
+def test_a_submit_that_fails_midway_waits_for_its_queued_strips_and_raises_its_error(
+    tmp_path, monkeypatch
+):
+    """The pool refusing a strip (e.g. shut down) after others were queued: submit() waits
+    for those, counts no read in flight, and raises the refusal, not a later error."""
+    from trtwsi.synthetic import make_slide
+
+    path = tmp_path / "tall.tif"
+    make_slide(path, 1500, 2600, seed=4, n_sections=1)
+    with TiffSlide(path) as s:
+        r = ReaderPool(processes=2, slots=1, slot_bytes=1500 * 2600 * 3, pin=False)
+        try:
+            real, queued = r._pool.submit, []
+
+            def submit(*a, **k):
+                if queued:
+                    raise RuntimeError("cannot schedule new futures after shutdown")
+                queued.append(real(*a, **k))
+                return queued[-1]
+
+            monkeypatch.setattr(r._pool, "submit", submit)
+            with pytest.raises(RuntimeError, match="after shutdown"):
+                r.submit(0, s, 0, 0, 1500, 2600, 0)
+            assert len(queued) == 1 and queued[0].done() and r._reading == 0
+            monkeypatch.setattr(r._pool, "submit", real)
+            np.testing.assert_array_equal(
+                r.read(0, s, 0, 0, 1500, 2600, 0), s.read_region(0, 0, 1500, 2600)
+            )
+        finally:
+            r.close()

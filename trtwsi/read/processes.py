@@ -413,7 +413,8 @@ class ReaderPool:
                     )
                 )
         except BaseException:
-            pending.result()  # waits for what was queued, then counts the read as done
+            with contextlib.suppress(BaseException):  # the first error is the one to raise
+                pending.result()  # waits for what was queued, then counts the read as done
             raise
         return pending
 
