@@ -42,6 +42,7 @@ from trtwsi.read.processes import (  # noqa: E402
     _strip_parts,
     row_weights,
     strips,
+    touched_rows,
 )
 from trtwsi.slide import open_slide  # noqa: E402
 from trtwsi.slide.base import region_parts  # noqa: E402
@@ -122,14 +123,16 @@ def probe_reads(slide, repeat: int, processes: int | None = None) -> dict:
                 r["queue"].append(min(a for a, _, _ in res) - t0)
                 r["spread"].append(max(b for _, b, _ in res) - min(a for a, _, _ in res))
                 r["strip"] += [b - a for a, b, _ in res]
-        first = top // unit
+        first, _ = touched_rows(top, h, unit)
+
+        def tiles(a: int, n: int) -> float:  # the file tiles strip (a, n) decodes
+            f, count = touched_rows(top + a, n, unit)
+            return float(weights[f - first : f - first + count].sum())
+
         out["first_chunk"]["alone_in_pool"] = {
             name: {
                 "strips": len(parts),
-                "max_strip_tiles": max(
-                    float(weights[(top + a) // unit - first : (top + a + n - 1) // unit - first + 1].sum())
-                    for a, n in parts
-                ),
+                "max_strip_tiles": max(tiles(a, n) for a, n in parts),
                 **{k: _ms(v) for k, v in runs[name].items()},
             }
             for name, parts in rules.items()

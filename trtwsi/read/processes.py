@@ -77,6 +77,13 @@ def process_readable(slide) -> bool:
 _W: dict = {}
 
 
+def touched_rows(top: int, h: int, unit: int) -> tuple[int, int]:
+    """The first tile row (level rows ``[first·unit, (first+1)·unit)``) and how many tile rows
+    the level rows ``[top, top + h)`` touch."""
+    first = top // unit
+    return first, -(-(top + h) // unit) - first
+
+
 def strips(
     top: int, h: int, n: int, unit: int, weights: np.ndarray | None = None
 ) -> list[tuple[int, int]]:
@@ -87,14 +94,13 @@ def strips(
     tiles, 1.5× the decode work of a chunk).
 
     The cuts balance the strips' decode work: ``weights`` ``(R,)``, one per tile row the region
-    touches (``R = ceil((top + h) / unit) - floor(top / unit)``, the first holding ``top``), is
+    touches (:func:`touched_rows`: ``R`` rows, the first holding ``top``), is
     what each costs (e.g. the file tiles the read's parts reach in it); None: every touched row
     costs the same (a partly covered row is a whole row of tiles to decode). A lone read waits
     for its slowest strip, so a region touching 16 rows over 16 workers is cut into 16 one-row
     strips, not 15 with a two-row one.
     """
-    first = top // unit
-    rows = -(-(top + h) // unit) - first
+    first, rows = touched_rows(top, h, unit)
     n = max(1, min(n, rows))
     w = np.ones(rows) if weights is None else np.asarray(weights, dtype=np.float64)
     if w.shape != (rows,):
@@ -122,11 +128,10 @@ def strips(
 
 
 def row_weights(parts: np.ndarray, x: int, top: int, h: int, unit: int, tile_w: int) -> np.ndarray:
-    """Per tile row a region touches (as :func:`strips` counts them), the file tiles that the
+    """Per tile row a region touches (:func:`touched_rows`), the file tiles that the
     ``(x, y, w, h)`` ``parts`` (region px; the region's top-left at level px ``(x, top)``)
     reach in it: ``(R,)`` float64."""
-    first = top // unit
-    rows = -(-(top + h) // unit) - first
+    first, rows = touched_rows(top, h, unit)
     if not len(parts):
         return np.zeros(rows)
     px, py, pw, ph = (np.asarray(parts[:, k], dtype=np.int64) for k in range(4))

@@ -427,16 +427,14 @@ class GpuPipeline:
             run = item.run
             c, buf = item.chunk, self._host[slot]
             w, h = c.read_size
+            only = c.windows(item.grid.read_size)  # not the glass of the chunk's bounding box
             pending = None
-            in_pool = self.pool is not None and run.error is None
-            in_pool = in_pool and process_readable(run.plan.slide)
-            with turns.turn(k):
+            with turns.turn(k):  # (the later reads wait for this block: keep it short)
                 if run.error is not None:
                     return None
                 t0 = time.perf_counter()
                 buf.wait_ready()  # the H2D of the chunk that used this slot before
-                only = c.windows(item.grid.read_size)  # not the glass of the bounding box
-                if in_pool:
+                if self.pool is not None and process_readable(run.plan.slide):
                     try:
                         pending = self.pool.submit(
                             slot, run.plan.slide, c.region[0], c.region[1], w, h, c.level, only
